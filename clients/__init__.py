@@ -1,0 +1,1 @@
+"""Command line (`vgpa`) and HTTP client. They reach the services over HTTP only."""

@@ -1,0 +1,61 @@
+"""The scorer's one configuration type, shared by the CLI, the service and the mining job."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PerceptualChoice = Literal["auto", "lpips-vgg", "lpips-alex", "dssim"]
+
+
+class ScoreConfig(BaseModel):
+    """Every setting of `score_video`. Fields that change the number are part of `metric_id`."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+    # --- what is scored (all part of metric_id) ---
+    frames: int = Field(10, ge=2, le=256, description="T: frames sampled uniformly over the whole video and scored.")
+    max_side: int = Field(720, ge=32, le=4096, description="Frames are resized so that their long side is at most this (px).")
+    backend: str = Field("colmap-flow", description="Geometry backend name (see common.geometry.available_backends()).")
+    weights: Optional[Path] = Field(None, description="Local weights for learned backends; never downloaded.")
+    lambda_: float = Field(1.0, alias="lambda", ge=0.0, description="Weight of the perceptual term: E = MSE + lambda * P.")
+    perceptual: PerceptualChoice = Field(
+        "auto", description="'auto' uses LPIPS-VGG when its weights are on disk, otherwise DSSIM (weight-free)."
+    )
+    lpips_weights: Optional[Path] = Field(
+        None, description="A torchvision VGG16/AlexNet state dict for LPIPS; default: torchvision's own cache."
+    )
+    exclude_self: bool = Field(
+        True,
+        description="Reproject into frame t only the points of the other frames (a frame trivially explains itself).",
+    )
+
+    # --- reconstruction of the default backend ---
+    recon_frames: int = Field(
+        24, ge=2, le=512, description="Frames used for structure-from-motion: a dense subset that contains the T scored ones."
+    )
+    min_confidence: float = Field(0.5, ge=0.0, le=1.0, description="Pixels with lower depth confidence are not lifted to 3D.")
+
+    # --- verdict ---
+    min_coverage: float = Field(0.2, ge=0.0, le=1.0, description="A frame with a smaller covered fraction counts as failed.")
+    min_ok_fraction: float = Field(
+        0.7, ge=0.0, le=1.0, description="Unscorable when fewer than this fraction of frames are registered and covered."
+    )
+    min_motion: float = Field(0.001, ge=0.0, description="Unscorable (static camera) below this camera motion value.")
+    min_parallax_px: float = Field(
+        1.0, ge=0.0, description="Unscorable (no parallax) when the median flow between first and last frame is below this."
+    )
+
+    # --- input limits ---
+    max_input_side: int = Field(8192, ge=64, description="Reject inputs whose long side exceeds this (px).")
+    max_input_frames: int = Field(3600, ge=2, description="Reject inputs with more frames than this.")
+
+    device: str = Field("auto", description="'auto' (CUDA when available), 'cpu' or 'cuda[:N]'.")
+
+    def metric_id(self, backend: str, perceptual_metric: str) -> str:
+        """Everything that changes a score's scale. Scores with different ids are not comparable."""
+        lam = f"{self.lambda_:g}"
+        excl = "" if self.exclude_self else "+self"
+        return f"{backend}/{perceptual_metric}/lambda={lam}/T={self.frames}/side={self.max_side}{excl}"

@@ -1,0 +1,40 @@
+"""Errors that carry a message meant for a person (CLI prints it on one line, the service maps it to HTTP)."""
+
+
+class VideoGPAError(Exception):
+    """Base class: `str(err)` is a complete, user-facing sentence."""
+
+    #: HTTP status that the service answers with for this error.
+    http_status: int = 400
+
+
+class InputNotFoundError(VideoGPAError):
+    http_status = 404
+
+
+class NotAVideoError(VideoGPAError):
+    """The input is not a video or an image folder we can read (unknown container, no video stream)."""
+
+    http_status = 415
+
+
+class CorruptVideoError(VideoGPAError):
+    """The container opened but decoding failed (truncated or damaged file)."""
+
+    http_status = 422
+
+
+class TooFewFramesError(VideoGPAError):
+    http_status = 422
+
+
+class InputTooLargeError(VideoGPAError):
+    """Resolution, frame count or file size over the configured limits."""
+
+    http_status = 413
+
+
+class ConfigError(VideoGPAError):
+    """A setting is invalid or names something that is not available (unknown backend, missing weights)."""
+
+    http_status = 422

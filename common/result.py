@@ -1,0 +1,43 @@
+"""The scorer's result: the JSON object of `vgpa score --json` and of `POST /score`."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, Field
+
+
+class FrameScore(BaseModel):
+    index: int = Field(description="Index of the frame in the decoded video (0-based).")
+    registered: bool = Field(description="The geometry backend recovered a camera for this frame.")
+    mse: Optional[float] = Field(None, description="Mean squared error on covered pixels, values in [0,1].")
+    perceptual: Optional[float] = Field(None, description="Perceptual distance on covered pixels.")
+    coverage: float = Field(0.0, description="Fraction of the frame's pixels covered by the reprojected cloud.")
+    ok: bool = Field(False, description="Registered and covered at least min_coverage.")
+
+
+class ScoreResult(BaseModel):
+    status: Literal["ok", "unscorable"]
+    reason: Optional[str] = Field(None, description="Why the video is unscorable; null when status is ok.")
+    score: Optional[float] = Field(None, description="E = mean over ok frames of MSE + lambda * P. Lower is better.")
+    mse: Optional[float] = None
+    perceptual: Optional[float] = None
+    perceptual_metric: str
+    lambda_: float = Field(alias="lambda")
+    metric_id: str
+    coverage: Optional[float] = Field(None, description="Mean covered fraction over registered frames.")
+    motion: Optional[float] = Field(None, description="Mean translation + 0.1 * mean rotation (rad), normalised units.")
+    backend: str
+    frames: int = Field(description="Number of frames scored (T).")
+    frame_indices: list[int]
+    registered_frames: int
+    failed_frames: list[int] = Field(default_factory=list, description="Frame indices that were not registered or covered.")
+    per_frame: list[FrameScore]
+    size: tuple[int, int] = Field(description="(height, width) of the scored frames.")
+    timings_s: dict[str, float]
+    previews: list[str] = Field(default_factory=list, description="Preview PNG paths when previews were requested.")
+
+    model_config = {"populate_by_name": True}
+
+    def to_json_dict(self) -> dict:
+        return self.model_dump(mode="json", by_alias=True)

@@ -1,0 +1,1 @@
+"""Ray Serve deployments (scorer, sampler) and the HTTP ingress, thin around `common`."""

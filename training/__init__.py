@@ -1,0 +1,1 @@
+"""Ray Data pair mining and the Ray Train + DeepSpeed LoRA-DPO trainer."""
