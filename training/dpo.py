@@ -1,0 +1,256 @@
+"""Diffusion-DPO for v-prediction video diffusion: the loss (pure) and one batched policy/reference step.
+
+The objective, for a pair (winner x_w, loser x_l) with the same condition c, one timestep t and one
+noise e shared by both:
+
+    x_t   = scheduler.add_noise(x0, e, t)
+    v     = scheduler.get_velocity(x0, e, t)                 # the v-prediction target
+    E(m,x)= mean over (F, C, h, w) of (m(x_t, t, c) - v)^2   # per-sample, MEAN-reduced, fp32
+    margin = [E(ref, x_w) - E(theta, x_w)] - [E(ref, x_l) - E(theta, x_l)]
+    loss   = -log sigmoid(beta * margin)                     # "sigmoid" (Diffusion-DPO)
+
+The reference model is the same transformer with its LoRA adapters switched off (no second copy).
+
+Scale of beta: errors are means over all latent elements, so E is O(0.1..1) and early margins
+are O(1e-4). beta = 1 is what the paper's code uses with this reduction. The diffusers
+Diffusion-DPO example writes the same loss as -log sigmoid(-0.5 * beta' * (model_diff - ref_diff)),
+so its beta' = 2500 equals beta = 1250 here; Epipolar-DPO's 500 (with -0.5) equals beta = 250.
+Errors summed instead of averaged would multiply the margin by F*C*h*w: divide beta by that.
+
+Variants (all tested): "hinge" = relu(1 - beta * margin) (SLiC); "ipo" = (margin - 1/(2 beta))^2.
+An optional SFT term adds `sft_weight * mean(E(theta, x_w))` (winners only).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator, Literal, Optional
+
+import torch
+import torch.nn.functional as F
+
+LossType = Literal["sigmoid", "hinge", "ipo"]
+
+
+@dataclass
+class DPOOutput:
+    """The loss (scalar, fp32, differentiable) and detached per-step metrics with trl's names."""
+
+    loss: torch.Tensor
+    metrics: dict[str, float]
+
+
+def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error per sample in fp32. pred, target: (B, ...) -> (B,)."""
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+    diff = pred.float() - target.float()
+    return diff.pow(2).flatten(1).mean(dim=1)
+
+
+def dpo_loss(
+    policy_err_w: torch.Tensor,
+    policy_err_l: torch.Tensor,
+    ref_err_w: torch.Tensor,
+    ref_err_l: torch.Tensor,
+    beta: float,
+    loss_type: LossType = "sigmoid",
+    sft_weight: float = 0.0,
+) -> DPOOutput:
+    """Diffusion-DPO loss from per-sample errors (all (B,), any float dtype; computed in fp32).
+
+    Returns the batch-mean loss and metrics: `loss`, `rewards/chosen` = beta * (ref_w - policy_w),
+    `rewards/rejected`, `rewards/margins`, `rewards/accuracies` (= implicit accuracy: margin > 0,
+    ties count one half, so policy == reference gives 0.5), and the four mean errors.
+    """
+    policy_err_w, policy_err_l = policy_err_w.float(), policy_err_l.float()
+    ref_err_w, ref_err_l = ref_err_w.float().detach(), ref_err_l.float().detach()
+    improve_w = ref_err_w - policy_err_w  # > 0: the policy fits the winner better than the reference
+    improve_l = ref_err_l - policy_err_l
+    margin = improve_w - improve_l  # (B,)
+
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * margin)
+    elif loss_type == "hinge":
+        losses = torch.relu(1.0 - beta * margin)
+    elif loss_type == "ipo":
+        losses = (margin - 1.0 / (2.0 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected sigmoid, hinge or ipo")
+    loss = losses.mean()
+    if sft_weight:
+        loss = loss + sft_weight * policy_err_w.mean()
+
+    with torch.no_grad():
+        m = margin.detach()
+        accuracy = ((m > 0).float() + 0.5 * (m == 0).float()).mean()
+        metrics = {
+            "loss": loss.detach().item(),
+            "rewards/chosen": (beta * improve_w.detach()).mean().item(),
+            "rewards/rejected": (beta * improve_l.detach()).mean().item(),
+            "rewards/margins": (beta * m).mean().item(),
+            "rewards/accuracies": accuracy.item(),
+            "err/policy_chosen": policy_err_w.detach().mean().item(),
+            "err/policy_rejected": policy_err_l.detach().mean().item(),
+            "err/ref_chosen": ref_err_w.mean().item(),
+            "err/ref_rejected": ref_err_l.mean().item(),
+        }
+    return DPOOutput(loss=loss, metrics=metrics)
+
+
+# ------------------------------------------------------------------------------------------------
+# The model side: inputs the CogVideoX transformer expects, and one batched winner+loser step.
+# ------------------------------------------------------------------------------------------------
+
+
+def rotary_embeddings(
+    transformer_config, latent_frames: int, latent_height: int, latent_width: int, device=None
+) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """CogVideoX's 3D rotary embeddings (cos, sin), each (F*h*w/p^2, head_dim); None when unused.
+
+    The same computation as `CogVideoXPipeline._prepare_rotary_positional_embeddings`, written
+    from latent sizes (the pipeline starts from pixels and divides by the VAE factor).
+    """
+    if not transformer_config.use_rotary_positional_embeddings:
+        return None
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+    p = transformer_config.patch_size
+    p_t = transformer_config.patch_size_t
+    grid_h, grid_w = latent_height // p, latent_width // p
+    base_w, base_h = transformer_config.sample_width // p, transformer_config.sample_height // p
+    if p_t is None:  # CogVideoX 1.0
+        crops = get_resize_crop_region_for_grid((grid_h, grid_w), base_w, base_h)
+        return get_3d_rotary_pos_embed(
+            embed_dim=transformer_config.attention_head_dim,
+            crops_coords=crops,
+            grid_size=(grid_h, grid_w),
+            temporal_size=latent_frames,
+            device=device,
+        )
+    return get_3d_rotary_pos_embed(  # CogVideoX 1.5
+        embed_dim=transformer_config.attention_head_dim,
+        crops_coords=None,
+        grid_size=(grid_h, grid_w),
+        temporal_size=(latent_frames + p_t - 1) // p_t,
+        grid_type="slice",
+        max_size=(base_h, base_w),
+        device=device,
+    )
+
+
+def i2v_condition(image_latents: torch.Tensor, latent_frames: int) -> torch.Tensor:
+    """First-frame latent (B, 1, C, h, w) -> (B, F, C, h, w): zero-padded on frames, as the I2V pipeline does."""
+    if image_latents.dim() != 5 or image_latents.shape[1] != 1:
+        raise ValueError(f"image latents must be (B, 1, C, h, w), got {tuple(image_latents.shape)}")
+    pad = image_latents.new_zeros((image_latents.shape[0], latent_frames - 1, *image_latents.shape[2:]))
+    return torch.cat([image_latents, pad], dim=1)
+
+
+@contextmanager
+def adapters_disabled(model) -> Iterator[None]:
+    """The reference model: `model` with its LoRA layers bypassed (outputs bit-identical to the base)."""
+    model.disable_adapters()
+    try:
+        yield
+    finally:
+        model.enable_adapters()
+
+
+def check_batch(batch: dict, transformer_config) -> None:
+    """Assert shapes and dtypes at the boundary. Latents (B, F, C, h, w) float, text (B, L, D) float."""
+    w, l, text = batch["winner_latents"], batch["loser_latents"], batch["prompt_embeds"]
+    if w.shape != l.shape or w.dim() != 5:
+        raise ValueError(f"winner {tuple(w.shape)} and loser {tuple(l.shape)} latents must both be (B, F, C, h, w)")
+    if not (w.is_floating_point() and l.is_floating_point() and text.is_floating_point()):
+        raise ValueError("latents and text embeddings must be floating point")
+    i2v = "image_latents" in batch and batch["image_latents"] is not None
+    channels = transformer_config.in_channels // 2 if i2v else transformer_config.in_channels
+    if w.shape[2] != channels:
+        raise ValueError(
+            f"latents have {w.shape[2]} channels, the transformer expects {channels}"
+            + (" (image-to-video: half of in_channels)" if i2v else "")
+        )
+    p = transformer_config.patch_size
+    if w.shape[3] % p or w.shape[4] % p:
+        raise ValueError(f"latent height/width {tuple(w.shape[3:])} must be multiples of patch_size {p}")
+    if text.dim() != 3 or text.shape[0] != w.shape[0] or text.shape[2] != transformer_config.text_embed_dim:
+        raise ValueError(
+            f"text embeddings {tuple(text.shape)} must be (B={w.shape[0]}, L, {transformer_config.text_embed_dim})"
+        )
+
+
+def dpo_step(
+    model,
+    scheduler,
+    batch: dict,
+    beta: float,
+    generator: Optional[torch.Generator] = None,
+    loss_type: LossType = "sigmoid",
+    sft_weight: float = 0.0,
+    compute_dtype: torch.dtype = torch.float32,
+    timesteps: Optional[torch.Tensor] = None,
+    noise: Optional[torch.Tensor] = None,
+    forward: Optional[Callable] = None,
+) -> DPOOutput:
+    """One Diffusion-DPO forward: winners and losers in one batched call, policy then reference.
+
+    Args:
+        model: the CogVideoX transformer with LoRA adapters (peft, via diffusers' `add_adapter`).
+        scheduler: a v-prediction scheduler with `add_noise` and `get_velocity` (CogVideoX DDIM/DPM).
+        batch: `winner_latents`, `loser_latents` (B, F, C, h, w) scaled by the VAE's scaling_factor;
+            `prompt_embeds` (B, L, D); optional `image_latents` (B, 1, C, h, w) for image-to-video.
+        beta: DPO temperature, see the module docstring for its scale.
+        generator: draws t ~ U{0..T-1} (B,) and e ~ N(0, 1) like the latents, shared by winner and loser.
+        timesteps, noise: given explicitly instead of drawn (tests).
+        forward: what to call for the forward pass (a DeepSpeed engine wrapping `model`); default `model`.
+    Returns: `DPOOutput` whose loss carries gradients into the LoRA parameters only.
+    """
+    config = model.config
+    check_batch(batch, config)
+    x0_w, x0_l = batch["winner_latents"], batch["loser_latents"]
+    device = next(p for p in model.parameters()).device
+    bsz, frames, _, height, width = x0_w.shape
+
+    # 1. One timestep and one noise per pair, shared by winner and loser.
+    if timesteps is None:
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (bsz,), generator=generator)
+    if noise is None:
+        noise = torch.randn(x0_w.shape, generator=generator)
+    x0 = torch.cat([x0_w, x0_l]).to(device, torch.float32)  # (2B, F, C, h, w): [winners; losers]
+    t = torch.cat([timesteps, timesteps]).to(device)
+    e = torch.cat([noise, noise]).to(device, torch.float32)
+
+    # 2. Noisy input and v-prediction target (fp32: the scheduler's alphas are fp32).
+    x_t = scheduler.add_noise(x0, e, t)
+    target = scheduler.get_velocity(x0, e, t)
+
+    # 3. Condition: text, rotary embeddings, and the first-frame latent on channels for I2V.
+    text = torch.cat([batch["prompt_embeds"], batch["prompt_embeds"]]).to(device, compute_dtype)
+    model_input = x_t
+    if batch.get("image_latents") is not None:
+        cond = i2v_condition(batch["image_latents"].to(device, torch.float32), frames)
+        model_input = torch.cat([x_t, torch.cat([cond, cond])], dim=2)
+    rotary = rotary_embeddings(config, frames, height, width, device=device)
+    kwargs = dict(
+        hidden_states=model_input.to(compute_dtype),
+        encoder_hidden_states=text,
+        timestep=t,
+        image_rotary_emb=rotary,
+        return_dict=False,
+    )
+    if getattr(config, "ofs_embed_dim", None):
+        kwargs["ofs"] = model_input.new_full((1,), 2.0)  # as the CogVideoX 1.5 I2V pipeline does
+
+    # 4. Policy (LoRA on) with gradients, reference (LoRA off) without.
+    forward = forward or model
+    pred = forward(**kwargs)[0]
+    with torch.no_grad(), adapters_disabled(model):
+        ref_pred = forward(**kwargs)[0]
+    policy_err_w, policy_err_l = per_sample_mse(pred, target).chunk(2)
+    ref_err_w, ref_err_l = per_sample_mse(ref_pred, target).chunk(2)
+
+    # 5. The loss in fp32.
+    return dpo_loss(policy_err_w, policy_err_l, ref_err_w, ref_err_l, beta, loss_type, sft_weight)
