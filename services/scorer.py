@@ -1,0 +1,191 @@
+"""The scorer deployment: a thin shim around `common.scoring.score_video`.
+
+One replica loads the geometry backend and the perceptual metric once (the warm-up call at
+start-up), then scores one video at a time in a single worker thread, so the replica's event
+loop stays free for Serve's health checks and cancellations. Input errors never escape as
+exceptions: they come back as `{"error": {...}}` with the HTTP status the ingress answers with,
+so a replica never dies on bad input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Optional
+
+from ray import serve
+
+from common.config import ScoreConfig
+from common.errors import VideoGPAError
+from services.config import ScorerArgs
+
+logger = logging.getLogger("ray.serve")
+
+
+def scorer_deployment_options(args: ScorerArgs) -> dict[str, Any]:
+    """`serve.deployment` options for the scorer, from its config (Serve's own option names)."""
+    actor_options: dict[str, Any] = {"num_cpus": args.num_cpus}
+    if args.num_gpus > 0:
+        actor_options["num_gpus"] = args.num_gpus
+    if args.memory_gb is not None:
+        actor_options["memory"] = int(args.memory_gb * 1024**3)
+    options: dict[str, Any] = {
+        "name": "Scorer",
+        "max_ongoing_requests": args.max_ongoing_requests,
+        "max_queued_requests": args.max_queued_requests,
+        "ray_actor_options": actor_options,
+        "health_check_period_s": args.health_check_period_s,
+        "health_check_timeout_s": args.health_check_timeout_s,
+    }
+    if args.num_replicas is not None:
+        options["num_replicas"] = args.num_replicas
+    else:
+        options["autoscaling_config"] = args.autoscaling.model_dump()
+    return options
+
+
+def write_warmup_frames(folder: Path, n: int = 6, height: int = 64, width: int = 96) -> Path:
+    """A folder of `n` PNG frames: a random texture seen by a camera sliding right (a few px per frame)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    texture = (rng.random((height, width + 4 * n, 3)) * 255).astype(np.uint8)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(texture[:, 4 * i : 4 * i + width]).save(folder / f"{i:04d}.png")
+    return folder
+
+
+class ScorerServer:
+    """Scores one video file (a path the ingress wrote on storage this replica can read)."""
+
+    def __init__(self, args: dict):
+        self._args = ScorerArgs.model_validate(args)
+        self._default = self._args.score
+        # One worker: scoring is compute-bound; requests queue here (bounded by max_ongoing_requests).
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vgpa-score")
+        self._lock = threading.Lock()
+        self._consecutive_internal_errors = 0
+        self._ready = False
+        self._load_error: Optional[str] = None
+        from common.scoring import score_video  # import here: a replica that cannot import it fails to start
+
+        self._score_video = score_video
+        if self._args.warmup:
+            self._warmup()
+        self._ready = True
+
+    # -- start-up ---------------------------------------------------------------------------------
+    def _warmup(self) -> None:
+        """Load the backend and the perceptual metric now, so the first request pays no load time."""
+        t0 = time.perf_counter()
+        tmp = Path(tempfile.mkdtemp(prefix="vgpa-warmup-"))
+        try:
+            frames = write_warmup_frames(tmp / "frames")
+            config = self._default.model_copy(update={"frames": 4, "max_side": 96, "recon_frames": 6})
+            result = self._score_video(frames, config)
+            logger.info("scorer warm-up: %s in %.1f s", result.status, time.perf_counter() - t0)
+        except VideoGPAError as err:  # an input-level verdict on the warm-up clip still loaded the models
+            logger.info("scorer warm-up input error (models loaded): %s", err)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    # -- requests ---------------------------------------------------------------------------------
+    async def score(
+        self,
+        path: str,
+        overrides: Optional[dict] = None,
+        preview_dir: Optional[str] = None,
+        deadline: Optional[float] = None,
+    ) -> dict:
+        """Score `path`. Returns `{"result": ScoreResult JSON}` or `{"error": {"status", "type", "message"}}`.
+
+        `overrides` are the request's form fields (already restricted to REQUEST_SCORE_FIELDS);
+        `deadline` is a `time.time()` after which nobody waits for the answer (work is skipped).
+        """
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self._score_sync, path, overrides or {}, preview_dir, deadline)
+
+    def _score_sync(self, path: str, overrides: dict, preview_dir: Optional[str], deadline: Optional[float]) -> dict:
+        if deadline is not None and time.time() > deadline:
+            return _error(504, "DeadlineExceeded", "The request's deadline passed before scoring started.")
+        try:
+            config = self._config_for(overrides)
+        except VideoGPAError as err:
+            return _error(err.http_status, type(err).__name__, str(err))
+        try:
+            result = self._score_video(path, config, preview_dir=preview_dir)
+        except VideoGPAError as err:
+            self._consecutive_internal_errors = 0
+            return _error(err.http_status, type(err).__name__, str(err))
+        except MemoryError:
+            self._consecutive_internal_errors += 1
+            return _error(413, "InputTooLargeError", "The video is too large to score with the memory this replica has.")
+        except Exception as err:  # a bug or a broken replica: answer 500, let check_health decide
+            self._consecutive_internal_errors += 1
+            logger.exception("internal error while scoring")
+            return _error(500, "InternalError", f"Internal error while scoring ({type(err).__name__}).")
+        self._consecutive_internal_errors = 0
+        return {"result": result.to_json_dict()}
+
+    def _config_for(self, overrides: dict) -> ScoreConfig:
+        from common.errors import ConfigError
+        from pydantic import ValidationError
+
+        if not overrides:
+            return self._default
+        frames = overrides.get("frames")
+        if frames is not None and int(frames) > self._args.max_request_frames:
+            raise ConfigError(f"frames={frames} is above this service's limit of {self._args.max_request_frames}.")
+        side = overrides.get("max_side")
+        if side is not None and int(side) > self._args.max_request_side:
+            raise ConfigError(f"max_side={side} is above this service's limit of {self._args.max_request_side}.")
+        data = self._default.model_dump(by_alias=True)
+        data.update({("lambda" if k == "lambda_" else k): v for k, v in overrides.items()})
+        try:
+            return ScoreConfig.model_validate(data)
+        except ValidationError as err:
+            first = err.errors()[0]
+            field = ".".join(str(p) for p in first["loc"]) or "settings"
+            raise ConfigError(f"Invalid {field}: {first['msg']}.") from None
+
+    # -- probes -----------------------------------------------------------------------------------
+    def ready(self) -> dict:
+        """Models are loaded (the constructor finished); used by GET /readyz."""
+        return {"ready": self._ready, "backend": self._default.backend, "pid": os.getpid()}
+
+    def replica_info(self) -> dict:
+        """Which replica answered (actor name and pid): for operators and the fault test."""
+        import ray
+
+        ctx = serve.get_replica_context()
+        return {
+            "actor_name": ray.get_runtime_context().get_actor_name(),
+            "replica_id": ctx.replica_id.unique_id,
+            "pid": os.getpid(),
+        }
+
+    def check_health(self) -> None:
+        """Serve calls this periodically; raising replaces the replica."""
+        if not self._ready:
+            raise RuntimeError("scorer models are not loaded")
+        if self._consecutive_internal_errors >= self._args.unhealthy_after_errors:
+            raise RuntimeError(f"{self._consecutive_internal_errors} consecutive internal scoring errors")
+
+
+def _error(status: int, kind: str, message: str) -> dict:
+    return {"error": {"status": status, "type": kind, "message": message}}
+
+
+def build_scorer(args: ScorerArgs):
+    """A bound scorer deployment from its config."""
+    deployment = serve.deployment(ScorerServer).options(**scorer_deployment_options(args))
+    return deployment.bind(args.model_dump(mode="json", by_alias=True))
