@@ -6,7 +6,6 @@ answer, and removes the upload whatever happens. Paths only travel between deplo
 request can name a path on the server. OpenAPI: /docs and /openapi.json.
 """
 
-from __future__ import annotations
 
 import asyncio
 import hmac

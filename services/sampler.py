@@ -29,6 +29,7 @@ from typing import Any, Optional
 
 from ray import serve
 
+from common.video import write_video
 from services.config import SamplerArgs
 
 logger = logging.getLogger("ray.serve")
@@ -46,27 +47,6 @@ def sampler_deployment_options(args: SamplerArgs) -> dict[str, Any]:
         "graceful_shutdown_timeout_s": args.graceful_shutdown_timeout_s,
         "ray_actor_options": actor_options,
     }
-
-
-def write_mp4(frames, path: Path, fps: int) -> Path:
-    """frames: uint8 [T, H, W, 3] -> H.264 mp4 (yuv420p; odd sizes are padded by one pixel)."""
-    import av
-    import numpy as np
-
-    t, h, w, _ = frames.shape
-    ph, pw = h + (h % 2), w + (w % 2)
-    if (ph, pw) != (h, w):
-        frames = np.pad(frames, ((0, 0), (0, ph - h), (0, pw - w), (0, 0)), mode="edge")
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = pw, ph, "yuv420p"
-        stream.options = {"crf": "18"}
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
 
 
 def _error(status: int, kind: str, message: str) -> dict:
@@ -212,7 +192,7 @@ class SamplerServer:
                 video = self._pipe.decode_latents(latents)  # [1, 3, T, H, W] in [-1, 1]
                 video = self._pipe.video_processor.postprocess_video(video=video, output_type="np")[0]  # [T, H, W, 3] in [0, 1]
                 video_u8 = (video.clip(0, 1) * 255).round().astype("uint8")
-                mp4 = write_mp4(video_u8, folder / f"seed-{seed}.mp4", a.fps)
+                mp4 = write_video(folder / f"seed-{seed}.mp4", video_u8, fps=a.fps)
                 lat = folder / f"seed-{seed}.latents.pt"
                 torch.save(latents[0].float().cpu(), lat)
                 samples.append({"seed": seed, "video": str(mp4), "latents": str(lat),

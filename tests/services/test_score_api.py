@@ -1,0 +1,284 @@
+"""The real Serve app (ingress + scorer) on loopback: good and bad inputs, previews, batch, client,
+web page in headless chromium, a bounded load test and a replica fault test. One deployment."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytest.importorskip("ray.serve")
+pytest.importorskip("common.scoring")
+
+from tests.services.conftest import deployed  # noqa: E402
+
+pytestmark = pytest.mark.ray
+
+APP = "vgpa-test-score"
+FRAMES = 4
+
+
+@pytest.fixture(scope="module")
+def work_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("service-work")
+
+
+@pytest.fixture(scope="module")
+def url(serve_url, work_dir):
+    args = {
+        "work_dir": str(work_dir),
+        "max_upload_mb": 2,
+        "retry_after_s": 1,
+        "auth_token_env": None,
+        "scorer": {
+            "score": {"frames": FRAMES, "max_side": 240},
+            "num_replicas": 1,
+            "max_ongoing_requests": 1,
+            "max_queued_requests": 4,
+            "max_request_frames": 8,
+            "health_check_period_s": 2,
+        },
+    }
+    with deployed(args, APP, serve_url) as u:
+        yield u
+
+
+def post_score(url: str, path: Path, timeout: float = 300, **fields) -> httpx.Response:
+    with open(path, "rb") as f:
+        return httpx.post(f"{url}/score", files={"video": (path.name, f)}, data={k: str(v) for k, v in fields.items()},
+                          timeout=timeout)
+
+
+def assert_error(r: httpx.Response, *statuses: int) -> dict:
+    assert r.status_code in statuses, (r.status_code, r.text)
+    body = r.json()
+    assert body["error"]["status"] == r.status_code
+    assert isinstance(body["detail"], str) and body["detail"]
+    return body
+
+
+class TestProbesAndSchema:
+    def test_healthz(self, url):
+        assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
+
+    def test_readyz_reports_loaded_scorer(self, url):
+        body = httpx.get(f"{url}/readyz").json()
+        assert body["ready"] is True and body["scorer"]["ready"] is True and body["sampler"] is None
+
+    def test_openapi_lists_routes_and_form(self, url):
+        spec = httpx.get(f"{url}/openapi.json").json()
+        assert {"/score", "/score/batch", "/healthz", "/readyz", "/sample"} <= set(spec["paths"])
+        form = spec["paths"]["/score"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+        assert {"video", "frames", "backend", "max_side", "lambda", "preview"} <= set(form["properties"])
+        assert httpx.get(f"{url}/docs").status_code == 200
+
+    def test_sample_without_sampler_is_404(self, url):
+        assert_error(httpx.post(f"{url}/sample", json={"prompt": "a cube"}), 404)
+
+
+class TestScoring:
+    def test_good_video(self, url, videos):
+        r = post_score(url, videos["good"])
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["status"] == "ok" and isinstance(body["score"], float)
+        assert body["frames"] == FRAMES and len(body["per_frame"]) == FRAMES
+        assert body["previews"] == []
+
+    def test_same_result_as_in_process(self, url, videos):
+        from common.config import ScoreConfig
+        from common.scoring import score_video
+
+        local = score_video(videos["good"], ScoreConfig(frames=FRAMES, max_side=240)).to_json_dict()
+        remote = post_score(url, videos["good"]).json()
+        for key in ("status", "frame_indices", "metric_id", "size", "backend", "perceptual_metric"):
+            assert remote[key] == local[key], key
+
+    def test_form_overrides(self, url, videos):
+        body = post_score(url, videos["good"], frames=3, max_side=160, **{"lambda": 0.5}).json()
+        assert body["frames"] == 3 and body["lambda"] == 0.5 and max(body["size"]) <= 160
+
+    def test_previews_are_urls_that_serve_png(self, url, videos):
+        body = post_score(url, videos["good"], preview="true").json()
+        assert body["previews"], "previews requested"
+        for p in body["previews"]:
+            assert p.startswith("/previews/") and p.endswith(".png")
+            r = httpx.get(f"{url}{p}")
+            assert r.status_code == 200 and r.content[:8] == b"\x89PNG\r\n\x1a\n"
+
+    def test_zip_of_frames(self, url, videos):
+        r = post_score(url, videos["zip"])
+        assert r.status_code == 200, r.text
+        assert r.json()["status"] in ("ok", "unscorable")
+
+    def test_static_video_is_unscorable_200(self, url, videos):
+        r = post_score(url, videos["static"])
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["status"] == "unscorable" and body["reason"]
+
+    def test_batch_keeps_order_and_per_file_status(self, url, videos):
+        files = [("videos", ("good.mp4", videos["good"].read_bytes())), ("videos", ("notes.mp4", videos["text"].read_bytes()))]
+        r = httpx.post(f"{url}/score/batch", files=files, timeout=300)
+        assert r.status_code == 200, r.text
+        good, bad = r.json()["results"]
+        assert good["status_code"] == 200 and good["result"]["status"] == "ok"
+        assert bad["status_code"] in (415, 422) and bad["error"]["message"]
+
+    def test_python_client(self, url, videos):
+        from clients.http_client import VideoGPAClient, score_via_http
+
+        assert score_via_http(url, videos["good"])["status"] == "ok"
+        with VideoGPAClient(url) as client:
+            assert client.readyz()["ready"] is True
+            assert client.score(videos["folder"], frames=3)["frames"] == 3  # folder -> zip on the fly
+
+
+class TestBadInput:
+    def test_not_a_video_is_415(self, url, videos):
+        body = assert_error(post_score(url, videos["text"]), 415, 422)
+        assert "notes.mp4" not in body["detail"] or "video" in body["detail"].lower()
+
+    def test_truncated_video(self, url, videos):
+        assert_error(post_score(url, videos["truncated"]), 415, 422)
+
+    def test_one_frame_is_422(self, url, videos):
+        assert_error(post_score(url, videos["one_frame"]), 422)
+
+    def test_empty_file_is_422(self, url, tmp_path):
+        (tmp_path / "empty.mp4").write_bytes(b"")
+        assert_error(post_score(url, tmp_path / "empty.mp4"), 422)
+
+    def test_over_size_cap_is_413(self, url, tmp_path):
+        big = tmp_path / "big.mp4"
+        big.write_bytes(b"\0" * 3_000_000)  # the app's cap is 2 MB
+        body = assert_error(post_score(url, big), 413)
+        assert "2 MB" in body["detail"]
+
+    def test_over_size_cap_without_content_length_is_413(self, url):
+        def body():
+            yield b"--b\r\nContent-Disposition: form-data; name=\"video\"; filename=\"x.mp4\"\r\n\r\n"
+            for _ in range(40):
+                yield b"\0" * 100_000
+
+        r = httpx.post(f"{url}/score", content=body(), headers={"content-type": "multipart/form-data; boundary=b"}, timeout=60)
+        assert_error(r, 413)
+
+    def test_no_file_field_is_422(self, url):
+        # A path sent as a text field is never read from the server's disk.
+        r = httpx.post(f"{url}/score", files={"other": (None, "/etc/passwd")}, timeout=60)
+        assert_error(r, 422)
+
+    def test_not_multipart_is_415(self, url):
+        assert_error(httpx.post(f"{url}/score", json={"video": "/etc/passwd"}), 415)
+
+    @pytest.mark.parametrize("field,value", [("frames", "many"), ("frames", "1"), ("frames", "50"), ("lambda", "-1"),
+                                             ("backend", "no-such-backend"), ("preview", "maybe")])
+    def test_bad_form_fields_are_422(self, url, videos, field, value):
+        body = assert_error(post_score(url, videos["good"], **{field: value}), 422)
+        assert field in body["detail"] or "backend" in body["detail"]
+
+    def test_deadline_is_504(self, url, videos):
+        assert_error(post_score(url, videos["good"], timeout_s=0.001), 504)
+
+    def test_preview_paths_cannot_escape(self, url):
+        for p in ("/previews/..%2F..%2Fetc/passwd", "/previews/" + "0" * 32 + "/..%2Fx.png", "/previews/abc/x.png"):
+            assert httpx.get(f"{url}{p}").status_code == 404
+
+
+class TestWebPage:
+    def test_upload_score_chart_previews(self, url, videos):
+        sync_api = pytest.importorskip("playwright.sync_api")
+        chromium = Path("/usr/bin/chromium")
+        if not chromium.exists():
+            pytest.skip("Debian chromium not installed (apt-get install chromium)")
+        args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(chromium), args=args)
+            try:
+                page = browser.new_page()
+                page.goto(url + "/")
+                assert "videogpa" in page.title()
+                page.set_input_files("#video", str(videos["good"]))
+                page.click("#submit")
+                page.wait_for_selector("#status:has-text('Done.')", timeout=300_000)
+                assert page.inner_text("#verdict").startswith("score ")
+                assert page.locator("#chart rect.bar").count() == FRAMES
+                page.wait_for_function("document.querySelectorAll('#previews img').length > 0")
+                assert page.evaluate("[...document.querySelectorAll('#previews img')].every(i => i.naturalWidth > 0)")
+                # An error is shown, not swallowed.
+                page.set_input_files("#video", str(videos["text"]))
+                page.click("#submit")
+                page.wait_for_selector("#status .verdict.error", timeout=120_000)
+                assert "Error 415" in page.inner_text("#status") or "Error 422" in page.inner_text("#status")
+            finally:
+                browser.close()
+
+
+class TestLoadAndFaults:
+    def test_bounded_load_every_request_answered(self, url, videos):
+        """200 requests from 16 concurrent clients: each gets 200 or 503 (+Retry-After); none lost or hung."""
+        data = videos["good"].read_bytes()
+        outcomes: list[tuple[int, str | None]] = []
+        lock = threading.Lock()
+
+        def client(n: int) -> None:
+            with httpx.Client(timeout=600) as http:
+                for _ in range(n):
+                    r = http.post(f"{url}/score", files={"video": ("good.mp4", data)})
+                    with lock:
+                        outcomes.append((r.status_code, r.headers.get("retry-after")))
+
+        per_client = [200 // 16 + (1 if i < 200 % 16 else 0) for i in range(16)]
+        with ThreadPoolExecutor(16) as pool:
+            for f in [pool.submit(client, n) for n in per_client]:
+                f.result()
+        statuses = [s for s, _ in outcomes]
+        assert len(outcomes) == 200
+        assert set(statuses) <= {200, 503}, sorted(set(statuses))
+        assert statuses.count(200) >= 1 and statuses.count(503) >= 1
+        assert all(ra is not None and int(ra) >= 1 for s, ra in outcomes if s == 503)
+        assert httpx.get(f"{url}/readyz").status_code == 200
+
+    def test_killed_scorer_replica_is_replaced(self, url, videos):
+        import ray
+        from ray import serve
+
+        scorer = serve.get_deployment_handle("Scorer", app_name=APP)
+        before = scorer.replica_info.remote().result(timeout_s=60)
+        results: list[int] = []
+
+        def background() -> None:
+            for _ in range(3):
+                try:
+                    results.append(post_score(url, videos["good"], timeout=600).status_code)
+                except httpx.HTTPError:
+                    results.append(-1)
+
+        t = threading.Thread(target=background)
+        t.start()
+        time.sleep(1.0)  # let a request reach the replica (the test does not depend on it)
+        ray.kill(ray.get_actor(before["actor_name"], namespace="serve"), no_restart=True)
+        t.join(timeout=900)
+        assert not t.is_alive()
+        assert set(results) <= {200, 503}, results  # mid-flight: 503 (retry), never a hang or a 500
+
+        # Serve starts a new replica; the service answers 200 again.
+        deadline = time.monotonic() + 300
+        while True:
+            r = post_score(url, videos["good"])
+            if r.status_code == 200:
+                break
+            assert r.status_code == 503, r.text
+            assert time.monotonic() < deadline, "no replacement replica within 300 s"
+            time.sleep(1)
+        after = scorer.replica_info.remote().result(timeout_s=60)
+        assert after["actor_name"] != before["actor_name"]
+
+    def test_no_upload_left_behind(self, url, work_dir):
+        assert list((work_dir / "uploads").iterdir()) == []
