@@ -1,0 +1,210 @@
+"""The Ray Train + DeepSpeed DPO trainer on the tiny CogVideoX (CPU, gloo), and its pure pieces."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from common import tiny_cogvideox as tiny
+from common.errors import ConfigError
+from training.lora import LORA_WEIGHTS_NAME, add_lora, count_parameters
+from training.pairs import Pair, PairsDatasetError, write_pairs_dataset
+from training.trainer import FAULT_MARKER, TrainConfig, lr_multiplier, micro_batch_indices, train
+
+LATENT = (tiny.LATENT_FRAMES, tiny.LATENT_CHANNELS, tiny.LATENT_HEIGHT, tiny.LATENT_WIDTH)
+
+
+def synthetic_pairs(n: int = 16, i2v: bool = False, seed: int = 0) -> list[Pair]:
+    """Winners ~ N(0.5, 0.3^2), losers ~ N(0, 1.5^2): two distributions a LoRA can tell apart."""
+    g = torch.Generator().manual_seed(seed)
+    return [
+        Pair(
+            prompt=f"prompt {i % 4}",
+            winner_latents=0.5 + 0.3 * torch.randn(LATENT, generator=g),
+            loser_latents=1.5 * torch.randn(LATENT, generator=g),
+            prompt_embeds=torch.randn(tiny.TEXT_SEQ_LEN, tiny.TEXT_EMBED_DIM, generator=g),
+            image_latents=torch.randn((1, *LATENT[1:]), generator=g) if i2v else None,
+        )
+        for i in range(n)
+    ]
+
+
+def small_config(**overrides) -> TrainConfig:
+    base = dict(
+        num_workers=2, batch_size=4, max_steps=20, warmup_steps=2, learning_rate=1e-3, beta=500.0,
+        lora_rank=4, lora_alpha=8, checkpoint_every=10, max_failures=0,
+    )
+    return TrainConfig(**{**base, **overrides})
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure pieces (no Ray).
+# ---------------------------------------------------------------------------------------------
+
+
+def test_real_5b_config_trains_about_one_percent_on_meta_device(shared_data):
+    from diffusers import CogVideoXTransformer3DModel
+
+    path = shared_data / "configs" / "cogvideox-5b" / "transformer.json"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    config = json.loads(path.read_text())
+    with torch.device("meta"):  # 5.6 B parameters, no memory
+        model = CogVideoXTransformer3DModel.from_config(config)
+    add_lora(model, rank=64, alpha=128)
+    trainable, total = count_parameters(model)
+    inner = config["num_attention_heads"] * config["attention_head_dim"]  # 3072
+    # 4 projections x 42 blocks x r (in + out)
+    assert trainable == config["num_layers"] * 4 * 64 * (inner + inner)
+    assert trainable / (total - trainable) == pytest.approx(0.0119, abs=0.0002)
+    assert all(p.requires_grad == ("lora_" in n) for n, p in model.named_parameters())
+
+
+def test_lr_warmup_then_cosine():
+    assert lr_multiplier(0, 4, 12) == 0.25
+    assert lr_multiplier(3, 4, 12) == 1.0
+    assert lr_multiplier(4, 4, 12) == 1.0
+    assert lr_multiplier(8, 4, 12) == pytest.approx(0.5)
+    assert lr_multiplier(12, 4, 12) == pytest.approx(0.0, abs=1e-12)
+    assert lr_multiplier(12, 4, 12, min_lr_ratio=0.1) == pytest.approx(0.1)
+
+
+def test_each_epoch_visits_every_pair_once_across_ranks_and_micro_batches():
+    cfg = TrainConfig(num_workers=2, batch_size=8, micro_batch_size=2)  # 2 accumulation steps
+    seen = []
+    for step in range(3):  # 3 steps x 8 = 24 samples = 2 epochs of 12 pairs
+        for micro in range(cfg.grad_accum_steps):
+            for rank in range(2):
+                seen += micro_batch_indices(12, step, micro, rank, cfg)
+    assert sorted(seen[:12]) == list(range(12)) and sorted(seen[12:24]) == list(range(12))
+    assert seen[:12] != seen[12:24]  # a new order every epoch
+
+
+def test_batch_arithmetic_is_validated():
+    with pytest.raises(ValueError, match="multiple of micro_batch_size x num_workers"):
+        TrainConfig(num_workers=3, batch_size=16)
+    assert TrainConfig(num_workers=2, batch_size=16, micro_batch_size=2).grad_accum_steps == 4
+
+
+def test_bad_inputs_fail_before_any_worker(tmp_path):
+    model = tiny.save_tiny_cogvideox(tmp_path / "model")
+    pairs = write_pairs_dataset(tmp_path / "pairs", synthetic_pairs(4))
+    (pairs / "latents" / "000002.winner.safetensors").unlink()
+    with pytest.raises(PairsDatasetError, match="missing"):
+        train(small_config(), pairs, model, tmp_path / "out")
+    i2v_pairs = write_pairs_dataset(tmp_path / "i2v", synthetic_pairs(4, i2v=True))
+    with pytest.raises(ConfigError, match=r"image-to-video latents with 4 channels.*in_channels=4.*text-to-video model"):
+        train(small_config(), i2v_pairs, model, tmp_path / "out")
+    with pytest.raises(ConfigError, match="not a diffusers CogVideoX pipeline folder"):
+        train(small_config(), i2v_pairs, tmp_path / "nomodel", tmp_path / "out")
+    assert not (tmp_path / "out" / "ray").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Train + DeepSpeed ZeRO-2, two CPU workers.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dpo")
+    model = tiny.save_tiny_cogvideox(root / "model")
+    pairs = write_pairs_dataset(root / "pairs", synthetic_pairs(16), model="tiny")
+    return root, model, pairs
+
+
+@pytest.fixture(scope="module")
+def finished_run(ray_cluster, workspace):
+    """One uninterrupted 20-step run on 2 workers: the reference for the resume tests."""
+    root, model, pairs = workspace
+    steps: list[dict] = []
+    summary = train(small_config(run_name="straight"), pairs, model, root / "straight", on_step=steps.append)
+    return summary, steps
+
+
+@pytest.mark.ray
+def test_two_zero2_workers_learn_the_preference_and_stay_identical(finished_run):
+    summary, steps = finished_run
+    assert summary["steps"] == 20 and [s["step"] for s in steps] == list(range(1, 21))
+    # Every rank ends with the same LoRA (gathered max - min over ranks).
+    assert summary["final_metrics"]["lora_rank_spread"] == 0.0
+    # Fresh LoRA: policy == reference.
+    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert steps[0]["rewards/accuracies"] == 0.5
+    late = steps[-5:]
+    assert sum(s["rewards/accuracies"] for s in late) / 5 > 0.8
+    assert sum(s["loss"] for s in late) / 5 < 0.5 * math.log(2)
+    assert all(s["grad_norm"] > 0 and math.isfinite(s["grad_norm"]) for s in steps)
+    assert steps[1]["lr"] == pytest.approx(1e-3) and steps[-1]["lr"] < 1e-4  # warm-up, then cosine
+
+
+@pytest.mark.ray
+def test_checkpoint_holds_only_trainable_and_optimizer_state(finished_run):
+    from pathlib import Path
+
+    summary, _ = finished_run
+    ckpt = Path(summary["checkpoint"])
+    state = json.loads((ckpt / "train_state.json").read_text())
+    assert state["step"] == 20 and state["final"] and state["config"]["lora_rank"] == 4
+    module = torch.load(ckpt / "deepspeed" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert module and all("lora_" in k for k in module)
+    # Each of the two ranks saved its own ZeRO optimizer partition.
+    assert len(list((ckpt / "deepspeed").glob("zero_pp_rank_*_optim_states.pt"))) == 2
+
+
+@pytest.mark.ray
+def test_exported_lora_loads_into_a_pipeline_and_roundtrips(finished_run, workspace, tmp_path):
+    from diffusers import CogVideoXPipeline
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from training.lora import export_lora
+
+    summary, _ = finished_run
+    _, model, _ = workspace
+    lora_file = summary["lora"]
+    assert lora_file.endswith(LORA_WEIGHTS_NAME)
+
+    pipe = CogVideoXPipeline.from_pretrained(model)
+    kwargs = dict(
+        prompt="a red cube", num_inference_steps=2, output_type="pt", max_sequence_length=tiny.TEXT_SEQ_LEN,
+        height=tiny.HEIGHT, width=tiny.WIDTH, num_frames=tiny.NUM_FRAMES,
+    )
+    before = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).frames
+    pipe.load_lora_weights(lora_file.rsplit("/", 1)[0], weight_name=LORA_WEIGHTS_NAME, adapter_name="geo")
+    after = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).frames
+    assert (after - before).abs().max() > 1e-4
+
+    # Round trip: read the adapter back out of the pipeline, save it again, compare with the file.
+    saved = load_file(lora_file)
+    reread = get_peft_model_state_dict(pipe.transformer, adapter_name="geo")
+    again = load_file(export_lora(tmp_path / "again", reread))
+    assert saved.keys() == again.keys()
+    for key in saved:
+        torch.testing.assert_close(again[key], saved[key], rtol=0, atol=0)
+
+
+@pytest.mark.ray
+def test_killed_worker_is_retried_from_its_checkpoint_with_the_same_result(finished_run, workspace):
+    from safetensors.torch import load_file
+
+    root, model, pairs = workspace
+    cfg = small_config(run_name="killed", fail_at_step=15, max_failures=1)  # checkpoint at 10, crash at 15
+    summary = train(cfg, pairs, model, root / "killed")
+    assert (root / "killed" / "ray" / "killed" / FAULT_MARKER).is_file()  # the crash happened
+    steps = [json.loads(line)["step"] for line in (root / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps.count(11) == 2 and steps.count(16) == 1  # steps 11-14 ran twice: resumed at 10, not at 0
+    straight = load_file(finished_run[0]["lora"])
+    resumed = load_file(summary["lora"])
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0)
+
+
+@pytest.mark.ray
+def test_relaunch_with_the_same_run_name_continues_from_the_last_checkpoint(finished_run, workspace):
+    root, model, pairs = workspace
+    summary = train(small_config(run_name="straight"), pairs, model, root / "straight")
+    assert summary["steps"] == 20 and summary["steps_this_launch"] == 0  # nothing left to do, nothing redone
