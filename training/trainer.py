@@ -413,7 +413,15 @@ def train(
 
     # 2. Ray and the progress relay.
     if not ray.is_initialized():
-        ray.init(address=address, configure_logging=False, log_to_driver=False)
+        if address or os.environ.get("RAY_ADDRESS"):
+            ray.init(address=address, log_to_driver=False)  # a cluster (`ray job submit` sets RAY_ADDRESS)
+        else:
+            # Embedded local Ray. Token auth would write a token file under $HOME; the dashboard costs ~1 GB.
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+            needed = math.ceil(cfg.num_workers * cfg.cpus_per_worker) + 1
+            ray.init(address="local", num_cpus=max(needed, os.cpu_count() or 1), include_dashboard=False,
+                     configure_logging=False, log_to_driver=False)
     relay = _progress_actor_class().remote()
 
     # 3. The run. The same run_name + storage_path picks up the last checkpoint.

@@ -1,0 +1,136 @@
+"""`vgpa train` (LoRA Diffusion-DPO on Ray Train + DeepSpeed) and `vgpa cache` (encode videos + prompts once).
+
+    vgpa cache --videos DIR --model DIR --output PAIRS_DIR
+    vgpa train --pairs PAIRS_DIR --model DIR --output DIR [--workers N] [--gpus-per-worker G]
+               [--steps S] [--config FILE] [--address ADDR] [--run-name NAME] [--storage-path URI]
+
+`--config FILE` is a YAML or JSON mapping of `training.trainer.TrainConfig` fields; flags given on
+the command line override it. Re-running the same command (same run name and storage path)
+continues from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from common.errors import ConfigError
+
+
+def load_train_config(path: Optional[Path], overrides: dict):
+    """TrainConfig from a YAML/JSON file plus command-line overrides (None values are ignored)."""
+    import yaml
+    from pydantic import ValidationError
+
+    from training.trainer import TrainConfig
+
+    data: dict = {}
+    if path is not None:
+        text = Path(path).read_text()
+        data = (json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping of TrainConfig fields")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "config"
+        raise ConfigError(f"invalid training setting {where}: {first['msg']}") from None
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+@click.command(help="Train a LoRA with Diffusion-DPO on geometry preference pairs (Ray Train + DeepSpeed).")
+@click.option("--pairs", "pairs_dir", required=True, type=click.Path(path_type=Path), help="Pairs dataset folder (vgpa cache / mining job).")
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path), help="Diffusers CogVideoX pipeline folder.")
+@click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path), help="Receives pytorch_lora_weights.safetensors.")
+@click.option("--workers", type=int, default=None, help="Ray Train workers (default 1).")
+@click.option("--gpus-per-worker", type=float, default=None, help="GPUs per worker (default 0: CPU, gloo).")
+@click.option("--steps", type=int, default=None, help="Optimizer steps in total (max_steps).")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="YAML/JSON file of TrainConfig fields.")
+@click.option("--address", default=None, help="Ray cluster address; default: RAY_ADDRESS or an embedded local Ray.")
+@click.option("--run-name", default=None, help="Ray Train run name (the same name resumes).")
+@click.option("--storage-path", default=None, help="Checkpoint storage (shared FS or s3://); default OUTPUT/ray.")
+def train(pairs_dir, model_dir, output_dir, workers, gpus_per_worker, steps, config_file, address, run_name, storage_path):
+    from tqdm import tqdm
+
+    from training.trainer import train as run_training
+
+    cfg = load_train_config(
+        config_file,
+        {"num_workers": workers, "gpus_per_worker": gpus_per_worker, "max_steps": steps,
+         "run_name": run_name, "storage_path": storage_path},
+    )
+    click.echo(
+        f"training run '{cfg.run_name}': {cfg.max_steps} steps, batch {cfg.batch_size} "
+        f"({cfg.num_workers} worker(s) x {cfg.micro_batch_size} x {cfg.grad_accum_steps} accumulation), "
+        f"LoRA r={cfg.lora_rank} alpha={cfg.lora_alpha:g}, beta={cfg.beta:g}, lr={cfg.learning_rate:g}, ZeRO-{cfg.zero_stage}"
+    )
+    bar = tqdm(total=cfg.max_steps, unit="step", dynamic_ncols=True)
+
+    def on_step(metrics: dict) -> None:
+        bar.n = int(metrics["step"])  # a retried worker group repeats steps: show the step, not a count
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}",
+                        margin=f"{metrics['rewards/margins']:.3g}", lr=f"{metrics['lr']:.2e}")
+        bar.refresh()
+
+    try:
+        summary = run_training(cfg, pairs_dir, model_dir, output_dir, address=address, on_step=on_step)
+    finally:
+        bar.close()
+
+    m = summary["final_metrics"]
+    click.echo("")
+    click.echo(f"run            {summary['run_name']}  ({summary['steps']} steps, "
+               f"{summary['steps_this_launch']} this launch, {summary['wall_time_s']} s)")
+    click.echo(f"pairs          {summary['num_pairs']} from {summary['pairs']}")
+    for key, label in [("loss", "loss"), ("rewards/accuracies", "implicit acc"), ("rewards/margins", "reward margin"),
+                       ("err/policy_chosen", "err winners"), ("err/policy_rejected", "err losers"),
+                       ("grad_norm", "grad norm"), ("lora_rank_spread", "rank spread")]:
+        if key in m and not (isinstance(m[key], float) and math.isnan(m[key])):
+            click.echo(f"{label:<14} {_fmt(m[key])}")
+    click.echo(f"LoRA           {summary['lora']}")
+    click.echo(f"checkpoint     {summary['checkpoint']}")
+    click.echo(f"load with      CogVideoXPipeline.load_lora_weights('{Path(summary['lora']).parent}')")
+
+
+@click.command(help="Encode a folder of videos + prompts (pairs.jsonl) into a pairs dataset with the model's VAE and T5.")
+@click.option("--videos", "folder", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Folder with the clips and pairs.jsonl ({prompt, winner, loser[, image, winner_score, loser_score]}).")
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path), help="Diffusers CogVideoX pipeline folder.")
+@click.option("--output", required=True, type=click.Path(path_type=Path), help="Pairs dataset folder to write.")
+@click.option("--frames", type=int, default=None, help="Pixel frames per clip (default: the transformer's sample_frames).")
+@click.option("--height", type=int, default=None, help="Pixel height (default: the model's sample size).")
+@click.option("--width", type=int, default=None, help="Pixel width (default: the model's sample size).")
+@click.option("--device", default="cpu", show_default=True, help="Where the VAE and T5 run.")
+def cache(folder, model_dir, output, frames, height, width, device):
+    from tqdm import tqdm
+
+    from training.encode import cache_pairs
+    from training.pairs import load_pairs_index
+
+    bar = tqdm(unit="pair", dynamic_ncols=True)
+
+    def on_pair(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        out = cache_pairs(folder, model_dir, output, num_frames=frames, height=height, width=width,
+                          device=device, on_pair=on_pair)
+    finally:
+        bar.close()
+    index = load_pairs_index(out)
+    click.echo(f"wrote {len(index)} pairs to {out}: latents {list(index.latent_shape)} (F, C, h, w), "
+               f"text {list(index.text_shape)} (L, D){', image-to-video' if index.i2v else ''}")
+
+
+COMMANDS = [train, cache]

@@ -1,0 +1,104 @@
+"""`vgpa cache` encodes real video files with the model's VAE/T5; `vgpa train` runs end to end."""
+
+from __future__ import annotations
+
+import json
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from clients.cli import main
+from common import tiny_cogvideox as tiny
+from training.pairs import PairsDataset, load_pairs_index
+
+
+def _write_clip(path, seed, frames=11, height=40, width=48):
+    rng = np.random.default_rng(seed)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("ffv1", rate=8)  # lossless: the test compares exact pixels
+        stream.width, stream.height, stream.pix_fmt = width, height, "bgr0"
+        for _ in range(frames):
+            img = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+@pytest.fixture
+def clips(tmp_path):
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    lines = []
+    for i in range(3):
+        _write_clip(folder / f"w{i}.mkv", seed=2 * i)
+        _write_clip(folder / f"l{i}.mkv", seed=2 * i + 1)
+        lines.append({"prompt": f"a red cube {i % 2}", "winner": f"w{i}.mkv", "loser": f"l{i}.mkv", "winner_score": 0.1})
+    (folder / "pairs.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return folder
+
+
+@pytest.mark.parametrize("i2v", [False, True], ids=["t2v", "i2v"])
+def test_cache_encodes_scaled_latents_and_prompt_embeddings(tmp_path, clips, i2v, capsys):
+    from diffusers import DiffusionPipeline
+
+    from common.video import load_video
+    from training.encode import fit_frames
+
+    model = tiny.save_tiny_cogvideox(tmp_path / "model", i2v=i2v)
+    main(["cache", "--videos", str(clips), "--model", str(model), "--output", str(tmp_path / "pairs")])
+    assert "wrote 3 pairs" in capsys.readouterr().out
+
+    index = load_pairs_index(tmp_path / "pairs")
+    assert index.latent_shape == (tiny.LATENT_FRAMES, tiny.LATENT_CHANNELS, tiny.LATENT_HEIGHT, tiny.LATENT_WIDTH)
+    assert index.text_shape == (tiny.TEXT_SEQ_LEN, tiny.TEXT_EMBED_DIM) and index.i2v == i2v
+    item = PairsDataset(index)[1]
+
+    # Direct computation: first 9 frames, resized to cover 32x32 and centre-cropped, in [-1, 1].
+    pipe = DiffusionPipeline.from_pretrained(model)
+    frames = load_video(clips / "w1.mkv").frames[: tiny.NUM_FRAMES]
+    x = fit_frames(frames, tiny.HEIGHT, tiny.WIDTH)
+    assert x.min() >= -1 and x.max() <= 1 and x.min() < -0.9  # [-1, 1], not [0, 1]
+    with torch.no_grad():
+        ref = pipe.vae.encode(x.unsqueeze(0)).latent_dist.mean * pipe.vae.config.scaling_factor
+    torch.testing.assert_close(item["winner_latents"], ref[0].permute(1, 0, 2, 3), rtol=1e-5, atol=1e-5)
+    embeds, _ = pipe.encode_prompt("a red cube 1", do_classifier_free_guidance=False, max_sequence_length=tiny.TEXT_SEQ_LEN)
+    torch.testing.assert_close(item["prompt_embeds"], embeds[0])
+    if i2v:
+        assert item["image_latents"].shape == (1, *index.latent_shape[1:])
+        # The condition is the winner's first frame encoded alone, as the I2V pipeline encodes its image.
+        with torch.no_grad():
+            first = pipe.vae.encode(x[:, :1].unsqueeze(0)).latent_dist.mean * pipe.vae.config.scaling_factor
+        torch.testing.assert_close(item["image_latents"], first[0].permute(1, 0, 2, 3), rtol=1e-5, atol=1e-5)
+
+
+def test_cache_reports_missing_clip(tmp_path, clips):
+    (clips / "l2.mkv").unlink()
+    model = tiny.save_tiny_cogvideox(tmp_path / "model")
+    with pytest.raises(SystemExit) as exc:
+        main(["cache", "--videos", str(clips), "--model", str(model), "--output", str(tmp_path / "pairs")])
+    assert exc.value.code == 2
+
+
+@pytest.mark.ray
+def test_train_command_end_to_end(ray_cluster, tmp_path, clips, capsys):
+    model = tiny.save_tiny_cogvideox(tmp_path / "model")
+    main(["cache", "--videos", str(clips), "--model", str(model), "--output", str(tmp_path / "pairs")])
+    (tmp_path / "cfg.yaml").write_text("batch_size: 2\nlora_rank: 4\nlora_alpha: 8\nlearning_rate: 1.0e-3\nwarmup_steps: 1\n")
+    main(["train", "--pairs", str(tmp_path / "pairs"), "--model", str(model), "--output", str(tmp_path / "out"),
+          "--steps", "3", "--workers", "1", "--config", str(tmp_path / "cfg.yaml"), "--run-name", "cli"])
+    out = capsys.readouterr().out
+    assert "3 steps, batch 2 (1 worker(s) x 1 x 2 accumulation)" in out
+    assert "implicit acc" in out and "pytorch_lora_weights.safetensors" in out
+    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
+    summary = json.loads((tmp_path / "out" / "train_summary.json").read_text())
+    assert summary["steps"] == 3 and summary["config"]["lora_rank"] == 4
+
+
+def test_train_command_rejects_bad_settings(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--pairs", str(tmp_path), "--model", str(tmp_path), "--output", str(tmp_path / "o"), "--workers", "3"])
+    assert exc.value.code == 2
+    assert "batch_size 16 must be a multiple" in capsys.readouterr().err
