@@ -107,12 +107,14 @@ class SamplerServer:
 
     def _check(self, req: dict, image_path: Optional[str]) -> Optional[dict]:
         a = self._args
-        seeds = req.get("seeds") or [0]
+        seeds = [0] if req.get("seeds") is None else list(req["seeds"])
+        if not seeds:
+            return _error(422, "ValidationError", "Give at least one seed.")
         if len(seeds) > a.max_seeds:
             return _error(422, "ValidationError", f"At most {a.max_seeds} seeds per request.")
         if len(set(seeds)) != len(seeds):
             return _error(422, "ValidationError", "Seeds must be distinct.")
-        steps = req.get("steps") or a.default_steps
+        steps = a.default_steps if req.get("steps") is None else int(req["steps"])
         if not 1 <= steps <= a.max_steps:
             return _error(422, "ValidationError", f"steps must be between 1 and {a.max_steps}.")
         adapter = req.get("adapter")
@@ -150,7 +152,7 @@ class SamplerServer:
                 return _error(415, "NotAnImageError", "The uploaded 'image' is not an image this server can read.")
         a = self._args
         seeds = [int(s) for s in (req.get("seeds") or [0])]
-        steps = int(req.get("steps") or a.default_steps)
+        steps = a.default_steps if req.get("steps") is None else int(req["steps"])
         guidance = float(req["guidance"]) if req.get("guidance") is not None else a.default_guidance
         cfg = self._pipe.transformer.config
         vae_s = getattr(self._pipe, "vae_scale_factor_spatial", 8)

@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -51,17 +49,25 @@ def scorer_deployment_options(args: ScorerArgs) -> dict[str, Any]:
     return options
 
 
-def write_warmup_frames(folder: Path, n: int = 6, height: int = 64, width: int = 96) -> Path:
-    """A folder of `n` PNG frames: a random texture seen by a camera sliding right (a few px per frame)."""
+def warmup_clip(n: int = 8, height: int = 96, width: int = 128):
+    """(n, H, W, 3) uint8: a textured wall sliding 2 px per frame behind a box sliding 6 px per frame."""
+    import cv2
     import numpy as np
-    from PIL import Image
 
     rng = np.random.default_rng(0)
-    texture = (rng.random((height, width + 4 * n, 3)) * 255).astype(np.uint8)
-    folder.mkdir(parents=True, exist_ok=True)
+
+    def texture(h: int, w: int, cells: int):
+        t = cv2.resize(rng.random((cells, max(1, cells * w // h), 3)).astype(np.float32), (w, h), interpolation=cv2.INTER_CUBIC)
+        t = t + 0.3 * rng.random((h, w, 3)).astype(np.float32)
+        return (np.clip(t / 1.3, 0, 1) * 255).astype(np.uint8)
+
+    far, near = texture(height, width + 2 * n, 12), texture(height // 2, width // 3, 6)
+    frames = []
     for i in range(n):
-        Image.fromarray(texture[:, 4 * i : 4 * i + width]).save(folder / f"{i:04d}.png")
-    return folder
+        frame = far[:, 2 * i : 2 * i + width].copy()
+        frame[height // 4 : height // 4 + near.shape[0], 10 + 6 * i : 10 + 6 * i + near.shape[1]] = near
+        frames.append(frame)
+    return np.stack(frames)
 
 
 class ScorerServer:
@@ -76,27 +82,43 @@ class ScorerServer:
         self._consecutive_internal_errors = 0
         self._ready = False
         self._load_error: Optional[str] = None
-        from common.scoring import score_video  # import here: a replica that cannot import it fails to start
+        # Imported here: a replica that cannot import the core fails to start (and /readyz says so).
+        from common.scoring import score_video
 
         self._score_video = score_video
+        self._backends: dict[str, Any] = {}
+        self._load(self._default)
         if self._args.warmup:
             self._warmup()
         self._ready = True
 
     # -- start-up ---------------------------------------------------------------------------------
+    def _load(self, config: ScoreConfig):
+        """The geometry backend and the perceptual metric of `config`, built once per replica."""
+        from common.geometry import create_backend
+        from common.perceptual import create_metric
+        from common.scoring import _device
+
+        if config.backend not in self._backends:
+            t0 = time.perf_counter()
+            self._backends[config.backend] = create_backend(config.backend, config.weights)
+            create_metric(config.perceptual, config.lpips_weights, _device(config.device))  # cached by the core
+            logger.info("scorer loaded backend %s in %.1f s", config.backend, time.perf_counter() - t0)
+        return self._backends[config.backend]
+
     def _warmup(self) -> None:
-        """Load the backend and the perceptual metric now, so the first request pays no load time."""
+        """Run the scoring path once on a tiny clip, so the first request pays no set-up cost.
+
+        The clip is made in milliseconds (rendering a real scene costs seconds on a busy CPU);
+        whatever its verdict, decoding, the backend and the metric have run once.
+        """
         t0 = time.perf_counter()
-        tmp = Path(tempfile.mkdtemp(prefix="vgpa-warmup-"))
+        config = self._default.model_copy(update={"frames": 4, "max_side": 128, "recon_frames": 8})
         try:
-            frames = write_warmup_frames(tmp / "frames")
-            config = self._default.model_copy(update={"frames": 4, "max_side": 96, "recon_frames": 6})
-            result = self._score_video(frames, config)
+            result = self._score_video(warmup_clip(), config, backend=self._load(config))
             logger.info("scorer warm-up: %s in %.1f s", result.status, time.perf_counter() - t0)
-        except VideoGPAError as err:  # an input-level verdict on the warm-up clip still loaded the models
+        except VideoGPAError as err:
             logger.info("scorer warm-up input error (models loaded): %s", err)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     # -- requests ---------------------------------------------------------------------------------
     async def score(
@@ -119,10 +141,11 @@ class ScorerServer:
             return _error(504, "DeadlineExceeded", "The request's deadline passed before scoring started.")
         try:
             config = self._config_for(overrides)
+            backend = self._load(config)
         except VideoGPAError as err:
             return _error(err.http_status, type(err).__name__, str(err))
         try:
-            result = self._score_video(path, config, preview_dir=preview_dir)
+            result = self._score_video(path, config, backend=backend, preview_dir=preview_dir)
         except VideoGPAError as err:
             self._consecutive_internal_errors = 0
             return _error(err.http_status, type(err).__name__, str(err))

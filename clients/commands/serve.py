@@ -51,15 +51,10 @@ def run_self_check(url: str, token: Optional[str] = None) -> dict:
     """Score the demo video once through HTTP; returns the result (raises ServiceError on failure)."""
     from clients.http_client import VideoGPAClient
 
+    from common.synthetic import render_demo_video
+
     with tempfile.TemporaryDirectory(prefix="vgpa-selfcheck-") as tmp:
-        try:
-            from common.synthetic import render_demo_video
-
-            video = render_demo_video(Path(tmp) / "demo.mp4")
-        except ImportError:  # the synthetic renderer is absent: a tiny image sequence still exercises the path
-            from services.scorer import write_warmup_frames
-
-            video = write_warmup_frames(Path(tmp) / "frames", n=12, height=96, width=144)
+        video = render_demo_video(Path(tmp) / "demo.mp4")
         with VideoGPAClient(url, token=token, retries=3) as client:
             return client.score(video)
 

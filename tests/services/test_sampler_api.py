@@ -1,0 +1,180 @@
+"""The sampler deployment (tiny random CogVideoX saved with save_pretrained, a LoRA adapter in the
+trainer's export format) and bearer-token auth, on the real Serve app. One deployment."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytest.importorskip("ray.serve")
+pytest.importorskip("diffusers")
+pytest.importorskip("common.scoring")
+
+from tests.services.conftest import deployed  # noqa: E402
+
+pytestmark = pytest.mark.ray
+
+APP = "vgpa-test-sampler"
+TOKEN = "test-token-5f2c"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    import torch
+
+    from common.tiny_cogvideox import save_tiny_cogvideox, tiny_transformer
+    from training.lora import add_lora, export_lora, lora_state_dict
+
+    root = tmp_path_factory.mktemp("sampler-models")
+    t2v = save_tiny_cogvideox(root / "t2v")
+    i2v = save_tiny_cogvideox(root / "i2v", i2v=True)
+    # An adapter that changes the output: B != 0 (a freshly added LoRA is a no-op).
+    transformer = add_lora(tiny_transformer(), rank=4, alpha=4)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in transformer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    adapter = export_lora(root / "lora-geo", lora_state_dict(transformer)).parent
+    return {"t2v": t2v, "i2v": i2v, "adapter": adapter}
+
+
+@pytest.fixture(scope="module")
+def url(serve_url, models, tmp_path_factory):
+    work = tmp_path_factory.mktemp("sampler-work")
+    (work / "token").write_text(TOKEN + "\n")
+    args = {
+        "work_dir": str(work),
+        "auth_token_file": str(work / "token"),
+        "scorer": {"score": {"frames": 4, "max_side": 240, "recon_frames": 8}, "num_replicas": 1, "warmup": False},
+        "sampler": {
+            "model_dir": str(models["t2v"]),
+            "adapters": {"geo": str(models["adapter"])},
+            "default_steps": 2,
+            "max_seeds": 4,
+            "graceful_shutdown_timeout_s": 60,
+        },
+    }
+    with deployed(args, APP, serve_url) as u:
+        yield u
+
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def sample(url: str, **body) -> httpx.Response:
+    return httpx.post(f"{url}/sample", json=body, headers=AUTH, timeout=300)
+
+
+class TestAuth:
+    def test_probes_are_open(self, url):
+        assert httpx.get(f"{url}/healthz").status_code == 200
+        assert httpx.get(f"{url}/readyz").json()["sampler"]["adapters"] == ["geo"]
+
+    @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}])
+    def test_401_without_the_token(self, url, headers):
+        for method, path in (("POST", "/score"), ("POST", "/sample"), ("GET", "/info"),
+                             ("GET", "/previews/" + "0" * 32 + "/a.png")):
+            r = httpx.request(method, f"{url}{path}", headers=headers, files={"video": ("a.mp4", b"x")} if method == "POST" else None)
+            assert r.status_code == 401, (path, r.status_code)
+            assert "Bearer" in r.json()["detail"]
+
+    def test_token_accepted(self, url):
+        assert httpx.get(f"{url}/info", headers=AUTH).json()["auth"] is True
+
+    def test_python_client_sends_the_token(self, url):
+        from clients.http_client import ServiceError, VideoGPAClient
+
+        with VideoGPAClient(url, token=TOKEN) as client:
+            assert client.info()["sampler"] is True
+        with VideoGPAClient(url, token="nope", retries=0) as client, pytest.raises(ServiceError) as err:
+            client.info()
+        assert err.value.http_status == 401
+
+
+class TestSampling:
+    def test_seeds_give_videos_latents_and_embeddings(self, url, tmp_path):
+        import av
+        import torch
+
+        from common.tiny_cogvideox import HEIGHT, LATENT_CHANNELS, LATENT_FRAMES, LATENT_HEIGHT, NUM_FRAMES, TEXT_EMBED_DIM, TEXT_SEQ_LEN, WIDTH
+        from clients.http_client import VideoGPAClient
+
+        r = sample(url, prompt="a red cube orbit", seeds=[3, 7])
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert [s["seed"] for s in body["samples"]] == [3, 7] and body["adapter"] is None
+        with VideoGPAClient(url, token=TOKEN) as client:
+            item = body["samples"][0]
+            mp4 = client.download(item["video_url"], tmp_path / "v.mp4")
+            lat = torch.load(client.download(item["latents_url"], tmp_path / "l.pt"))
+            emb = torch.load(client.download(item["prompt_embeds_url"], tmp_path / "e.pt"))
+        with av.open(str(mp4)) as c:
+            frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+        assert len(frames) == NUM_FRAMES and frames[0].shape == (HEIGHT, WIDTH, 3)
+        assert lat.shape == (LATENT_FRAMES, LATENT_CHANNELS, LATENT_HEIGHT, LATENT_HEIGHT)
+        assert emb.shape == (TEXT_SEQ_LEN, TEXT_EMBED_DIM)
+        assert not item["video"].startswith("/"), "HTTP clients get references, not server paths"
+
+    def test_seed_determinism_and_adapter_switch(self, url):
+        import torch
+        from ray import serve
+
+        handle = serve.get_deployment_handle("Sampler", app_name=APP)
+
+        def latents(adapter):
+            out = handle.sample.remote({"prompt": "a blue sphere", "seeds": [5], "steps": 2, "adapter": adapter}).result(timeout_s=300)
+            path = Path(out["samples"][0]["latents"])  # inside the cluster: paths on shared storage
+            assert path.is_file() and Path(out["samples"][0]["video"]).is_file()
+            return torch.load(path)
+
+        base = latents(None)
+        geo = latents("geo")
+        again = latents(None)
+        assert torch.equal(base, again), "same seed, adapter off: identical"
+        assert not torch.allclose(base, geo), "the adapter changes the sample"
+
+    @pytest.mark.parametrize("body,status", [
+        ({"prompt": "x", "adapter": "unknown"}, 422),
+        ({"prompt": "x", "seeds": [0, 1, 2, 3, 4]}, 422),
+        ({"prompt": "x", "seeds": [1, 1]}, 422),
+        ({"prompt": "x", "steps": 0}, 422),
+        ({"prompt": "x", "frames": 10}, 422),
+        ({"prompt": ""}, 422),
+        ({"prompt": "x", "seeds": "abc"}, 422),
+    ])
+    def test_bad_requests(self, url, body, status):
+        r = sample(url, **body)
+        assert r.status_code == status, r.text
+        assert r.json()["detail"]
+
+    def test_image_to_t2v_model_is_422(self, url, tmp_path):
+        from PIL import Image
+
+        Image.new("RGB", (32, 32)).save(tmp_path / "first.png")
+        with open(tmp_path / "first.png", "rb") as f:
+            r = httpx.post(f"{url}/sample", headers=AUTH, data={"prompt": "x"}, files={"image": ("first.png", f)}, timeout=120)
+        assert r.status_code == 422 and "text-to-video" in r.json()["detail"]
+
+
+class TestImageToVideoServer:
+    """The same deployment class on an image-to-video folder, called directly (no Serve)."""
+
+    def test_first_frame_conditioning(self, models, tmp_path):
+        from PIL import Image
+
+        from services.sampler import SamplerServer
+
+        server = SamplerServer({"model_dir": str(models["i2v"]), "default_steps": 2}, str(tmp_path / "out"))
+        assert server.ready()["pipeline"] == "CogVideoXImageToVideoPipeline"
+        Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "first.png")
+        out = asyncio.run(server.sample({"prompt": "a red cube", "seeds": [0]}, str(tmp_path / "first.png")))
+        assert Path(out["samples"][0]["video"]).is_file()
+        missing = asyncio.run(server.sample({"prompt": "a red cube"}, None))
+        assert missing["error"]["status"] == 422
+        (tmp_path / "bad.png").write_bytes(b"not an image")
+        bad = asyncio.run(server.sample({"prompt": "a red cube"}, str(tmp_path / "bad.png")))
+        assert bad["error"]["status"] == 415

@@ -1,0 +1,64 @@
+"""`vgpa serve` end to end in a subprocess: embedded Ray, ready URL, self-check through HTTP, Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytest.importorskip("ray.serve")
+pytest.importorskip("common.scoring")
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_self_check_and_ctrl_c(tmp_path):
+    port = _free_port()
+    config = tmp_path / "service.yaml"
+    config.write_text(
+        "work_dir: {}\nscorer:\n  num_replicas: 1\n  score: {{frames: 4, max_side: 240, recon_frames: 8}}\n".format(tmp_path / "work")
+    )
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clients.cli", "serve", "--config", str(config), "--port", str(port), "--num-cpus", "4",
+         "--self-check"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    lines: list[str] = []
+    err_lines: list[str] = []
+    threading.Thread(target=lambda: err_lines.extend(proc.stderr), daemon=True).start()
+    try:
+        deadline = time.monotonic() + 480
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("Press Ctrl-C") or time.monotonic() > deadline:
+                break
+        out = "".join(lines)
+        assert f"serving at http://127.0.0.1:{port}" in out, out + "".join(err_lines[-30:])
+        assert "self-check: status=" in out, out
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert rc == 0, "".join(err_lines[-30:])
+    assert any("stopped." in line for line in err_lines)
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
