@@ -194,6 +194,7 @@ def dpo_step(
     timesteps: Optional[torch.Tensor] = None,
     noise: Optional[torch.Tensor] = None,
     forward: Optional[Callable] = None,
+    reference: Optional[torch.nn.Module] = None,
 ) -> DPOOutput:
     """One Diffusion-DPO forward: winners and losers in one batched call, policy then reference.
 
@@ -206,6 +207,8 @@ def dpo_step(
         generator: draws t ~ U{0..T-1} (B,) and e ~ N(0, 1) like the latents, shared by winner and loser.
         timesteps, noise: given explicitly instead of drawn (tests).
         forward: what to call for the forward pass (a DeepSpeed engine wrapping `model`); default `model`.
+        reference: a separate frozen reference model instead of `model` with adapters off. This is
+            what the paper's code does (a second copy of the weights); kept for the benchmark.
     Returns: `DPOOutput` whose loss carries gradients into the LoRA parameters only.
     """
     config = model.config
@@ -247,8 +250,12 @@ def dpo_step(
     # 4. Policy (LoRA on) with gradients, reference (LoRA off) without.
     forward = forward or model
     pred = forward(**kwargs)[0]
-    with torch.no_grad(), adapters_disabled(model):
-        ref_pred = forward(**kwargs)[0]
+    if reference is None:
+        with torch.no_grad(), adapters_disabled(model):
+            ref_pred = forward(**kwargs)[0]
+    else:
+        with torch.no_grad():
+            ref_pred = reference(**kwargs)[0]
     policy_err_w, policy_err_l = per_sample_mse(pred, target).chunk(2)
     ref_err_w, ref_err_l = per_sample_mse(ref_pred, target).chunk(2)
 

@@ -102,3 +102,26 @@ def test_train_command_rejects_bad_settings(tmp_path, capsys):
         main(["train", "--pairs", str(tmp_path), "--model", str(tmp_path), "--output", str(tmp_path / "o"), "--workers", "3"])
     assert exc.value.code == 2
     assert "batch_size 16 must be a multiple" in capsys.readouterr().err
+
+
+def test_cluster_job_files_are_valid(monkeypatch):
+    """cluster/train-rayjob.yaml's entrypoint parses with `vgpa train` and its config validates."""
+    import shlex
+    from pathlib import Path
+
+    import yaml
+
+    from clients.commands.train import load_train_config, train
+
+    root = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(root)  # the entrypoint's paths are relative to the job's working_dir
+    job = yaml.safe_load((root / "cluster" / "train-rayjob.yaml").read_text())
+    assert job["kind"] == "RayJob"
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:2] == ["vgpa", "train"]
+    ctx = train.make_context("train", argv[2:])
+    cfg = load_train_config(root / ctx.params["config_file"],
+                            {"num_workers": ctx.params["workers"], "gpus_per_worker": ctx.params["gpus_per_worker"]})
+    assert cfg.num_workers == 8 and cfg.grad_accum_steps == 2 and cfg.lora_rank == 64
+    gpu_group = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert gpu_group["replicas"] == cfg.num_workers

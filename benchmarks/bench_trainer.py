@@ -1,0 +1,150 @@
+"""Reference model for Diffusion-DPO: LoRA switched off (ours) vs a frozen copy of the transformer (paper code).
+
+Both run in this one process on the same inputs: one training step = policy forward + backward,
+reference forward, AdamW on the LoRA. Reports, for each approach and model size:
+  - step time (median of N steps after warm-up), and its ratio to the copy approach;
+  - parameter memory held for policy + reference (unique tensor storages), and its ratio to a
+    single model (the base transformer alone);
+  - on CUDA, also peak allocated memory over the steps.
+Targets (issue 4): parameter memory <= 1.1x a single model, step time <= 1.0x the copy approach.
+
+    .venv/bin/python benchmarks/bench_trainer.py [--steps 20] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import statistics
+import time
+
+import torch
+
+from common import tiny_cogvideox as tiny
+from training.dpo import dpo_step
+from training.lora import add_lora, lora_parameters
+
+SIZES = {
+    # name: (transformer kwargs, latent (F, C, h, w), text (L, D), lora rank)
+    "tiny": (dict(num_attention_heads=2, attention_head_dim=16, num_layers=1, time_embed_dim=4, text_embed_dim=32,
+                  in_channels=4, out_channels=4, sample_frames=9, sample_height=4, sample_width=4,
+                  max_text_seq_length=16), (3, 4, 4, 4), (16, 32), 4),
+    # a few million parameters: big enough that the GEMMs, not Python overhead, dominate on a CPU
+    "small": (dict(num_attention_heads=4, attention_head_dim=64, num_layers=4, time_embed_dim=64, text_embed_dim=128,
+                   in_channels=8, out_channels=8, sample_frames=9, sample_height=8, sample_width=8,
+                   max_text_seq_length=32), (3, 8, 8, 8), (32, 128), 16),
+}
+
+
+def param_bytes(*modules: torch.nn.Module) -> int:
+    """Bytes of the distinct parameter/buffer storages held by `modules` together."""
+    seen, total = set(), 0
+    for module in modules:
+        for t in list(module.parameters()) + list(module.buffers()):
+            key = t.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                total += t.untyped_storage().nbytes()
+    return total
+
+
+def build(size: str, device: str, seed: int = 0):
+    from diffusers import CogVideoXTransformer3DModel
+
+    kwargs, latent, text, rank = SIZES[size]
+    torch.manual_seed(seed)
+    base = CogVideoXTransformer3DModel(patch_size=2, use_rotary_positional_embeddings=True, **kwargs)
+    single = param_bytes(base)
+    policy = add_lora(base, rank=rank, alpha=2 * rank).to(device)
+    g = torch.Generator().manual_seed(seed)
+    batch = {
+        "winner_latents": torch.randn((2, *latent), generator=g),
+        "loser_latents": torch.randn((2, *latent), generator=g),
+        "prompt_embeds": torch.randn((2, *text), generator=g),
+    }
+    return policy, batch, single
+
+
+class Setup:
+    """One approach's model(s), optimizer and inputs; `step()` runs one full DPO training step."""
+
+    def __init__(self, approach: str, size: str, device: str):
+        self.approach, self.device = approach, device
+        self.policy, self.batch, self.single = build(size, device)
+        self.reference = None
+        if approach == "frozen copy":
+            # The paper's code: a second full transformer, frozen. Its LoRA is switched off, so it
+            # computes exactly the base model, as the reference must.
+            self.reference = copy.deepcopy(self.policy).requires_grad_(False).eval()
+            self.reference.disable_adapters()
+        self.optimizer = torch.optim.AdamW(lora_parameters(self.policy), lr=1e-3)
+        self.scheduler = tiny.tiny_scheduler()
+        self.times: list[float] = []
+        self.n = 0
+
+    def step(self, record: bool) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = dpo_step(self.policy, self.scheduler, self.batch, beta=500.0,
+                       generator=torch.Generator().manual_seed(self.n), reference=self.reference)
+        out.loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        self.n += 1
+        if record:
+            self.times.append(time.perf_counter() - start)
+
+    def held_mb(self) -> float:
+        return param_bytes(self.policy, *([self.reference] if self.reference is not None else [])) / 2**20
+
+
+def peak_cuda_mb(setup: Setup, steps: int) -> float:
+    """Peak allocated CUDA memory over a few steps of one approach, measured alone."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(steps):
+        setup.step(record=False)
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES))
+    args = parser.parse_args()
+    machine = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    print(f"DPO reference benchmark on {machine}, torch {torch.__version__}, median of {args.steps} steps, batch 2 pairs")
+    for size in args.sizes:
+        ours, paper = Setup("adapter off", size, args.device), Setup("frozen copy", size, args.device)
+        for i in range(args.steps + 3):  # interleaved, order alternating, so both see the same machine load
+            first, second = (ours, paper) if i % 2 == 0 else (paper, ours)
+            first.step(record=i >= 3)
+            second.step(record=i >= 3)
+        print(f"\n[{size}] single model (base transformer) parameters: {ours.single / 2**20:.2f} MB")
+        copy_ms = 1000 * statistics.median(paper.times)
+        peaks = {}
+        if args.device == "cuda":
+            # Only one approach's models on the GPU at a time for its peak.
+            for setup in (ours, paper):
+                peaks[setup.approach] = peak_cuda_mb(setup, 3)
+        for setup in (ours, paper):
+            ms = 1000 * statistics.median(setup.times)
+            line = (
+                f"  {setup.approach:<12} step {ms:8.2f} ms ({ms / copy_ms:.2f}x copy)"
+                f" | parameters {setup.held_mb():8.2f} MB ({setup.held_mb() / (setup.single / 2**20):.2f}x single model)"
+            )
+            if peaks:
+                line += f" | peak CUDA (both loaded) {peaks[setup.approach]:.1f} MB"
+            print(line)
+        ok_mem = ours.held_mb() / (ours.single / 2**20) <= 1.1
+        ok_time = statistics.median(ours.times) <= statistics.median(paper.times)
+        print(f"  targets: parameters <= 1.1x single: {'met' if ok_mem else 'MISSED'}; "
+              f"step time <= 1.0x copy: {'met' if ok_time else 'MISSED'}")
+
+if __name__ == "__main__":
+    main()
