@@ -181,6 +181,27 @@ def score_overrides(fields: dict[str, str]) -> dict[str, Any]:
     return out
 
 
+def sample_request(fields: dict[str, str]) -> dict:
+    """Typed sampler request from form/JSON fields (the sampler validates ranges against its config)."""
+    prompt = (fields.get("prompt") or "").strip()
+    if not prompt:
+        raise ApiError(422, "ValidationError", "Field 'prompt' is required.")
+    req: dict[str, Any] = {"prompt": prompt, "negative_prompt": fields.get("negative_prompt") or ""}
+    seeds_raw = (fields.get("seeds") or "").strip()
+    if seeds_raw:
+        text = seeds_raw.strip("[]")
+        req["seeds"] = [_parse_number("seeds", s, int) for s in text.split(",") if s.strip()]
+    elif fields.get("num_seeds"):
+        req["seeds"] = list(range(_parse_number("num_seeds", fields["num_seeds"], int)))
+    for name, kind in (("steps", int), ("frames", int), ("height", int), ("width", int), ("guidance", float)):
+        raw = fields.get(name)
+        if raw is not None and str(raw).strip():
+            req[name] = _parse_number(name, str(raw), kind)
+    adapter = (fields.get("adapter") or "").strip()
+    req["adapter"] = adapter or None
+    return req
+
+
 @serve.deployment(name="Ingress")
 @serve.ingress(app)
 class Ingress:
@@ -263,6 +284,9 @@ class Ingress:
         except (RayActorError, RequestCancelledError) as err:
             logger.warning("%s replica failed mid-request: %s", what, type(err).__name__)
             raise ApiError(503, "ReplicaFailed", f"A {what.lower()} replica failed while working on this request; retry.", retry) from None
+        except Exception as err:  # anything else from the deployment: a 500 that names it, the ingress lives on
+            logger.exception("%s failed", what)
+            raise ApiError(500, "InternalError", f"{what} failed ({type(err).__name__}).") from None
 
     def _previews_to_urls(self, result: dict, request_id: str) -> dict:
         folder = (self._previews / request_id).resolve()
@@ -319,7 +343,8 @@ class Ingress:
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/info", summary="What this service offers: limits, default scorer settings, sampler, auth.")
-    async def info(self) -> dict:
+    async def info(self, request: Request) -> dict:
+        self._check_auth(request)
         scorer = self._args.scorer
         return {
             "max_upload_mb": self._args.max_upload_mb,
@@ -453,24 +478,3 @@ class Ingress:
             raise ApiError(404, "NotFound", "No such sample file.")
         media = "video/mp4" if name.endswith(".mp4") else "application/octet-stream"
         return FileResponse(path, media_type=media)
-
-
-def sample_request(fields: dict[str, str]) -> dict:
-    """Typed sampler request from form/JSON fields (the sampler validates ranges against its config)."""
-    prompt = (fields.get("prompt") or "").strip()
-    if not prompt:
-        raise ApiError(422, "ValidationError", "Field 'prompt' is required.")
-    req: dict[str, Any] = {"prompt": prompt, "negative_prompt": fields.get("negative_prompt") or ""}
-    seeds_raw = (fields.get("seeds") or "").strip()
-    if seeds_raw:
-        text = seeds_raw.strip("[]")
-        req["seeds"] = [_parse_number("seeds", s, int) for s in text.split(",") if s.strip()]
-    elif fields.get("num_seeds"):
-        req["seeds"] = list(range(_parse_number("num_seeds", fields["num_seeds"], int)))
-    for name, kind in (("steps", int), ("frames", int), ("height", int), ("width", int), ("guidance", float)):
-        raw = fields.get(name)
-        if raw is not None and str(raw).strip():
-            req[name] = _parse_number(name, str(raw), kind)
-    adapter = (fields.get("adapter") or "").strip()
-    req["adapter"] = adapter or None
-    return req

@@ -74,7 +74,7 @@ class SamplerServer:
             dtype = "bfloat16" if device.startswith("cuda") else "float32"
         self._device = torch.device(device)
         t0 = time.perf_counter()
-        pipe = DiffusionPipeline.from_pretrained(str(model_dir), torch_dtype=getattr(torch, dtype), local_files_only=True)
+        pipe = DiffusionPipeline.from_pretrained(str(model_dir), dtype=getattr(torch, dtype), local_files_only=True)
         self._pipe = pipe.to(self._device)
         self._pipe.set_progress_bar_config(disable=True)
         self._i2v = "ImageToVideo" in type(pipe).__name__
@@ -103,7 +103,16 @@ class SamplerServer:
         "timings_s"} with absolute paths, or {"error": {...}} for a bad request.
         """
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self._sample_sync, request, image_path)
+        return await loop.run_in_executor(self._pool, self._sample_guarded, request, image_path)
+
+    def _sample_guarded(self, request: dict, image_path: Optional[str]) -> dict:
+        try:
+            return self._sample_sync(request, image_path)
+        except MemoryError:
+            return _error(413, "InputTooLargeError", "The request needs more memory than this replica has.")
+        except Exception as err:  # a bug or a broken replica: the request fails, the replica lives
+            logger.exception("internal error while sampling")
+            return _error(500, "InternalError", f"Internal error while sampling ({type(err).__name__}: {err}).")
 
     def _check(self, req: dict, image_path: Optional[str]) -> Optional[dict]:
         a = self._args

@@ -47,14 +47,15 @@ def load_config_file(path: Path) -> tuple[dict, dict]:
     return apps[0].get("args") or {}, data.get("http_options") or {}
 
 
-def run_self_check(url: str, token: Optional[str] = None) -> dict:
-    """Score the demo video once through HTTP; returns the result (raises ServiceError on failure)."""
+def run_self_check(url: str, token: Optional[str] = None, video: Optional[Path] = None) -> dict:
+    """Score `video` (default: the rendered demo video) once through HTTP; raises ServiceError on failure."""
     from clients.http_client import VideoGPAClient
 
-    from common.synthetic import render_demo_video
-
     with tempfile.TemporaryDirectory(prefix="vgpa-selfcheck-") as tmp:
-        video = render_demo_video(Path(tmp) / "demo.mp4")
+        if video is None:
+            from common.synthetic import render_demo_video
+
+            video = render_demo_video(Path(tmp) / "demo.mp4")
         with VideoGPAClient(url, token=token, retries=3) as client:
             return client.score(video)
 
@@ -69,9 +70,11 @@ def run_self_check(url: str, token: Optional[str] = None) -> dict:
 @click.option("--sampler-model", default=None, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="A local diffusers CogVideoX folder: also serve POST /sample.")
 @click.option("--self-check", is_flag=True, help="Once ready, score the demo video through HTTP and print the result.")
+@click.option("--check-video", default=None, type=click.Path(exists=True, path_type=Path),
+              help="Video for --self-check (default: render the demo video).")
 @click.option("--exit-after-check", is_flag=True, hidden=True, help="Stop after the self-check (for tests).")
 def serve(config_file: Optional[Path], host: Optional[str], port: Optional[int], address: Optional[str],
-          num_cpus: Optional[int], sampler_model: Optional[Path], self_check: bool, exit_after_check: bool) -> None:
+          num_cpus: Optional[int], sampler_model: Optional[Path], self_check: bool, check_video: Optional[Path], exit_after_check: bool) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from pydantic import ValidationError
@@ -125,7 +128,7 @@ def serve(config_file: Optional[Path], host: Optional[str], port: Optional[int],
         click.echo(f"videogpa is serving at {url}  (docs: {url}/docs, ready after {time.perf_counter() - t0:.1f} s)")
         if self_check:
             try:
-                result = run_self_check(url, cfg.auth_token())
+                result = run_self_check(url, cfg.auth_token(), check_video)
                 click.echo(f"self-check: status={result['status']} score={result.get('score')} "
                            f"reason={result.get('reason')} metric={result.get('metric_id')}")
             except ServiceError as err:

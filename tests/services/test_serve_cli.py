@@ -26,7 +26,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_serve_self_check_and_ctrl_c(tmp_path):
+def test_serve_self_check_and_ctrl_c(tmp_path, videos):
     port = _free_port()
     config = tmp_path / "service.yaml"
     config.write_text(
@@ -36,7 +36,7 @@ def test_serve_self_check_and_ctrl_c(tmp_path):
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "clients.cli", "serve", "--config", str(config), "--port", str(port), "--num-cpus", "4",
-         "--self-check"],
+         "--self-check", "--check-video", str(videos["good"])],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     lines: list[str] = []
