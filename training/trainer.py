@@ -187,11 +187,14 @@ def _average_over_ranks(metrics: dict[str, float], device) -> dict[str, float]:
     return dict(zip(keys, values.tolist()))
 
 
-def _lora_rank_spread(params: list[torch.Tensor], device) -> float:
-    """max |w_rank - w_other| over all LoRA weights and ranks (0.0 when every rank holds the same LoRA)."""
+def _lora_rank_spread(tensors: list[torch.Tensor], device) -> float:
+    """max |w_rank - w_other| over all LoRA weights and ranks (0.0 when every rank holds the same LoRA).
+
+    `tensors` must be whole weights (under ZeRO-3, gathered ones: see `_lora_weights`).
+    """
     import torch.distributed as dist
 
-    flat = torch.cat([p.detach().float().flatten() for p in params]).to(device)
+    flat = torch.cat([t.detach().float().flatten() for t in tensors]).to(device)
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return 0.0
     high, low = flat.clone(), flat.clone()
@@ -265,7 +268,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # Every rank writes its own ZeRO optimizer partition; Ray merges them into one checkpoint folder.
         with tempfile.TemporaryDirectory() as tmp:
             engine.save_checkpoint(tmp, tag=DEEPSPEED_TAG, exclude_frozen_parameters=True, save_latest=False)
-            state = lora_state_dict(model) if cfg.zero_stage == 2 else _gathered_lora(model)
+            state = _lora_weights(model, cfg.zero_stage)
             if rank == 0:
                 export_lora(Path(tmp) / "lora", state, i2v=index.i2v)
                 (Path(tmp) / CHECKPOINT_STATE).write_text(
@@ -308,16 +311,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
         done = step + 1 == cfg.max_steps
         if (step + 1) % cfg.checkpoint_every == 0 or done:
             if done:
-                metrics["lora_rank_spread"] = _lora_rank_spread(lora_parameters(model), device)
+                metrics["lora_rank_spread"] = _lora_rank_spread(list(_lora_weights(model, cfg.zero_stage).values()), device)
             report(step + 1, metrics, final=done)
 
     if start_step >= cfg.max_steps:  # re-launched after the end: report the final state again
-        metrics = {"step": start_step, "lora_rank_spread": _lora_rank_spread(lora_parameters(model), device)}
+        spread = _lora_rank_spread(list(_lora_weights(model, cfg.zero_stage).values()), device)
+        metrics = {"step": start_step, "lora_rank_spread": spread}
         report(start_step, metrics, final=True)
 
 
-def _gathered_lora(model) -> dict[str, torch.Tensor]:
-    """ZeRO-3 partitions parameters: gather the LoRA weights on every rank before reading them."""
+def _lora_weights(model, zero_stage: int) -> dict[str, torch.Tensor]:
+    """The whole LoRA weights on this rank (CPU copies). ZeRO-3 partitions parameters: gather them first."""
+    if zero_stage < 3:
+        return lora_state_dict(model)
     import deepspeed
 
     with deepspeed.zero.GatheredParameters(lora_parameters(model), modifier_rank=None):
