@@ -1,0 +1,40 @@
+"""`vgpa demo`: render the demo scene, score it clean and corrupted, print both results."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import click
+
+from clients.commands.score import StageProgress, format_result
+
+
+@click.command(help="Render a synthetic scene, score a clean and a corrupted video of it, print both.")
+@click.option("--out", type=click.Path(path_type=Path), help="Keep the videos and previews in this folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with both results.")
+def demo(out, as_json):
+    from common.scoring import score_video
+    from common.synthetic import render_demo_video
+
+    folder = out or Path(tempfile.mkdtemp(prefix="vgpa-demo-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for name, corrupted in (("clean", False), ("corrupted", True)):
+        video = render_demo_video(folder / f"demo_{name}.mp4", corrupted=corrupted)
+        progress = StageProgress(video.name)
+        results[name] = score_video(video, preview_dir=folder / f"previews_{name}", progress=progress).to_json_dict()
+        progress("done")
+    clean, corrupted = results["clean"]["score"], results["corrupted"]["score"]
+    better = clean is not None and corrupted is not None and clean < corrupted
+    if as_json:
+        click.echo(json.dumps({"folder": str(folder), "clean_is_better": better, **results}))
+        return
+    for name, result in results.items():
+        click.echo(format_result(f"demo_{name}.mp4", result) + "\n")
+    click.echo(f"clean scores lower (more 3D-consistent) than corrupted: {'yes' if better else 'NO'}")
+    click.echo(f"videos and previews: {folder}")
+
+
+COMMANDS = [demo]

@@ -1,0 +1,110 @@
+"""`vgpa score`: score one video locally, or through a running service with --url."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+from pydantic import ValidationError
+
+from common.config import ScoreConfig
+from common.errors import ConfigError
+from common.result import ScoreResult
+
+
+def config_from_options(**options) -> ScoreConfig:
+    """A ScoreConfig from the options the user gave (None = default); invalid values are a ConfigError."""
+    given = {k: v for k, v in options.items() if v is not None}
+    try:
+        return ScoreConfig(**given)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "settings"
+        raise ConfigError(f"invalid {field}: {first['msg']}") from None
+
+
+class StageProgress:
+    """Prints each stage to stderr as it starts, with the time the previous one took."""
+
+    def __init__(self, label: str) -> None:
+        self.label, self.last, self.started = label, None, time.perf_counter()
+
+    def __call__(self, stage: str) -> None:
+        now = time.perf_counter()
+        if self.last is not None:
+            click.echo(f"  {self.last} {now - self.started:.1f}s", err=True)
+        self.last, self.started = stage, now
+        click.echo(f"[vgpa] {self.label}: {stage}...", err=True)
+
+
+def format_result(name: str, result: dict) -> str:
+    """The short human table of a score result (a ScoreResult as JSON dict)."""
+    lines = []
+    if result["status"] == "ok":
+        lines.append(
+            f"{name}: ok  score {result['score']:.4f}  "
+            f"(mse {result['mse']:.4f} + {result['lambda']:g} x {result['perceptual_metric']} {result['perceptual']:.4f})"
+        )
+    else:
+        lines.append(f"{name}: UNSCORABLE  {result['reason']}")
+    lines.append(f"  metric    {result['metric_id']}")
+    coverage = f"{result['coverage']:.2f}" if result.get("coverage") is not None else "-"
+    motion = f"{result['motion']:.4f}" if result.get("motion") is not None else "-"
+    lines.append(
+        f"  frames    {result['frames']} scored, {result['registered_frames']} registered, "
+        f"coverage {coverage}, camera motion {motion}"
+    )
+    lines.append(f"  {'frame':>7} {'mse':>8} {result['perceptual_metric']:>10} {'coverage':>9}  ok")
+    for row in result["per_frame"]:
+        mse = f"{row['mse']:.4f}" if row["mse"] is not None else "-"
+        perc = f"{row['perceptual']:.4f}" if row["perceptual"] is not None else "-"
+        flag = "yes" if row["ok"] else ("not registered" if not row["registered"] else "low coverage")
+        lines.append(f"  {row['index']:>7} {mse:>8} {perc:>10} {row['coverage']:>9.2f}  {flag}")
+    timings = ", ".join(f"{k} {v:.2f}s" for k, v in result["timings_s"].items() if "." not in k)
+    lines.append(f"  time      {timings}")
+    if result.get("previews"):
+        lines.append(f"  previews  {Path(result['previews'][0]).parent}")
+    return "\n".join(lines)
+
+
+@click.command(help="Score a video's 3D consistency (lower is better). PATH: a video file, a folder of ordered images or a zip of them.")
+@click.argument("path")
+@click.option("--frames", type=int, help="Frames sampled uniformly and scored (T, default 10).")
+@click.option("--backend", help="Geometry backend (default colmap-flow).")
+@click.option("--weights", type=click.Path(path_type=Path), help="Local weights for a learned backend.")
+@click.option("--max-side", type=int, help="Resize so the long side is at most this many pixels (default 720).")
+@click.option("--lambda", "lambda_", type=float, help="Weight of the perceptual term (default 1.0).")
+@click.option("--perceptual", type=click.Choice(["auto", "lpips-vgg", "lpips-alex", "dssim"]), help="Perceptual metric.")
+@click.option("--device", help="auto, cpu or cuda.")
+@click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
+@click.option("--preview", type=click.Path(path_type=Path), help="Write original | reprojection | error PNGs here.")
+@click.option("--url", help="Score through a running service (http://HOST:PORT) instead of locally.")
+@click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
+def score(path, frames, backend, weights, max_side, lambda_, perceptual, device, as_json, preview, url, quiet):
+    options = dict(frames=frames, backend=backend, weights=weights, max_side=max_side, perceptual=perceptual, device=device)
+    options["lambda"] = lambda_
+    if url:
+        try:
+            from clients.http_client import score_via_http
+        except ModuleNotFoundError:
+            raise click.ClickException("scoring through a service needs the HTTP client (clients/http_client.py)")
+        form = {k: v for k, v in options.items() if v is not None and k in ("frames", "backend", "max_side", "lambda")}
+        result = score_via_http(url, path, preview=bool(preview), **form)
+    else:
+        from common.scoring import score_video
+
+        config = config_from_options(**options)
+        progress = None if quiet else StageProgress(Path(path).name)
+        result = score_video(path, config, preview_dir=preview, progress=progress).to_json_dict()
+        if progress:
+            progress("done")
+    if as_json:
+        sys.stdout.write(json.dumps(result) + "\n")
+    else:
+        click.echo(format_result(Path(path).name, result))
+
+
+COMMANDS = [score]

@@ -1,0 +1,73 @@
+"""The one interface every geometry backend implements: frames in, depth + cameras out."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from common.errors import VideoGPAError
+
+
+class ReconstructionFailed(VideoGPAError):
+    """The backend could not reconstruct the video. Scoring turns this into an `unscorable` verdict."""
+
+    http_status = 200
+
+
+@dataclass
+class SceneGeometry:
+    """Geometry of the T scored frames, in the convention of `common.camera`.
+
+    depth: (T, H, W) camera z, 0 where unknown.
+    confidence: (T, H, W) in [0, 1]; pixels below the scorer's threshold are not lifted to 3D.
+    K: (T, 3, 3) intrinsics in pixels of the (H, W) frames.
+    world_to_cam: (T, 4, 4) OpenCV world-to-camera.
+    registered: (T,) bool; False where the backend found no camera (its depth is then all 0).
+    timings_s: seconds per internal stage, merged into the score's timings.
+    """
+
+    depth: Tensor
+    confidence: Tensor
+    K: Tensor
+    world_to_cam: Tensor
+    registered: Tensor
+    timings_s: dict | None = None
+
+    def __post_init__(self) -> None:
+        T, H, W = self.depth.shape
+        expected = {"confidence": (T, H, W), "K": (T, 3, 3), "world_to_cam": (T, 4, 4), "registered": (T,)}
+        for name, shape in expected.items():
+            got = tuple(getattr(self, name).shape)
+            if got != shape:
+                raise ValueError(f"SceneGeometry.{name} must be {shape}, got {got}")
+        if self.registered.dtype != torch.bool:
+            raise ValueError("SceneGeometry.registered must be bool")
+
+
+class GeometryBackend(ABC):
+    """Reconstructs the scored frames of a video.
+
+    A backend may use more frames than it is asked to score: `frames` holds every decoded frame
+    made available (a dense subset of the video) and `scored` says which of them are scored.
+    """
+
+    #: Short, stable name; part of a score's metric_id.
+    name: str = "abstract"
+
+    @abstractmethod
+    def reconstruct(self, frames: Tensor, scored: Sequence[int], video_indices: Sequence[int]) -> SceneGeometry:
+        """Geometry of the scored frames.
+
+        Args:
+            frames: (M, H, W, 3) uint8 RGB, in temporal order.
+            scored: T positions into `frames` of the frames to return geometry for.
+            video_indices: (M,) index of each frame in the original video (a backend with ground
+                truth, like the oracle, uses it to look its answers up).
+
+        Raises:
+            ReconstructionFailed: with a reason a person understands.
+        """

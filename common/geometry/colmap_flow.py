@@ -1,0 +1,241 @@
+"""The default, weight-free backend: pycolmap structure-from-motion + depth from triangulated optical flow.
+
+1. Cameras: SIFT features, sequential matching (with quadratic overlap for longer-range pairs)
+   and incremental mapping over a dense subset of the video, one shared pinhole camera. When the
+   fast settings leave a scored frame unregistered, a thorough pass (finer SIFT, more features,
+   exhaustive matching) runs once.
+2. Depth: dense DIS optical flow from each scored frame to two registered neighbours (one on
+   each side in time, far enough for a usable triangulation angle), triangulated with the
+   recovered cameras. A pixel's depth from one neighbour is kept when it passes a
+   forward-backward flow check, lies in front of both cameras and has at least
+   `min_angle_deg` of triangulation angle; estimates are fused by their median, and the
+   confidence is the fraction of neighbours that gave one.
+
+COLMAP's cameras are OpenCV cameras with world-to-camera `cam_from_world`, the convention of
+`common.camera`; intrinsics are in pixels of the frames as written, which are the scored frames.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import cv2  # must be imported before pycolmap: both bundle libpng, and the other order crashes cv2.imwrite
+import numpy as np
+import pycolmap
+import torch
+from torch import Tensor
+
+from common.camera import camera_centers
+from common.geometry.base import GeometryBackend, ReconstructionFailed, SceneGeometry
+
+pycolmap.logging.minloglevel = 2  # errors only: COLMAP's INFO lines would drown the CLI's output
+
+
+@dataclass(frozen=True)
+class SfmSettings:
+    first_octave: int | None  # -1 upsamples first: many more features, 4x slower; None: -1 for small frames
+    max_features: int
+    exhaustive: bool
+    overlap: int = 10
+
+
+FAST = SfmSettings(first_octave=None, max_features=4096, exhaustive=False)
+_SMALL_FRAME_SIDE = 540  # px: below this SIFT needs the upsampled octave to find enough features
+THOROUGH = SfmSettings(first_octave=-1, max_features=8192, exhaustive=True)
+
+
+@dataclass
+class Cameras:
+    K: np.ndarray  # (3, 3) shared intrinsics
+    poses: dict[int, Tensor]  # frame position -> (4, 4) float64 world-to-camera, registered frames only
+    scene_depth: dict[int, float]  # frame position -> median depth of its SfM points (picks neighbours)
+
+
+class ColmapFlowBackend(GeometryBackend):
+    """Weight-free geometry from pycolmap SfM and DIS optical-flow triangulation.
+
+    Args:
+        min_angle_deg: smallest triangulation angle (degrees) for a flow depth to count.
+        fb_tolerance: forward-backward flow tolerance as a fraction of the image's long side.
+        num_threads: threads for COLMAP (-1: all cores).
+    """
+
+    name = "colmap-flow"
+
+    def __init__(self, min_angle_deg: float = 1.0, fb_tolerance: float = 0.003, num_threads: int = -1) -> None:
+        self.min_angle_deg = min_angle_deg
+        self.fb_tolerance = fb_tolerance
+        self.num_threads = num_threads
+
+    def reconstruct(self, frames: Tensor, scored: Sequence[int], video_indices: Sequence[int]) -> SceneGeometry:
+        timings: dict[str, float] = {}
+        M, H, W, _ = frames.shape
+        start = time.perf_counter()
+        cameras = self._structure_from_motion(frames, FAST)
+        if not all(i in cameras.poses for i in scored):
+            thorough = self._structure_from_motion(frames, THOROUGH)
+            if sum(i in thorough.poses for i in scored) > sum(i in cameras.poses for i in scored):
+                cameras = thorough
+        timings["sfm"] = time.perf_counter() - start
+        K, world_to_cam, registered_set = cameras.K, cameras.poses, set(cameras.poses)
+        if not registered_set:
+            raise ReconstructionFailed("structure-from-motion found no consistent cameras (static camera, no parallax or no texture?)")
+
+        start = time.perf_counter()
+        gray = [cv2.cvtColor(f.numpy(), cv2.COLOR_RGB2GRAY) for f in frames]
+        T = len(scored)
+        depth = torch.zeros(T, H, W)
+        confidence = torch.zeros(T, H, W)
+        registered = torch.tensor([i in registered_set for i in scored])
+        poses = torch.eye(4, dtype=torch.float64).repeat(T, 1, 1)
+        flows: dict[tuple[int, int], np.ndarray] = {}
+        dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)  # per call: not thread-safe
+        for t, i in enumerate(scored):
+            if i not in registered_set:
+                continue
+            poses[t] = world_to_cam[i]
+            neighbours = self._neighbours(i, registered_set, world_to_cam, cameras.scene_depth)
+            estimates = []
+            for j in neighbours:
+                for key in ((i, j), (j, i)):
+                    if key not in flows:
+                        flows[key] = dis.calc(gray[key[0]], gray[key[1]], None)
+                estimates.append(self._triangulate(flows[(i, j)], flows[(j, i)], K, world_to_cam[i], world_to_cam[j]))
+            if estimates:
+                stack = torch.from_numpy(np.stack(estimates))  # (n, H, W), NaN where invalid
+                valid = ~torch.isnan(stack)
+                depth[t] = torch.nan_to_num(stack.nanmedian(dim=0).values, nan=0.0).float()
+                confidence[t] = valid.float().sum(0) / max(len(neighbours), 2)
+        timings["flow_depth"] = time.perf_counter() - start
+        return SceneGeometry(
+            depth=depth,
+            confidence=confidence,
+            K=torch.from_numpy(K).expand(T, 3, 3).clone(),
+            world_to_cam=poses,
+            registered=registered,
+            timings_s=timings,
+        )
+
+    # --- 1. cameras -----------------------------------------------------------------------------
+
+    def _structure_from_motion(self, frames: Tensor, settings: SfmSettings) -> "Cameras":
+        with tempfile.TemporaryDirectory(prefix="vgpa-sfm-") as tmp:
+            tmp = Path(tmp)
+            images = tmp / "images"
+            images.mkdir()
+            for i, frame in enumerate(frames.numpy()):
+                # BMP: no compression library involved, the fastest round trip to COLMAP's reader.
+                cv2.imwrite(str(images / f"{i:06d}.bmp"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+            database = tmp / "database.db"
+            extraction = pycolmap.FeatureExtractionOptions()
+            first_octave = settings.first_octave
+            if first_octave is None:
+                first_octave = -1 if max(frames.shape[1:3]) <= _SMALL_FRAME_SIDE else 0
+            extraction.sift.first_octave = first_octave
+            extraction.sift.max_num_features = settings.max_features
+            extraction.num_threads = self.num_threads
+            pycolmap.extract_features(
+                database,
+                images,
+                camera_mode=pycolmap.CameraMode.SINGLE,
+                reader_options=pycolmap.ImageReaderOptions(camera_model="SIMPLE_PINHOLE"),
+                extraction_options=extraction,
+                device=pycolmap.Device.cpu,
+            )
+            if settings.exhaustive:
+                pycolmap.match_exhaustive(database, device=pycolmap.Device.cpu)
+            else:
+                pairing = pycolmap.SequentialPairingOptions(overlap=settings.overlap, quadratic_overlap=True)
+                pycolmap.match_sequential(database, pairing_options=pairing, device=pycolmap.Device.cpu)
+            mapping = pycolmap.IncrementalPipelineOptions()
+            mapping.min_model_size = 3
+            mapping.max_num_models = 3
+            mapping.random_seed = 0  # the same video gives the same cameras
+            mapping.extract_colors = False
+            mapping.num_threads = self.num_threads
+            models = pycolmap.incremental_mapping(database, images, tmp, mapping)
+        if not models:
+            return Cameras(np.eye(3), {}, {})
+        model = max(models.values(), key=lambda m: m.num_reg_images())
+        camera = next(iter(model.cameras.values()))
+        poses = {}
+        for image in model.images.values():
+            if not image.has_pose:
+                continue
+            pose = image.cam_from_world() if callable(image.cam_from_world) else image.cam_from_world
+            poses[int(Path(image.name).stem)] = torch.from_numpy(np.vstack([pose.matrix(), [0, 0, 0, 1]]))
+        return Cameras(camera.calibration_matrix(), poses, _median_point_depths(model))
+
+    # --- 2. depth -------------------------------------------------------------------------------
+
+    def _neighbours(self, i: int, registered: set[int], poses: dict, cameras_depth: dict) -> list[int]:
+        """The closest registered frame on each side whose baseline gives ~min_angle of parallax."""
+        depth = cameras_depth.get(i, 1.0)
+        centre = camera_centers(poses[i][None])[0]
+        chosen = []
+        for side in (-1, 1):
+            candidates = sorted((j for j in registered if (j - i) * side > 0), key=lambda j: abs(j - i))
+            pick = None
+            for j in candidates:
+                pick = j
+                baseline = float((camera_centers(poses[j][None])[0] - centre).norm())
+                if math.degrees(math.atan2(baseline, depth)) >= 2 * self.min_angle_deg:
+                    break
+            if pick is not None:
+                chosen.append(pick)
+        if len(chosen) < 2:  # at an end of the video: take a second one from the side that has frames
+            others = sorted((j for j in registered if j != i and j not in chosen), key=lambda j: abs(j - i))
+            for j in others[: 2 - len(chosen)]:
+                chosen.append(j)
+        return chosen
+
+    def _triangulate(self, flow_ij: np.ndarray, flow_ji: np.ndarray, K: np.ndarray, pose_i: Tensor, pose_j: Tensor) -> np.ndarray:
+        """Depth (H, W) of frame i from its flow to frame j; NaN where a check fails."""
+        H, W = flow_ij.shape[:2]
+        v, u = np.mgrid[0:H, 0:W].astype(np.float32)
+        u2, v2 = u + flow_ij[..., 0], v + flow_ij[..., 1]
+        back = cv2.remap(flow_ji, u2, v2, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=np.nan)
+        fb_error = np.linalg.norm(flow_ij + back, axis=-1)
+        consistent = fb_error < self.fb_tolerance * max(H, W)
+        consistent &= (u2 >= 0) & (u2 <= W - 1) & (v2 >= 0) & (v2 <= H - 1)
+
+        K_inv = np.linalg.inv(K)
+        Pi, Pj = pose_i.numpy(), pose_j.numpy()
+        Ri, Rj = Pi[:3, :3], Pj[:3, :3]
+        Ci, Cj = -Ri.T @ Pi[:3, 3], -Rj.T @ Pj[:3, 3]
+        ones = np.ones_like(u)
+        # World directions with camera z = 1, so the ray parameter is the camera depth.
+        di = np.stack([u, v, ones], -1) @ (Ri.T @ K_inv).T
+        dj = np.stack([u2, v2, ones], -1) @ (Rj.T @ K_inv).T
+        w0 = Ci - Cj
+        a, b, c = (di * di).sum(-1), (di * dj).sum(-1), (dj * dj).sum(-1)
+        d, e = di @ w0, dj @ w0
+        denom = a * c - b * b
+        with np.errstate(divide="ignore", invalid="ignore"):
+            s = (b * e - c * d) / denom  # depth in frame i
+            t = (a * e - b * d) / denom  # depth in frame j
+            midpoint = 0.5 * ((Ci + s[..., None] * di) + (Cj + t[..., None] * dj))
+            ray_i, ray_j = midpoint - Ci, midpoint - Cj
+            cos_angle = (ray_i * ray_j).sum(-1) / (np.linalg.norm(ray_i, axis=-1) * np.linalg.norm(ray_j, axis=-1))
+        angle_ok = cos_angle < math.cos(math.radians(self.min_angle_deg))
+        depth_i = (midpoint - Ci) @ Ri[2]  # camera z of the midpoint in frame i
+        valid = consistent & angle_ok & (s > 0) & (t > 0) & (depth_i > 0) & np.isfinite(depth_i)
+        return np.where(valid, depth_i, np.nan).astype(np.float32)
+
+
+def _median_point_depths(model) -> dict[int, float]:
+    depths = {}
+    for image in model.images.values():
+        if not image.has_pose:
+            continue
+        pose = image.cam_from_world() if callable(image.cam_from_world) else image.cam_from_world
+        xyz = [model.points3D[p.point3D_id].xyz for p in image.points2D if p.has_point3D()]
+        if xyz:
+            z = (np.asarray(xyz) @ pose.rotation.matrix().T + pose.translation)[:, 2]
+            depths[int(Path(image.name).stem)] = float(np.median(z))
+    return depths

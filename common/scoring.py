@@ -1,0 +1,291 @@
+"""`score_video`: the one score function that the CLI, the service and the mining job call.
+
+E = mean over scored frames of (MSE_t + lambda * P_t), on the pixels that the reprojected point
+cloud covers. Lower is more 3D-consistent.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from common.camera import camera_motion, unproject_depth
+from common.config import ScoreConfig
+from common.geometry import GeometryBackend, ReconstructionFailed, SceneGeometry, create_backend
+from common.perceptual import PerceptualMetric, create_metric
+from common.raster import rasterize_points
+from common.result import FrameScore, ScoreResult
+from common.video import VideoSource, load_video, to_float, uniform_indices
+
+Progress = Callable[[str], None]
+
+_backends: dict[tuple, GeometryBackend] = {}
+_backends_lock = threading.Lock()
+
+
+def score_video(
+    source: VideoSource,
+    config: Optional[ScoreConfig] = None,
+    *,
+    backend: Optional[GeometryBackend] = None,
+    preview_dir: Optional[str | Path] = None,
+    progress: Optional[Progress] = None,
+) -> ScoreResult:
+    """Score how 3D-consistent a video is.
+
+    Args:
+        source: a video file, a folder of ordered images, a zip of ordered images, or frames
+            (N, H, W, 3) uint8 / float in [0, 1].
+        config: settings (defaults: `ScoreConfig()`).
+        backend: a ready geometry backend (e.g. `OracleBackend`), instead of `config.backend`.
+        preview_dir: where to write one PNG per scored frame: original | reprojection | error.
+        progress: called with the name of each stage as it starts.
+
+    Returns:
+        A `ScoreResult`; `status` is "unscorable" (with a reason) for static or unreconstructable
+        videos, which is an answer and not an error.
+
+    Raises:
+        VideoGPAError subclasses for input that cannot be read or is over the limits.
+    """
+    config = config or ScoreConfig()
+    step = _Stages(progress)
+    device = _device(config.device)
+
+    # 1. Decode: the T scored frames plus a denser subset for structure-from-motion.
+    step("decode")
+    plan: dict[str, list[int]] = {}
+
+    def wanted(total: int) -> list[int]:
+        plan["scored"] = uniform_indices(total, config.frames)
+        plan["recon"] = sorted(set(uniform_indices(total, config.recon_frames)) | set(plan["scored"]))
+        return plan["recon"]
+
+    video = load_video(
+        source,
+        wanted=wanted,
+        max_side=config.max_side,
+        max_input_side=config.max_input_side,
+        max_input_frames=config.max_input_frames,
+    )
+    position = {index: p for p, index in enumerate(video.indices)}
+    scored = [position[i] for i in plan["scored"]]
+    frames = to_float(video.frames[scored]).to(device)  # (T, H, W, 3) in [0, 1]
+    T, H, W, _ = frames.shape
+
+    backend = backend or _backend(config)
+    metric = create_metric(config.perceptual, config.lpips_weights, device)
+    base = dict(
+        perceptual_metric=metric.name,
+        metric_id=config.metric_id(backend.name, metric.name),
+        backend=backend.name,
+        frames=T,
+        frame_indices=plan["scored"],
+        size=(H, W),
+        **{"lambda": config.lambda_},
+    )
+
+    def unscorable(reason: str, **extra) -> ScoreResult:
+        return ScoreResult(status="unscorable", reason=reason, timings_s=step.done(), **base, **extra)
+
+    # 2. A static camera gets its verdict before any reconstruction is attempted.
+    step("parallax")
+    parallax = _image_motion_px(video.frames[scored])
+    if parallax < config.min_parallax_px:
+        return unscorable(
+            f"static camera: the image moves {parallax:.2f} px between frames (needs {config.min_parallax_px:g} px)",
+            registered_frames=0, per_frame=_frame_rows(plan["scored"]),
+        )
+
+    # 3. Geometry of the scored frames.
+    step("geometry")
+    try:
+        geometry = backend.reconstruct(video.frames, scored, video.indices)
+    except ReconstructionFailed as err:
+        return unscorable(f"reconstruction failed: {err}", registered_frames=0, per_frame=_frame_rows(plan["scored"]))
+    step.merge(geometry.timings_s)
+    registered = geometry.registered.cpu()
+    n_registered = int(registered.sum())
+    if n_registered < max(2, config.min_ok_fraction * T):
+        return unscorable(
+            f"only {n_registered} of {T} scored frames were registered by the {backend.name} backend",
+            registered_frames=n_registered, per_frame=_frame_rows(plan["scored"], registered),
+            failed_frames=[i for i, ok in zip(plan["scored"], registered) if not ok],
+        )
+
+    # 4. Lift confident pixels to a coloured world point cloud; 5. reproject with a z-buffer.
+    step("reproject")
+    reprojection, covered, confident_fraction = _reproject(frames, geometry, config, device)
+
+    # 6. Errors on covered pixels only.
+    step("metrics")
+    per_frame, errors = [], []
+    perceptual_map = metric.distance_map(torch.where(covered[..., None], reprojection, frames), frames)
+    squared = ((reprojection - frames) ** 2).mean(dim=-1)  # (T, H, W)
+    for t, index in enumerate(plan["scored"]):
+        mask = covered[t]
+        coverage = float(mask.float().mean())
+        row = FrameScore(index=index, registered=bool(registered[t]), coverage=coverage)
+        if row.registered and mask.any():
+            row.mse = float(squared[t][mask].mean())
+            row.perceptual = float(perceptual_map[t][mask].mean())
+            row.ok = coverage >= config.min_coverage
+        per_frame.append(row)
+    ok_rows = [r for r in per_frame if r.ok]
+    failed = [r.index for r in per_frame if not r.ok]
+
+    # 7. Camera motion (translation in units of the scene's median depth) and the verdict.
+    reg = registered.nonzero().squeeze(1)
+    median_depth = float(geometry.depth[reg][geometry.confidence[reg] >= config.min_confidence].median()) if confident_fraction > 0 else 1.0
+    motion = camera_motion(geometry.world_to_cam[reg].cpu(), scale=max(median_depth, 1e-9))
+    coverage = float(np.mean([r.coverage for r in per_frame if r.registered]))
+    extra = dict(registered_frames=n_registered, per_frame=per_frame, failed_frames=failed, coverage=coverage, motion=motion)
+    if preview_dir is not None:
+        step("previews")
+        extra["previews"] = _write_previews(Path(preview_dir), frames, reprojection, covered, plan["scored"])
+    if motion < config.min_motion:
+        return unscorable(f"static camera: camera motion {motion:.5f} is below {config.min_motion:g}", **extra)
+    if confident_fraction < 0.01:
+        return unscorable(
+            f"no parallax: depth could be triangulated for only {100 * confident_fraction:.1f}% of pixels", **extra
+        )
+    if len(ok_rows) < max(2, config.min_ok_fraction * T):
+        return unscorable(
+            f"only {len(ok_rows)} of {T} frames were registered and covered by the reprojection "
+            f"(coverage >= {config.min_coverage:g})", **extra,
+        )
+    mse = float(np.mean([r.mse for r in ok_rows]))
+    perceptual = float(np.mean([r.perceptual for r in ok_rows]))
+    return ScoreResult(
+        status="ok", score=mse + config.lambda_ * perceptual, mse=mse, perceptual=perceptual,
+        timings_s=step.done(), **base, **extra,
+    )
+
+
+def _reproject(frames: Tensor, geometry: SceneGeometry, config: ScoreConfig, device) -> tuple[Tensor, Tensor, float]:
+    """Lift confident pixels to 3D and z-buffer them into every frame.
+
+    Returns reprojection (T, H, W, 3), covered (T, H, W) bool, and the fraction of confident pixels.
+    With config.exclude_self, frame t is rendered from the other frames' points only.
+    """
+    T, H, W, _ = frames.shape
+    depth = geometry.depth.to(device).float()
+    K = geometry.K.to(device).float()
+    world_to_cam = geometry.world_to_cam.to(device).float()
+    confident = (geometry.confidence.to(device) >= config.min_confidence) & (depth > 0)
+    confident &= geometry.registered.to(device).view(T, 1, 1)
+    world = unproject_depth(depth, K, world_to_cam)  # (T, H, W, 3)
+    points, colors = world[confident], frames[confident]
+    origin = torch.arange(T, device=device).view(T, 1, 1).expand(T, H, W)[confident]
+    image, zbuffer, mask = rasterize_points(
+        points, colors, K, world_to_cam, H, W, origin_frame=origin if config.exclude_self else None
+    )
+    mask &= geometry.registered.to(device).view(T, 1, 1)
+    mask &= ~_shows_through(zbuffer, mask)
+    return image, mask, float(confident.float().mean())
+
+
+def _shows_through(depth: Tensor, mask: Tensor, window: int = 5, ratio: float = 1.1) -> Tensor:
+    """Pixels of a far surface seen through the gaps of a nearer one (1-pixel splats leave gaps).
+
+    A covered pixel whose depth is more than `ratio` times the nearest depth in its window belongs
+    to a surface that the nearer one would hide. depth, mask: (T, H, W).
+    """
+    far = torch.where(mask, depth, torch.full_like(depth, float("inf")))
+    nearest = -F.max_pool2d(-far[:, None], window, stride=1, padding=window // 2)[:, 0]
+    return mask & (depth > ratio * nearest)
+
+
+def _image_motion_px(frames_uint8: Tensor) -> float:
+    """Largest median optical-flow magnitude between first, middle and last frame, in pixels of the frames."""
+    H, W = frames_uint8.shape[1:3]
+    scale = min(1.0, 256 / max(H, W))
+    size = (max(8, int(W * scale)), max(8, int(H * scale)))
+    gray = [cv2.resize(cv2.cvtColor(f.numpy(), cv2.COLOR_RGB2GRAY), size, interpolation=cv2.INTER_AREA) for f in frames_uint8]
+    dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST)
+    first, middle, last = gray[0], gray[len(gray) // 2], gray[-1]
+    motion = 0.0
+    for a, b in ((first, middle), (middle, last), (first, last)):
+        flow = dis.calc(a, b, None)
+        motion = max(motion, float(np.median(np.linalg.norm(flow, axis=-1))) / scale)
+    return motion
+
+
+def _frame_rows(indices: list[int], registered: Optional[Tensor] = None) -> list[FrameScore]:
+    return [FrameScore(index=i, registered=bool(registered[t]) if registered is not None else False)
+            for t, i in enumerate(indices)]
+
+
+def _write_previews(folder: Path, frames: Tensor, reprojection: Tensor, covered: Tensor, indices: list[int]) -> list[str]:
+    """One PNG per frame: original | reprojection (holes checkered) | error heatmap (holes grey)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    H, W = frames.shape[1:3]
+    v, u = np.mgrid[0:H, 0:W]
+    checker = (((u // 8) + (v // 8)) % 2 * 40 + 90).astype(np.uint8)[..., None].repeat(3, -1)
+    paths = []
+    for t, index in enumerate(indices):
+        original = (frames[t].cpu().numpy() * 255).round().astype(np.uint8)
+        mask = covered[t].cpu().numpy()
+        reproj = np.where(mask[..., None], (reprojection[t].cpu().numpy() * 255).round().astype(np.uint8), checker)
+        error = (reprojection[t] - frames[t]).abs().mean(-1).cpu().numpy()
+        heat = cv2.applyColorMap(np.clip(error / 0.25 * 255, 0, 255).astype(np.uint8), cv2.COLORMAP_INFERNO)
+        heat = np.where(mask[..., None], cv2.cvtColor(heat, cv2.COLOR_BGR2RGB), 128).astype(np.uint8)
+        panel = np.concatenate([original, reproj, heat], axis=1)
+        path = folder / f"frame_{index:05d}.png"
+        cv2.imwrite(str(path), cv2.cvtColor(panel, cv2.COLOR_RGB2BGR))
+        paths.append(str(path))
+    return paths
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _backend(config: ScoreConfig) -> GeometryBackend:
+    """Backends are built once per process (a service replica loads its model once)."""
+    key = (config.backend, str(config.weights))
+    with _backends_lock:
+        if key not in _backends:
+            _backends[key] = create_backend(config.backend, config.weights)
+        return _backends[key]
+
+
+class _Stages:
+    """Times consecutive stages and reports each start to a progress callback."""
+
+    def __init__(self, progress: Optional[Progress]) -> None:
+        self.progress = progress
+        self.timings: dict[str, float] = {}
+        self.current: Optional[str] = None
+        self.started = time.perf_counter()
+        self.t0 = self.started
+
+    def __call__(self, name: str) -> None:
+        self._close()
+        self.current, self.started = name, time.perf_counter()
+        if self.progress:
+            self.progress(name)
+
+    def merge(self, inner: Optional[dict]) -> None:
+        for key, value in (inner or {}).items():
+            self.timings[f"{self.current}.{key}"] = round(value, 4)
+
+    def _close(self) -> None:
+        if self.current is not None:
+            self.timings[self.current] = round(time.perf_counter() - self.started, 4)
+            self.current = None
+
+    def done(self) -> dict[str, float]:
+        self._close()
+        self.timings["total"] = round(time.perf_counter() - self.t0, 4)
+        return dict(self.timings)

@@ -1,0 +1,281 @@
+"""A small ray-casting renderer of static textured scenes, with ground truth, for tests and demos.
+
+Scenes are axis-aligned boxes (a room seen from inside, or boxes on a ground plane in front of a
+wall) with procedural multi-scale textures, seen by a pinhole camera moving along a trajectory.
+Every render returns the ground-truth depth, intrinsics and world-to-camera poses in the
+convention of `common.camera`, so the scoring path can be checked without any reconstruction.
+
+Geometric corruptions make videos with no valid 3D interpretation:
+    - "warp": an independent smooth random image warp per frame (wobble);
+    - "drift": one smooth warp whose strength grows over time (progressive drift);
+    - "deform": one object grows over time, its texture stretching with it (non-rigid scene).
+
+World frame: y points down (like the image rows), so "up" is -y; the ground is at y = +1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from common.camera import intrinsics_from_fov, look_at
+
+SceneKind = Literal["boxes", "room"]
+Trajectory = Literal["orbit", "dolly", "truck", "static"]
+Corruption = Literal["warp", "drift", "deform"]
+
+_TEXTURE_SIZE = 384
+_TEXTURE_PERIOD = 12.0  # world units per texture repeat: no repeats in view
+
+
+@dataclass
+class Box:
+    lo: tuple[float, float, float]
+    hi: tuple[float, float, float]
+    inside: bool = False  # seen from inside (the room's walls)
+    rest_size: Optional[tuple[float, float, float]] = None  # texture is pinned to the box at this size
+
+    def texture_coords(self, point: Tensor) -> Tensor:
+        """(P, 3) world points on the box -> (P, 3) texture-space coordinates that move and stretch with it."""
+        lo, hi = torch.tensor(self.lo, dtype=torch.float64), torch.tensor(self.hi, dtype=torch.float64)
+        rest = torch.tensor(self.rest_size, dtype=torch.float64) if self.rest_size else hi - lo
+        return (point - lo) / (hi - lo) * rest
+
+
+@dataclass
+class Scene:
+    boxes: list[Box]
+    target: tuple[float, float, float]  # where the cameras look
+    eye: tuple[float, float, float]  # the camera's start position
+    textures: Tensor = field(repr=False, default=None)  # (boxes, 6 faces, S, S, 3) float in [0, 1]
+
+
+@dataclass
+class RenderedVideo:
+    frames: Tensor  # (N, H, W, 3) uint8 RGB
+    depth: Tensor  # (N, H, W) float32 camera z; 0 where a ray hits nothing
+    K: Tensor  # (N, 3, 3) float64
+    world_to_cam: Tensor  # (N, 4, 4) float64
+
+
+def make_texture(generator: torch.Generator, size: int = _TEXTURE_SIZE) -> Tensor:
+    """(S, S, 3) in [0, 1]: value noise over several octaves plus sharp blobs (corners for SIFT)."""
+    image = torch.zeros(3, size, size)
+    for octave, cells in enumerate((4, 8, 16, 32)):
+        grid = torch.rand(1, 3, cells, cells, generator=generator)
+        image += F.interpolate(grid, size=(size, size), mode="bicubic", align_corners=False)[0] * 0.6**octave
+    image = (image - image.amin()) / (image.amax() - image.amin() + 1e-6)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    for _ in range(24 * (size // 128) ** 2):
+        cy, cx = torch.randint(0, size, (2,), generator=generator).tolist()
+        radius = float(torch.randint(2, 7, (1,), generator=generator))
+        colour = torch.rand(3, 1, generator=generator)
+        disc = ((yy - cy) ** 2 + (xx - cx) ** 2) <= radius**2
+        image[:, disc] = colour
+    return image.permute(1, 2, 0).clamp(0, 1)
+
+
+def make_scene(kind: SceneKind = "boxes", seed: int = 0) -> Scene:
+    """A static scene of textured boxes; `seed` places the objects and draws the textures."""
+    generator = torch.Generator().manual_seed(seed)
+    rand = lambda lo, hi: lo + (hi - lo) * float(torch.rand(1, generator=generator))  # noqa: E731
+    if kind == "boxes":
+        boxes = [Box((-8, 1, -8), (8, 1.5, 10)), Box((-8, -5, 6), (8, 1, 6.5))]  # ground, back wall
+        for x in (-1.6, 0.0, 1.6):
+            w, h, d = rand(0.5, 0.9), rand(0.5, 1.4), rand(0.5, 0.9)
+            z = rand(1.0, 3.0)
+            boxes.append(Box((x - w / 2, 1 - h, z - d / 2), (x + w / 2, 1, z + d / 2)))
+        scene = Scene(boxes, target=(0.0, 0.2, 2.0), eye=(0.0, -0.6, -3.0))
+    elif kind == "room":
+        boxes = [Box((-4, -2.0, -5), (4, 1, 6), inside=True)]
+        for x in (-1.8, 0.3, 2.0):
+            w, h, d = rand(0.6, 1.0), rand(0.5, 1.6), rand(0.6, 1.0)
+            z = rand(1.5, 3.5)
+            boxes.append(Box((x - w / 2, 1 - h, z - d / 2), (x + w / 2, 1, z + d / 2)))
+        scene = Scene(boxes, target=(0.0, 0.0, 3.0), eye=(0.0, -0.4, -2.5))
+    else:
+        raise ValueError(f"unknown scene kind {kind!r} (boxes, room)")
+    scene.textures = torch.stack(
+        [torch.stack([make_texture(generator) for _ in range(6)]) for _ in scene.boxes]
+    )
+    return scene
+
+
+def camera_path(scene: Scene, trajectory: Trajectory, frames: int, amount: float = 1.0) -> Tensor:
+    """(N, 4, 4) world-to-camera poses along a trajectory; `amount` scales how far the camera goes."""
+    eye0, target = torch.tensor(scene.eye, dtype=torch.float64), torch.tensor(scene.target, dtype=torch.float64)
+    poses = []
+    for i in range(frames):
+        s = (i / max(frames - 1, 1) - 0.5) * amount  # -0.5 .. 0.5
+        if trajectory == "orbit":  # swing around the target, 30 degrees in all
+            angle = math.radians(30.0) * s
+            offset = eye0 - target
+            rotated = torch.tensor(
+                [offset[0] * math.cos(angle) + offset[2] * math.sin(angle), offset[1],
+                 -offset[0] * math.sin(angle) + offset[2] * math.cos(angle)], dtype=torch.float64
+            )
+            poses.append(look_at(target + rotated, target))
+        elif trajectory == "dolly":  # move toward the target
+            direction = (target - eye0) / (target - eye0).norm()
+            poses.append(look_at(eye0 + direction * (s + 0.5) * 1.5, target))
+        elif trajectory == "truck":  # slide sideways, looking straight ahead
+            shift = torch.tensor([1.6 * s, 0.0, 0.0], dtype=torch.float64)
+            poses.append(look_at(eye0 + shift, target + shift))
+        elif trajectory == "static":
+            poses.append(look_at(eye0, target))
+        else:
+            raise ValueError(f"unknown trajectory {trajectory!r} (orbit, dolly, truck, static)")
+    return torch.stack(poses)
+
+
+def render(scene: Scene, world_to_cam: Tensor, K: Tensor, height: int, width: int,
+           boxes_per_frame: Optional[list[list[Box]]] = None) -> RenderedVideo:
+    """Ray-cast every frame. boxes_per_frame, when given, replaces the scene's boxes frame by frame."""
+    from common.camera import invert_rigid, pixel_grid
+
+    frames, depths = [], []
+    rays_cam = pixel_grid(height, width, dtype=torch.float64).reshape(-1, 3) @ torch.linalg.inv(K).T  # z = 1
+    for i, w2c in enumerate(world_to_cam):
+        c2w = invert_rigid(w2c)
+        origin = c2w[:3, 3]
+        directions = rays_cam @ c2w[:3, :3].T  # camera z = 1, so the hit parameter t is the depth
+        boxes = boxes_per_frame[i] if boxes_per_frame is not None else scene.boxes
+        colour, depth = _cast(origin, directions, boxes, scene.textures)
+        frames.append((colour.reshape(height, width, 3) * 255 + 0.5).clamp(0, 255).to(torch.uint8))
+        depths.append(depth.reshape(height, width).float())
+    n = len(world_to_cam)
+    return RenderedVideo(torch.stack(frames), torch.stack(depths), K.expand(n, 3, 3).clone(), world_to_cam.clone())
+
+
+_FACE_SHADE = torch.tensor([0.85, 1.0, 0.7])  # per axis (x, y, z): faces of a box look different
+
+
+def _cast(origin: Tensor, directions: Tensor, boxes: list[Box], textures: Tensor) -> tuple[Tensor, Tensor]:
+    """Nearest hit of P rays against the boxes -> colour (P, 3) in [0,1], depth (P,) (0 = miss)."""
+    P = directions.shape[0]
+    best_t = torch.full((P,), math.inf, dtype=torch.float64)
+    best_colour = torch.zeros(P, 3, dtype=torch.float64)
+    safe = torch.where(directions.abs() < 1e-12, torch.full_like(directions, 1e-12), directions)
+    for b, box in enumerate(boxes):
+        lo, hi = torch.tensor(box.lo, dtype=torch.float64), torch.tensor(box.hi, dtype=torch.float64)
+        t1, t2 = (lo - origin) / safe, (hi - origin) / safe
+        t_enter, t_exit = torch.minimum(t1, t2), torch.maximum(t1, t2)
+        if box.inside:
+            t, axis = t_exit.min(dim=1)
+            hit = t > 1e-6
+        else:
+            t, axis = t_enter.max(dim=1)
+            hit = (t > 1e-6) & (t <= t_exit.min(dim=1).values)
+        closer = hit & (t < best_t)
+        if not closer.any():
+            continue
+        idx = closer.nonzero().squeeze(1)
+        point = origin + t[idx, None] * directions[idx]
+        ax = axis[idx]
+        # Face index: axis * 2 + (1 if the hit is on the box's high side).
+        on_high = (point.gather(1, ax[:, None]).squeeze(1) - hi[ax]).abs() < (point.gather(1, ax[:, None]).squeeze(1) - lo[ax]).abs()
+        face = ax * 2 + on_high.long()
+        # Texture coordinates: the two coordinates along the face.
+        other = torch.tensor([[1, 2], [0, 2], [0, 1]])[ax]
+        uv = box.texture_coords(point).gather(1, other) / _TEXTURE_PERIOD
+        colour = _sample_texture(textures[b], face, uv) * _FACE_SHADE.double()[ax, None]
+        best_t[idx] = t[idx]
+        best_colour[idx] = colour
+    depth = torch.where(torch.isfinite(best_t), best_t, torch.zeros_like(best_t))
+    return best_colour, depth
+
+
+def _sample_texture(faces: Tensor, face: Tensor, uv: Tensor) -> Tensor:
+    """Bilinear, wrapping lookup: faces (6, S, S, 3), face (P,), uv (P, 2) in texture periods."""
+    size = faces.shape[1]
+    xy = (uv - torch.floor(uv)) * size - 0.5
+    x0, y0 = torch.floor(xy[:, 0]), torch.floor(xy[:, 1])
+    fx, fy = (xy[:, 0] - x0)[:, None], (xy[:, 1] - y0)[:, None]
+    x0, y0 = x0.long() % size, y0.long() % size
+    x1, y1 = (x0 + 1) % size, (y0 + 1) % size
+    texels = faces.double()
+    pick = lambda y, x: texels[face, y, x]  # noqa: E731
+    return (pick(y0, x0) * (1 - fx) * (1 - fy) + pick(y0, x1) * fx * (1 - fy)
+            + pick(y1, x0) * (1 - fx) * fy + pick(y1, x1) * fx * fy)
+
+
+def smooth_field(generator: torch.Generator, height: int, width: int, amplitude_px: float, cells: int = 3) -> Tensor:
+    """(H, W, 2) smooth random displacement in pixels, each component within about +-amplitude."""
+    grid = (torch.rand(1, 2, cells, cells + 1, generator=generator) * 2 - 1) * amplitude_px
+    return F.interpolate(grid, size=(height, width), mode="bicubic", align_corners=True)[0].permute(1, 2, 0)
+
+
+def warp_frames(frames: Tensor, fields: list[Tensor]) -> Tensor:
+    """Resample each uint8 frame (N, H, W, 3) by its displacement field (H, W, 2) in pixels."""
+    n, height, width, _ = frames.shape
+    v, u = np.mgrid[0:height, 0:width].astype(np.float32)
+    out = []
+    for image, flow in zip(frames.numpy(), fields):
+        flow = flow.numpy().astype(np.float32)
+        out.append(cv2.remap(image, u + flow[..., 0], v + flow[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT))
+    return torch.from_numpy(np.stack(out))
+
+
+def corrupt_frames(frames: Tensor, kind: Literal["warp", "drift"], seed: int = 0, strength: float = 0.03) -> Tensor:
+    """Image-space corruptions. strength: displacement amplitude as a fraction of the image width."""
+    n, height, width, _ = frames.shape
+    generator = torch.Generator().manual_seed(10_000 + seed)
+    amplitude = strength * width
+    if kind == "warp":
+        fields = [smooth_field(generator, height, width, amplitude) for _ in range(n)]
+    elif kind == "drift":
+        base = smooth_field(generator, height, width, 2.0 * amplitude)
+        fields = [base * (i / max(n - 1, 1)) for i in range(n)]
+    else:
+        raise ValueError(f"unknown corruption {kind!r} (warp, drift)")
+    return warp_frames(frames, fields)
+
+
+def render_video(
+    scene: SceneKind | Scene = "boxes",
+    trajectory: Trajectory = "orbit",
+    frames: int = 24,
+    size: tuple[int, int] = (180, 240),
+    corruption: Optional[Corruption] = None,
+    seed: int = 0,
+    fov_deg: float = 60.0,
+    strength: float = 0.03,
+) -> RenderedVideo:
+    """Render a scene along a trajectory, optionally corrupted. Ground truth is that of the clean scene."""
+    scene = make_scene(scene, seed) if isinstance(scene, str) else scene
+    height, width = size
+    poses = camera_path(scene, trajectory, frames)
+    K = intrinsics_from_fov(height, width, fov_deg)
+    boxes_per_frame = None
+    if corruption == "deform":  # the middle object doubles in height and width, texture stretching
+        boxes_per_frame = []
+        target = scene.boxes[-2]
+        for i in range(frames):
+            grow = 1.0 + 1.0 * i / max(frames - 1, 1)
+            lo, hi = np.array(target.lo), np.array(target.hi)
+            centre = (lo + hi) / 2
+            half = (hi - lo) / 2 * np.array([grow, grow, 1.0])
+            new = Box(tuple(np.r_[centre[:1] - half[:1], hi[1] - 2 * half[1], lo[2]]),
+                      tuple(np.r_[centre[:1] + half[:1], hi[1], hi[2]]), rest_size=tuple(hi - lo))
+            boxes_per_frame.append([b if b is not target else new for b in scene.boxes])
+    video = render(scene, poses, K, height, width, boxes_per_frame)
+    if corruption in ("warp", "drift"):
+        video.frames = corrupt_frames(video.frames, corruption, seed=seed, strength=strength)
+    return video
+
+
+def render_demo_video(path: str | Path, corrupted: bool = False, frames: int = 24,
+                      size: tuple[int, int] = (240, 320)) -> Path:
+    """Write the demo scene (boxes, orbiting camera) as an H.264 mp4; corrupted=True adds per-frame warps."""
+    from common.video import write_video
+
+    video = render_video("boxes", "orbit", frames=frames, size=size, corruption="warp" if corrupted else None)
+    return write_video(path, video.frames, fps=8)

@@ -1,0 +1,110 @@
+import zipfile
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from common.errors import CorruptVideoError, InputNotFoundError, InputTooLargeError, NotAVideoError, TooFewFramesError
+from common.video import load_video, resized_size, to_float, uniform_indices, write_image_folder, write_video
+
+
+def _frames(n=6, h=32, w=48):
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (n, h, w, 3), generator=g, dtype=torch.uint8)
+
+
+def test_uniform_indices_cover_the_whole_video():
+    assert uniform_indices(49, 10) == [0, 5, 11, 16, 21, 27, 32, 37, 43, 48]
+    assert uniform_indices(5, 10) == [0, 1, 2, 3, 4]
+    assert uniform_indices(2, 2) == [0, 1]
+
+
+def test_resize_keeps_aspect_and_full_frame():
+    assert resized_size(480, 720, 720) == (480, 720)
+    assert resized_size(1080, 1920, 720) == (406, 720)
+    assert resized_size(1920, 1080, 720) == (720, 406)  # portrait: no crop, long side capped
+
+
+def test_ffv1_round_trip_is_exact_and_wanted_selects(tmp_path):
+    frames = _frames()
+    path = write_video(tmp_path / "v.mkv", frames, lossless=True)
+    video = load_video(path, wanted=lambda n: [0, n - 1])
+    assert video.total_frames == 6 and video.indices == [0, 5]
+    assert torch.equal(video.frames, frames[[0, 5]])
+    assert to_float(video.frames).max() <= 1.0
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif"])
+def test_reads_common_containers(tmp_path, suffix):
+    frames = _frames(n=5)
+    path = tmp_path / f"v{suffix}"
+    codec = {".mp4": "libx264", ".mov": "libx264", ".mkv": "libx264", ".webm": "libvpx", ".avi": "mpeg4", ".gif": "gif"}[suffix]
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=5)
+        stream.width, stream.height = 48, 32
+        stream.pix_fmt = "rgb8" if codec == "gif" else "yuv420p"
+        for image in frames.numpy():
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    video = load_video(path)
+    assert video.total_frames == 5 and video.frames.shape == (5, 32, 48, 3)
+
+
+def test_image_folder_in_natural_order_and_zip(tmp_path):
+    frames = _frames(n=11)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    import cv2
+
+    for i, image in enumerate(frames.numpy()):  # 1.png, 2.png, ..., 11.png: natural, not lexical, order
+        cv2.imwrite(str(folder / f"{i + 1}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    video = load_video(folder)
+    assert torch.equal(video.frames, frames)
+    archive = tmp_path / "frames.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for p in folder.iterdir():
+            z.write(p, p.name)
+    assert torch.equal(load_video(archive).frames, frames)
+
+
+def test_arrays_uint8_and_float(tmp_path):
+    frames = _frames(n=3)
+    assert torch.equal(load_video(frames).frames, frames)
+    assert torch.equal(load_video(frames.float() / 255).frames, frames)
+
+
+def test_bad_inputs_give_clear_errors(tmp_path):
+    with pytest.raises(InputNotFoundError, match="no such file"):
+        load_video(tmp_path / "missing.mp4")
+    text = tmp_path / "notes.mp4"
+    text.write_text("this is not a video")
+    with pytest.raises(NotAVideoError, match="not a video"):
+        load_video(text)
+    one = write_video(tmp_path / "one.mkv", _frames(n=1), lossless=True)
+    with pytest.raises(TooFewFramesError, match="at least 2"):
+        load_video(one)
+    big = write_video(tmp_path / "big.mkv", _frames(n=2), lossless=True)
+    with pytest.raises(InputTooLargeError, match="resolution"):
+        load_video(big, max_input_side=40)
+    with pytest.raises(InputTooLargeError, match="frames is over the limit"):
+        load_video(write_video(tmp_path / "long.mkv", _frames(n=6), lossless=True), max_input_frames=4)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(NotAVideoError, match="holds no images"):
+        load_video(empty)
+    write_image_folder(tmp_path / "mixed", [np.zeros((8, 8, 3), np.uint8), np.zeros((8, 10, 3), np.uint8)])
+    with pytest.raises(NotAVideoError, match="share one size"):
+        load_video(tmp_path / "mixed")
+
+
+def test_truncated_video_is_an_error_not_a_crash(tmp_path):
+    path = write_video(tmp_path / "v.mp4", _frames(n=20, h=64, w=64))
+    data = path.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises((CorruptVideoError, NotAVideoError)) as err:
+        load_video(cut)
+    assert "cut.mp4" in str(err.value)
