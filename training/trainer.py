@@ -104,6 +104,19 @@ class TrainConfig(BaseModel):
         description="Fault drill: rank 0's process exits abruptly at this step, once per run folder.",
     )
 
+    # --- validation (rank 0 samples fixed-seed prompts, saves the videos, scores their geometry) ---
+    validation_every: int = Field(0, ge=0, description="Sample the validation prompts every K steps (0: never).")
+    validation_prompts: list[str] = Field(default_factory=list, description="Prompts sampled at each validation.")
+    validation_images: list[str] = Field(
+        default_factory=list, description="Image-to-video: one condition image path per validation prompt."
+    )
+    validation_seed: int = Field(0, description="Prompt i is always sampled with seed validation_seed + i.")
+    validation_inference_steps: int = Field(50, ge=1, description="Denoising steps per validation video.")
+    validation_score: bool = Field(True, description="Score each validation video with common.scoring.score_video.")
+    validation_score_config: dict = Field(
+        default_factory=dict, description="common.config.ScoreConfig fields for validation scoring."
+    )
+
     # --- resources ---
     num_workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU on a GPU cluster).")
     gpus_per_worker: float = Field(0, ge=0, description="GPUs per worker; 0 trains on the CPU with gloo.")
@@ -116,6 +129,17 @@ class TrainConfig(BaseModel):
             raise ValueError(
                 f"batch_size {self.batch_size} must be a multiple of micro_batch_size x num_workers = {per_step}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _validation_settings(self) -> "TrainConfig":
+        if self.validation_every and not self.validation_prompts:
+            raise ValueError("validation_every needs validation_prompts")
+        if self.validation_every and self.zero_stage == 3:
+            # Rank 0 samples alone; under ZeRO-3 every forward gathers parameters from all ranks.
+            raise ValueError("validation sampling runs on rank 0 only and needs zero_stage 2")
+        if self.validation_images and len(self.validation_images) != len(self.validation_prompts):
+            raise ValueError("validation_images needs one image per validation prompt")
         return self
 
     @property
@@ -280,6 +304,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # 4. The loop: one optimizer step = grad_accum_steps micro-batches on every rank.
     fault_marker = Path(loop_config["run_dir"]) / FAULT_MARKER
     metrics: dict[str, float] = {}
+    validation_cache: dict = {}
     for step in range(start_step, cfg.max_steps):
         if cfg.fail_at_step == step + 1 and rank == 0 and not fault_marker.exists():
             fault_marker.parent.mkdir(parents=True, exist_ok=True)
@@ -306,6 +331,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             lr=lr,
             step_time_s=time.perf_counter() - started,
         )
+        if cfg.validation_every and (step + 1) % cfg.validation_every == 0 and rank == 0:
+            metrics.update(run_validation(model, loop_config["model_dir"], cfg, step + 1,
+                                          Path(loop_config["validation_dir"]), index.i2v, validation_cache))
         if rank == 0 and progress is not None:
             progress.push.remote(metrics)
         done = step + 1 == cfg.max_steps
@@ -328,6 +356,68 @@ def _lora_weights(model, zero_stage: int) -> dict[str, torch.Tensor]:
 
     with deepspeed.zero.GatheredParameters(lora_parameters(model), modifier_rank=None):
         return lora_state_dict(model)
+
+
+@torch.no_grad()
+def run_validation(model, model_dir: str, cfg: TrainConfig, step: int, out_dir: Path, i2v: bool, cache: dict) -> dict:
+    """Sample `cfg.validation_prompts` with the current LoRA (fixed seeds), save MP4s, score them.
+
+    Videos: out_dir/step_<step>/<i>.mp4 (+ scores.json). Returns metrics `val/score` (mean E over
+    scorable videos; NaN if none), `val/scored`, `val/unscorable`. The pipeline (VAE, T5) is loaded
+    once and shares the training transformer, so no weights are copied.
+    """
+    import numpy as np
+    from diffusers import CogVideoXImageToVideoPipeline, CogVideoXPipeline
+
+    from common.video import write_video
+
+    if "pipe" not in cache:
+        param = next(model.parameters())
+        cls = CogVideoXImageToVideoPipeline if i2v else CogVideoXPipeline
+        pipe = cls.from_pretrained(model_dir, transformer=model, torch_dtype=param.dtype).to(param.device)
+        pipe.set_progress_bar_config(disable=True)
+        cache["pipe"] = pipe
+    pipe = cache["pipe"]
+    folder = out_dir / f"step_{step:08d}"
+    was_training = model.training
+    model.eval()
+    paths = []
+    try:
+        for i, prompt in enumerate(cfg.validation_prompts):
+            kwargs = dict(
+                prompt=prompt,
+                num_inference_steps=cfg.validation_inference_steps,
+                num_frames=model.config.sample_frames,
+                max_sequence_length=model.config.max_text_seq_length,
+                generator=torch.Generator().manual_seed(cfg.validation_seed + i),
+                output_type="np",
+            )
+            if i2v:
+                from PIL import Image
+
+                kwargs["image"] = Image.open(cfg.validation_images[i]).convert("RGB")
+            frames = pipe(**kwargs).frames[0]  # (T, H, W, 3) float in [0, 1]
+            paths.append(write_video(folder / f"{i:02d}.mp4", (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)))
+    finally:
+        model.train(was_training)
+
+    metrics: dict[str, float] = {}
+    if cfg.validation_score:
+        from common.config import ScoreConfig
+        from common.scoring import score_video
+
+        score_cfg = ScoreConfig(**cfg.validation_score_config)
+        results = [score_video(p, score_cfg) for p in paths]
+        ok = [r.score for r in results if r.status == "ok" and r.score is not None]
+        metrics = {
+            "val/score": float(np.mean(ok)) if ok else float("nan"),
+            "val/scored": float(len(ok)),
+            "val/unscorable": float(len(results) - len(ok)),
+        }
+        (folder / "scores.json").write_text(json.dumps(
+            [{"prompt": pr, "video": str(p), **r.to_json_dict()} for pr, p, r in zip(cfg.validation_prompts, paths, results)],
+            indent=2))
+    return metrics
 
 
 # ------------------------------------------------------------------------------------------------
@@ -400,7 +490,8 @@ def train(
         cfg: the run's settings.
         pairs_dir: a pairs dataset (training.pairs); validated here before any worker starts.
         model_dir: a diffusers CogVideoX pipeline folder (transformer/ and scheduler/ are read).
-        output_dir: receives pytorch_lora_weights.safetensors, train_summary.json, metrics.jsonl.
+        output_dir: receives pytorch_lora_weights.safetensors, train_summary.json, metrics.jsonl and
+            validation/step_*/ (videos and scores) when validation is on.
         address: a Ray cluster address; None joins the running Ray or starts an embedded one.
         on_step: called on the driver with each step's metrics (progress bars).
     """
@@ -438,6 +529,7 @@ def train(
             "index": {"directory": index.directory, "summary": index.summary, "rows": index.rows},
             "model_dir": str(model_dir),
             "run_dir": os.path.join(storage_path, cfg.run_name),
+            "validation_dir": str(output_dir / "validation"),
             "progress": relay,
         },
         torch_config=TorchConfig(backend="nccl" if cfg.gpus_per_worker > 0 else "gloo"),

@@ -86,7 +86,11 @@ def test_cache_reports_missing_clip(tmp_path, clips):
 def test_train_command_end_to_end(ray_cluster, tmp_path, clips, capsys):
     model = tiny.save_tiny_cogvideox(tmp_path / "model")
     main(["cache", "--videos", str(clips), "--model", str(model), "--output", str(tmp_path / "pairs")])
-    (tmp_path / "cfg.yaml").write_text("batch_size: 2\nlora_rank: 4\nlora_alpha: 8\nlearning_rate: 1.0e-3\nwarmup_steps: 1\n")
+    (tmp_path / "cfg.yaml").write_text(
+        "batch_size: 2\nlora_rank: 4\nlora_alpha: 8\nlearning_rate: 1.0e-3\nwarmup_steps: 1\n"
+        "validation_every: 3\nvalidation_prompts: [a red cube]\nvalidation_inference_steps: 2\n"
+        "validation_score_config: {frames: 9, recon_frames: 9, max_side: 32}\n"
+    )
     main(["train", "--pairs", str(tmp_path / "pairs"), "--model", str(model), "--output", str(tmp_path / "out"),
           "--steps", "3", "--workers", "1", "--config", str(tmp_path / "cfg.yaml"), "--run-name", "cli"])
     out = capsys.readouterr().out
@@ -95,6 +99,12 @@ def test_train_command_end_to_end(ray_cluster, tmp_path, clips, capsys):
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
     summary = json.loads((tmp_path / "out" / "train_summary.json").read_text())
     assert summary["steps"] == 3 and summary["config"]["lora_rank"] == 4
+    # Validation at step 3: one fixed-seed video, saved and scored (random weights: unscorable is an answer).
+    assert (tmp_path / "out" / "validation" / "step_00000003" / "00.mp4").is_file()
+    scores = json.loads((tmp_path / "out" / "validation" / "step_00000003" / "scores.json").read_text())
+    assert len(scores) == 1 and scores[0]["status"] in ("ok", "unscorable")
+    m = summary["final_metrics"]
+    assert m["val/scored"] + m["val/unscorable"] == 1
 
 
 def test_train_command_rejects_bad_settings(tmp_path, capsys):

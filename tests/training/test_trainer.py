@@ -87,6 +87,10 @@ def test_batch_arithmetic_is_validated():
     with pytest.raises(ValueError, match="multiple of micro_batch_size x num_workers"):
         TrainConfig(num_workers=3, batch_size=16)
     assert TrainConfig(num_workers=2, batch_size=16, micro_batch_size=2).grad_accum_steps == 4
+    with pytest.raises(ValueError, match="needs validation_prompts"):
+        TrainConfig(validation_every=10)
+    with pytest.raises(ValueError, match="zero_stage 2"):
+        TrainConfig(validation_every=10, validation_prompts=["a"], zero_stage=3)
 
 
 def test_bad_inputs_fail_before_any_worker(tmp_path):
