@@ -81,7 +81,15 @@ class ScorerServer:
         self._lock = threading.Lock()
         self._consecutive_internal_errors = 0
         self._ready = False
-        self._load_error: Optional[str] = None
+        # App metrics, exported beside Serve's own (Prometheus: ray_vgpa_score_*).
+        from ray.serve import metrics
+
+        self._m_results = metrics.Counter(
+            "vgpa_score_results", description="Scored requests by outcome: ok, unscorable, or the HTTP error status.",
+            tag_keys=("outcome",))
+        self._m_seconds = metrics.Histogram(
+            "vgpa_score_seconds", description="Time to score one video (s).",
+            boundaries=[0.5, 1, 2, 5, 10, 20, 60, 120, 300])
         # Imported here: a replica that cannot import the core fails to start (and /readyz says so).
         from common.scoring import score_video
 
@@ -137,6 +145,15 @@ class ScorerServer:
         return await loop.run_in_executor(self._pool, self._score_sync, path, overrides or {}, preview_dir, deadline)
 
     def _score_sync(self, path: str, overrides: dict, preview_dir: Optional[str], deadline: Optional[float]) -> dict:
+        t0 = time.perf_counter()
+        answer = self._score_checked(path, overrides, preview_dir, deadline)
+        outcome = answer["result"]["status"] if "result" in answer else str(answer["error"]["status"])
+        self._m_results.inc(tags={"outcome": outcome})
+        if "result" in answer:
+            self._m_seconds.observe(time.perf_counter() - t0)
+        return answer
+
+    def _score_checked(self, path: str, overrides: dict, preview_dir: Optional[str], deadline: Optional[float]) -> dict:
         if deadline is not None and time.time() > deadline:
             return _error(504, "DeadlineExceeded", "The request's deadline passed before scoring started.")
         try:
