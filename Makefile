@@ -13,8 +13,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[all,dev]'
 	touch $(STAMP)
 
+# The service on an embedded local Ray: prints its URL, scores the demo video once, serves until Ctrl-C.
 run: $(STAMP)
-	$(VENV)/bin/vgpa demo
+	$(VENV)/bin/vgpa serve --self-check
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -22,6 +23,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_raster.py
 	$(PY) benchmarks/bench_score.py
+	$(PY) benchmarks/bench_service.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
