@@ -244,7 +244,18 @@ class VideoGPAClient:
         return dest
 
 
-def score_via_http(url: str, path: PathLike, *, token: Optional[str] = None, **form: Any) -> dict:
-    """Score `path` through a running service: the same dict as `vgpa score --json` prints."""
+def score_via_http(url: str, path: PathLike, *, token: Optional[str] = None,
+                   preview_dir: Optional[PathLike] = None, **form: Any) -> dict:
+    """Score `path` through a running service: the same dict as `vgpa score --json` prints.
+
+    `form`: frames, backend, max_side, lambda (or lambda_), preview, timeout_s. With
+    `preview_dir`, previews are requested, downloaded there, and listed as local paths (as a
+    local `vgpa score --preview DIR` lists them); otherwise `previews` holds URL paths.
+    """
     with VideoGPAClient(url, token=token) as client:
-        return client.score(path, **form)
+        if preview_dir is None:
+            return client.score(path, **form)
+        result = client.score(path, **{**form, "preview": True})
+        folder = Path(preview_dir)
+        result["previews"] = [str(client.download(u, folder / u.rsplit("/", 1)[-1])) for u in result.get("previews") or []]
+        return result

@@ -44,6 +44,17 @@ class TestServeConfigFile:
         gpu_limits = [g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu") for g in groups]
         assert any(gpu_limits), "a GPU worker group"
 
+    def test_import_path_builds_the_app_as_serve_does(self):
+        from ray.serve import Application
+        from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+        from ray.serve._private.utils import import_attr
+
+        data = yaml.safe_load(SERVE_CONFIG.read_text())["applications"][0]
+        builder = import_attr(data["import_path"])
+        assert isinstance(call_user_app_builder_with_args_if_necessary(builder, data["args"]), Application)
+        # `serve run services.app:build_app max_upload_mb=100` passes strings
+        assert isinstance(call_user_app_builder_with_args_if_necessary(builder, {"max_upload_mb": "100"}), Application)
+
     def test_serve_command_reads_it(self):
         from clients.commands.serve import load_config_file
 

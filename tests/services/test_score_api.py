@@ -129,10 +129,13 @@ class TestScoring:
         assert good["status_code"] == 200 and good["result"]["status"] == "ok"
         assert bad["status_code"] in (415, 422) and bad["error"]["message"]
 
-    def test_python_client(self, url, videos):
+    def test_python_client(self, url, videos, tmp_path):
         from clients.http_client import VideoGPAClient, score_via_http
 
         assert score_via_http(url, videos["good"])["status"] == "ok"
+        result = score_via_http(url, videos["good"], preview_dir=tmp_path / "previews", **{"lambda": 0.5})
+        assert result["lambda"] == 0.5 and result["previews"]
+        assert all(Path(p).read_bytes()[:4] == b"\x89PNG" for p in result["previews"])
         with VideoGPAClient(url) as client:
             assert client.readyz()["ready"] is True
             assert client.score(videos["folder"], frames=3)["frames"] == 3  # folder -> zip on the fly
