@@ -44,3 +44,8 @@ def build_app(args: Optional[dict] = None) -> Application:
         sampler = build_sampler(cfg.sampler, cfg.resolved_work_dir())
     ingress = Ingress.options(**ingress_deployment_options(cfg))
     return ingress.bind(cfg.model_dump(mode="json", by_alias=True), scorer, sampler)
+
+
+#: The app with default settings, for `serve run services.app:app` and `serve build services.app:app`
+#: (serve build needs a bound application, not a builder). Binding is cheap: nothing starts here.
+app = build_app()

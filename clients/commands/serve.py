@@ -26,6 +26,7 @@ import click
 
 APP_NAME = "videogpa"
 IMPORT_PATH = "services.app:build_app"
+APP_IMPORT_PATH = "services.app:app"  # what `serve build services.app:app` writes
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 
@@ -41,9 +42,12 @@ def load_config_file(path: Path) -> tuple[dict, dict]:
         raise click.BadParameter(f"{path} does not hold a mapping", param_hint="--config")
     if "applications" not in data:
         return data, {}
-    apps = [a for a in data["applications"] if a.get("import_path") == IMPORT_PATH]
+    apps = [a for a in data["applications"] if a.get("import_path") in (IMPORT_PATH, APP_IMPORT_PATH)]
     if not apps:
         raise click.BadParameter(f"{path} has no application with import_path {IMPORT_PATH}", param_hint="--config")
+    if apps[0].get("deployments"):
+        click.echo("note: per-deployment overrides in the config file are applied by `serve run/deploy FILE`; "
+                   "`vgpa serve` derives deployment options from `args` only.", err=True)
     return apps[0].get("args") or {}, data.get("http_options") or {}
 
 

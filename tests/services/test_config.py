@@ -55,6 +55,24 @@ class TestServeConfigFile:
         # `serve run services.app:build_app max_upload_mb=100` passes strings
         assert isinstance(call_user_app_builder_with_args_if_necessary(builder, {"max_upload_mb": "100"}), Application)
 
+    def test_serve_build_output_is_a_valid_config(self, tmp_path):
+        import subprocess
+        import sys
+
+        from ray.serve.schema import ServeDeploySchema
+
+        from clients.commands.serve import load_config_file
+
+        out = tmp_path / "built.yaml"
+        serve_cli = Path(sys.executable).parent / "serve"
+        subprocess.run([str(serve_cli), "build", "services.app:app", "-o", str(out)], cwd=REPO, check=True,
+                       capture_output=True, timeout=300)
+        schema = ServeDeploySchema.model_validate(yaml.safe_load(out.read_text()))
+        names = {d.name for d in schema.applications[0].deployments}
+        assert names == {"Ingress", "Scorer"}
+        args, http = load_config_file(out)
+        assert args == {} and http["port"] == 8000
+
     def test_serve_command_reads_it(self):
         from clients.commands.serve import load_config_file
 
