@@ -97,7 +97,7 @@ def post(url: str, video: Path) -> tuple[float, dict]:
     return time.perf_counter() - t0, r.json()
 
 
-def bench_overhead_and_throughput(video: Path, runs: int) -> None:
+def bench_overhead_and_throughput(video: Path, runs: int, throughput: bool = True) -> None:
     import ray
     from ray import serve
 
@@ -111,12 +111,16 @@ def bench_overhead_and_throughput(video: Path, runs: int) -> None:
              configure_logging=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        def deploy(replicas: int) -> None:
-            serve.run(build_app({"scorer": {"num_replicas": replicas}}), name="bench", route_prefix="/", blocking=False)
+        def deploy(replicas: int, cpus_per_replica: float) -> None:
+            # Ray sets OMP_NUM_THREADS to a replica's num_cpus: torch in the replica uses that many threads.
+            scorer = {"num_replicas": replicas, "num_cpus": cpus_per_replica}
+            serve.run(build_app({"scorer": scorer}), name="bench", route_prefix="/", blocking=False)
             while httpx.get(f"{url}/readyz", timeout=30).status_code != 200:
                 time.sleep(0.5)
 
-        deploy(1)
+        # Same threads on both sides: one replica with all the cores, as this process has.
+        cores = os.cpu_count() or 1
+        deploy(1, float(cores))
         config = ScoreConfig()
         score_video(video, config)  # warm this process's backend and metric
         post(url, video)  # and the replica's first request
@@ -127,16 +131,17 @@ def bench_overhead_and_throughput(video: Path, runs: int) -> None:
             local.append(time.perf_counter() - t0)
             remote.append(post(url, video)[0])
         ml, mr = statistics.median(local), statistics.median(remote)
-        print(f"2. POST /score vs in-process score_video, {runs} runs each, default settings:")
+        print(f"2. POST /score vs in-process score_video, {runs} runs each, default settings, {cores} threads both:")
         print(f"     in-process median {ml:.2f} s (runs {', '.join(f'{x:.2f}' for x in local)})")
         print(f"     POST /score median {mr:.2f} s (runs {', '.join(f'{x:.2f}' for x in remote)})")
         print(f"     ratio {mr / ml:.3f} (target < 1.15); overhead {mr - ml:+.2f} s")
 
-        print("3. throughput, 4 concurrent clients, 8 requests:")
+        if not throughput:
+            return
+        print(f"3. throughput, 4 concurrent clients, 8 requests, replicas of {max(1, cores // 2)} CPU each:")
         for replicas in (1, 2):
-            if replicas != 1:
-                deploy(replicas)
-                post(url, video)
+            deploy(replicas, float(max(1, cores // 2)))
+            for _ in range(replicas):
                 post(url, video)
             t0 = time.perf_counter()
             with ThreadPoolExecutor(4) as pool:
@@ -156,13 +161,14 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--video", type=Path, default=None, help="Use this video instead of rendering one.")
     parser.add_argument("--skip-startup", action="store_true")
+    parser.add_argument("--skip-throughput", action="store_true")
     args = parser.parse_args()
     h, w = map(int, args.size.split("x"))
     video = args.video or make_video(args.frames, (h, w), Path(tempfile.gettempdir()) / "vgpa-bench")
     print(f"machine: {os.cpu_count()} CPU cores; video {video.name}")
     if not args.skip_startup:
         bench_startup(video)
-    bench_overhead_and_throughput(video, args.runs)
+    bench_overhead_and_throughput(video, args.runs, throughput=not args.skip_throughput)
 
 
 if __name__ == "__main__":
