@@ -4,8 +4,10 @@ The ingress does I/O only: it streams uploads to disk (size cap while streaming)
 file's path to a scorer replica through a `DeploymentHandle`, maps every outcome to an HTTP
 answer, and removes the upload whatever happens. Paths only travel between deployments; no
 request can name a path on the server. OpenAPI: /docs and /openapi.json.
-"""
 
+No `from __future__ import annotations` here: FastAPI must resolve the route methods'
+`Request` annotations at class creation, which postponed annotations break under @serve.ingress.
+"""
 
 import asyncio
 import hmac

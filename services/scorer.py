@@ -12,10 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, Optional
 
 from ray import serve
@@ -78,7 +76,6 @@ class ScorerServer:
         self._default = self._args.score
         # One worker: scoring is compute-bound; requests queue here (bounded by max_ongoing_requests).
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vgpa-score")
-        self._lock = threading.Lock()
         self._consecutive_internal_errors = 0
         self._ready = False
         # App metrics, exported beside Serve's own (Prometheus: ray_vgpa_score_*).
