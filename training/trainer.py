@@ -25,6 +25,7 @@ Determinism: which pairs, timesteps and noise a worker uses at step s depend onl
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -38,7 +39,7 @@ from typing import Callable, Literal, Optional
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from common.errors import ConfigError
+from common.errors import ConfigError, VideoGPAError
 from training.dpo import LossType, dpo_step
 from training.lora import DEFAULT_TARGETS, LORA_WEIGHTS_NAME, add_lora, export_lora, lora_parameters, lora_state_dict
 from training.pairs import PairsDataset, PairsIndex, collate_pairs, load_pairs_index
@@ -46,6 +47,12 @@ from training.pairs import PairsDataset, PairsIndex, collate_pairs, load_pairs_i
 CHECKPOINT_STATE = "train_state.json"
 DEEPSPEED_TAG = "deepspeed"
 FAULT_MARKER = ".fault_drill_done"
+
+
+class TrainingRunError(VideoGPAError):
+    """The Ray Train run failed for good (workers kept dying, or the loop raised)."""
+
+    http_status = 500
 
 
 class TrainConfig(BaseModel):
@@ -172,9 +179,13 @@ def micro_batch_indices(
     out = []
     for position in range(start, start + cfg.micro_batch_size):
         epoch, offset = divmod(position, num_pairs)
-        perm = torch.randperm(num_pairs, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-        out.append(int(perm[offset]))
+        out.append(_epoch_order(num_pairs, cfg.seed, epoch)[offset])
     return out
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(num_pairs: int, seed: int, epoch: int) -> tuple[int, ...]:
+    return tuple(torch.randperm(num_pairs, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist())
 
 
 def step_generator(cfg: TrainConfig, step: int, micro: int, rank: int) -> torch.Generator:
@@ -262,10 +273,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # 2. DeepSpeed. On CPU nothing may be compiled: no shared-memory comm extension, torch AdamW.
     params = lora_parameters(transformer)
     if use_cuda:
-        from deepspeed.ops.adam import FusedAdam
+        try:
+            from deepspeed.ops.adam import FusedAdam
 
-        optimizer = FusedAdam(params, lr=cfg.learning_rate, betas=cfg.adam_betas, eps=cfg.adam_eps,
-                              weight_decay=cfg.weight_decay, adam_w_mode=True)
+            optimizer = FusedAdam(params, lr=cfg.learning_rate, betas=cfg.adam_betas, eps=cfg.adam_eps,
+                                  weight_decay=cfg.weight_decay, adam_w_mode=True)
+        except Exception:  # FusedAdam is JIT-built and needs nvcc; runtime-only images lack it
+            optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=cfg.adam_betas, eps=cfg.adam_eps,
+                                          weight_decay=cfg.weight_decay, fused=True)
     else:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=cfg.adam_betas, eps=cfg.adam_eps,
@@ -309,6 +324,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if cfg.fail_at_step == step + 1 and rank == 0 and not fault_marker.exists():
             fault_marker.parent.mkdir(parents=True, exist_ok=True)
             fault_marker.write_text(f"worker killed at step {step + 1}\n")
+            # Reports reach the controller when it polls the workers; wait until the last checkpoint
+            # is committed so that the drill always tests "resume from the last checkpoint".
+            ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
             os._exit(1)  # a hard crash, as an OOM kill or a lost node would be
         started = time.perf_counter()
         lr = float(engine.get_lr()[0])  # the rate this step's update uses
@@ -562,8 +580,23 @@ def train(
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
     started = time.perf_counter()
+    def write_rows() -> None:
+        with open(output_dir / "metrics.jsonl", "a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+
     try:
         result = trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        stop.set()
+        poller.join(timeout=30)
+        write_rows()
+        cause = str(err).strip().splitlines()
+        raise TrainingRunError(
+            f"training run '{cfg.run_name}' failed after {cfg.max_failures} restart(s): "
+            f"{cause[-1] if cause else type(err).__name__}. Its checkpoints are in {storage_path}; "
+            "run the same command again to continue from the last one."
+        ) from err
     finally:
         stop.set()
         poller.join(timeout=30)
@@ -575,9 +608,7 @@ def train(
     with result.checkpoint.as_directory() as ckpt_dir:
         shutil.copy2(Path(ckpt_dir) / "lora" / LORA_WEIGHTS_NAME, output_dir / LORA_WEIGHTS_NAME)
         state = json.loads((Path(ckpt_dir) / CHECKPOINT_STATE).read_text())
-    with open(output_dir / "metrics.jsonl", "a") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    write_rows()
     final = result.metrics or {}
     summary = {
         "run_name": cfg.run_name,

@@ -208,21 +208,22 @@ def test_killed_worker_is_retried_from_its_checkpoint_with_the_same_result(finis
 
 
 @pytest.mark.ray
-def test_relaunch_with_the_same_run_name_continues_from_the_last_checkpoint(finished_run, workspace):
-    root, model, pairs = workspace
-    summary = train(small_config(run_name="straight"), pairs, model, root / "straight")
-    assert summary["steps"] == 20 and summary["steps_this_launch"] == 0  # nothing left to do, nothing redone
-
-
-@pytest.mark.ray
-def test_zero3_partitions_parameters_and_matches_zero2(finished_run, workspace):
+def test_killed_zero3_run_relaunched_with_the_same_name_continues_from_its_checkpoint(finished_run, workspace):
+    """ZeRO-3 (parameters partitioned too), killed without retries, then the same command again."""
     from safetensors.torch import load_file
 
+    from training.trainer import TrainingRunError
+
     root, model, pairs = workspace
-    summary = train(small_config(run_name="zero3", zero_stage=3), pairs, model, root / "zero3")
-    assert summary["final_metrics"]["lora_rank_spread"] == 0.0  # gathered weights, not empty partitions
+    cfg = small_config(run_name="relaunch", zero_stage=3, fail_at_step=15, max_failures=0)
+    with pytest.raises(TrainingRunError, match="run the same command again"):
+        train(cfg, pairs, model, root / "relaunch")
+    summary = train(cfg, pairs, model, root / "relaunch")  # the same command, launched again
+    assert summary["first_step_this_launch"] == 11 and summary["steps_this_launch"] == 10
+    # Rank spread is measured on gathered weights (ZeRO-3 ranks hold only partitions).
+    assert summary["final_metrics"]["lora_rank_spread"] == 0.0
+    # Same math as the uninterrupted ZeRO-2 run; only the reduction order differs.
     zero2, zero3 = load_file(finished_run[0]["lora"]), load_file(summary["lora"])
     assert zero2.keys() == zero3.keys()
-    # Same math, different reduction order (partitioned gathers): equal up to float rounding growth.
     for key in zero2:
         assert (zero3[key] - zero2[key]).norm() <= 1e-3 * zero2[key].norm() + 1e-6, key
