@@ -470,6 +470,11 @@ def check_model_folder(model_dir: Path, index: PairsIndex) -> dict:
     if not (model_dir / "scheduler").is_dir():
         raise ConfigError(f"{model_dir} has no scheduler/ folder")
     tcfg = json.loads(config_path.read_text())
+    scheduler_config = model_dir / "scheduler" / "scheduler_config.json"
+    if scheduler_config.is_file():
+        prediction = json.loads(scheduler_config.read_text()).get("prediction_type", "epsilon")
+        if prediction != "v_prediction":
+            raise ConfigError(f"the scheduler in {model_dir} predicts {prediction!r}; this trainer needs v_prediction")
     frames, channels, height, width = index.latent_shape
     in_channels = tcfg["in_channels"]
     expected = in_channels // 2 if index.i2v else in_channels  # I2V: noisy latent ++ image latent on C

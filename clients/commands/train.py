@@ -94,7 +94,8 @@ def train(pairs_dir, model_dir, output_dir, workers, gpus_per_worker, steps, con
     click.echo(f"pairs          {summary['num_pairs']} from {summary['pairs']}")
     for key, label in [("loss", "loss"), ("rewards/accuracies", "implicit acc"), ("rewards/margins", "reward margin"),
                        ("err/policy_chosen", "err winners"), ("err/policy_rejected", "err losers"),
-                       ("grad_norm", "grad norm"), ("lora_rank_spread", "rank spread")]:
+                       ("grad_norm", "grad norm"), ("lora_rank_spread", "rank spread"),
+                       ("val/score", "val geometry E"), ("val/unscorable", "val unscorable")]:
         if key in m and not (isinstance(m[key], float) and math.isnan(m[key])):
             click.echo(f"{label:<14} {_fmt(m[key])}")
     click.echo(f"LoRA           {summary['lora']}")

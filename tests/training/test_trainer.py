@@ -104,6 +104,10 @@ def test_bad_inputs_fail_before_any_worker(tmp_path):
         train(small_config(), i2v_pairs, model, tmp_path / "out")
     with pytest.raises(ConfigError, match="not a diffusers CogVideoX pipeline folder"):
         train(small_config(), i2v_pairs, tmp_path / "nomodel", tmp_path / "out")
+    cfg_path = model / "scheduler" / "scheduler_config.json"
+    cfg_path.write_text(cfg_path.read_text().replace('"v_prediction"', '"epsilon"'))
+    with pytest.raises(ConfigError, match="needs v_prediction"):
+        train(small_config(), write_pairs_dataset(tmp_path / "ok", synthetic_pairs(4)), model, tmp_path / "out")
     assert not (tmp_path / "out" / "ray").exists()
 
 
