@@ -247,27 +247,30 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import deepspeed
     import ray.train
     import ray.train.torch
-    from diffusers import CogVideoXTransformer3DModel
+    from diffusers import CogVideoXDPMScheduler, CogVideoXTransformer3DModel
     from ray.train import Checkpoint
 
     cfg = TrainConfig.model_validate(loop_config["config"])
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    rank = ray.train.get_context().get_world_rank()
     use_cuda = cfg.gpus_per_worker > 0 and torch.cuda.is_available()
     device = ray.train.torch.get_device() if use_cuda else torch.device("cpu")
     index = PairsIndex(**loop_config["index"])
     dataset = PairsDataset(index)
     progress = loop_config.get("progress")
 
-    # 1. The policy: frozen transformer + fresh LoRA (seeded, identical on every rank).
-    transformer = CogVideoXTransformer3DModel.from_pretrained(loop_config["model_dir"], subfolder="transformer")
+    ds_config = deepspeed_config(cfg, use_cuda)
+
+    # 1. The policy: frozen transformer + fresh LoRA (seeded, identical on every rank). Loaded in
+    #    bf16 directly when training in bf16 (a 5B model in fp32 would need 22 GB per worker first).
+    transformer = CogVideoXTransformer3DModel.from_pretrained(
+        loop_config["model_dir"], subfolder="transformer",
+        torch_dtype=torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32,
+    )
     torch.manual_seed(cfg.seed)
     add_lora(transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout)
     if cfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()
-    from diffusers import CogVideoXDPMScheduler
-
     scheduler = CogVideoXDPMScheduler.from_pretrained(loop_config["model_dir"], subfolder="scheduler")
 
     # 2. DeepSpeed. On CPU nothing may be compiled: no shared-memory comm extension, torch AdamW.
@@ -289,7 +292,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         optimizer, lambda s: lr_multiplier(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
     )
     engine, _, _, _ = deepspeed.initialize(
-        model=transformer, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(cfg, use_cuda),
+        model=transformer, optimizer=optimizer, lr_scheduler=schedule, config=ds_config,
         dist_init_required=False,
     )
     model = engine.module
