@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -73,14 +74,14 @@ def make_texture(generator: torch.Generator, size: int = _TEXTURE_SIZE) -> Tenso
         grid = torch.rand(1, 3, cells, cells, generator=generator)
         image += F.interpolate(grid, size=(size, size), mode="bicubic", align_corners=False)[0] * 0.6**octave
     image = (image - image.amin()) / (image.amax() - image.amin() + 1e-6)
-    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    for _ in range(24 * (size // 128) ** 2):
-        cy, cx = torch.randint(0, size, (2,), generator=generator).tolist()
-        radius = float(torch.randint(2, 7, (1,), generator=generator))
-        colour = torch.rand(3, 1, generator=generator)
-        disc = ((yy - cy) ** 2 + (xx - cx) ** 2) <= radius**2
-        image[:, disc] = colour
-    return image.permute(1, 2, 0).clamp(0, 1)
+    canvas = np.ascontiguousarray(image.permute(1, 2, 0).numpy())
+    blobs = 24 * (size // 128) ** 2
+    centres = torch.randint(0, size, (blobs, 2), generator=generator).tolist()
+    radii = torch.randint(2, 7, (blobs,), generator=generator).tolist()
+    colours = torch.rand(blobs, 3, generator=generator).tolist()
+    for (cy, cx), radius, colour in zip(centres, radii, colours):
+        cv2.circle(canvas, (cx, cy), radius, colour, thickness=-1, lineType=cv2.LINE_8)
+    return torch.from_numpy(canvas).clamp(0, 1)
 
 
 def make_scene(kind: SceneKind = "boxes", seed: int = 0) -> Scene:
@@ -103,10 +104,15 @@ def make_scene(kind: SceneKind = "boxes", seed: int = 0) -> Scene:
         scene = Scene(boxes, target=(0.0, 0.0, 3.0), eye=(0.0, -0.4, -2.5))
     else:
         raise ValueError(f"unknown scene kind {kind!r} (boxes, room)")
-    scene.textures = torch.stack(
-        [torch.stack([make_texture(generator) for _ in range(6)]) for _ in scene.boxes]
-    )
+    scene.textures = _textures(len(scene.boxes), seed)
     return scene
+
+
+@lru_cache(maxsize=8)
+def _textures(boxes: int, seed: int) -> Tensor:
+    """(boxes, 6, S, S, 3): the same scene seed always gets the same textures, made once per process."""
+    generator = torch.Generator().manual_seed(1_000 + seed)
+    return torch.stack([torch.stack([make_texture(generator) for _ in range(6)]) for _ in range(boxes)])
 
 
 def camera_path(scene: Scene, trajectory: Trajectory, frames: int, amount: float = 1.0) -> Tensor:

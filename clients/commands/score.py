@@ -87,12 +87,9 @@ def score(path, frames, backend, weights, max_side, lambda_, perceptual, device,
     options = dict(frames=frames, backend=backend, weights=weights, max_side=max_side, perceptual=perceptual, device=device)
     options["lambda"] = lambda_
     if url:
-        try:
-            from clients.http_client import score_via_http
-        except ModuleNotFoundError:
-            raise click.ClickException("scoring through a service needs the HTTP client (clients/http_client.py)")
+        from clients.http_client import score_via_http
         form = {k: v for k, v in options.items() if v is not None and k in ("frames", "backend", "max_side", "lambda")}
-        result = score_via_http(url, path, preview=bool(preview), **form)
+        result = score_via_http(url, path, preview_dir=preview, **form)
     else:
         from common.scoring import score_video
 

@@ -1,0 +1,67 @@
+"""`vgpa score` as a user runs it: a real process, real files."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from common.synthetic import render_video
+from common.video import write_video
+
+VGPA = [sys.executable, "-c", "from clients.cli import main; main()"]
+
+
+def run(*args, **kwargs):
+    return subprocess.run([*VGPA, *map(str, args)], capture_output=True, text=True, timeout=600, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def demo_video(tmp_path_factory):
+    video = render_video("boxes", "orbit", frames=20, size=(180, 240))
+    return write_video(tmp_path_factory.mktemp("videos") / "orbit.mp4", video.frames)
+
+
+def test_json_output_is_one_object_and_previews_are_written(demo_video, tmp_path):
+    done = run("score", demo_video, "--json", "--frames", "6", "--preview", tmp_path / "previews")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)  # exactly one JSON document on stdout
+    assert result["status"] == "ok" and result["frames"] == 6
+    assert len(result["per_frame"]) == 6 and set(result["timings_s"]) >= {"decode", "geometry", "total"}
+    assert len(list((tmp_path / "previews").glob("*.png"))) == 6
+    assert "geometry" in done.stderr  # progress went to stderr
+
+
+def test_human_output_is_a_short_table(demo_video):
+    done = run("score", demo_video, "--frames", "4", "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert "score" in done.stdout and "metric" in done.stdout and done.stderr == ""
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: d / "missing.mp4", "no such file"),
+        (lambda d: (d / "notes.mp4").write_text("hello") or d / "notes.mp4", "not a video"),
+        (lambda d: write_video(d / "one.mkv", render_video(frames=1, size=(32, 32)).frames, lossless=True), "at least 2"),
+        (lambda d: (d / "cut.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 64) or d / "cut.mp4", "not a video|damaged"),
+    ],
+    ids=["missing", "not-a-video", "one-frame", "truncated"],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, make, message):
+    import re
+
+    done = run("score", make(tmp_path), "--json")
+    assert done.returncode == 2
+    assert done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(message, lines[0]), done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_limits_and_bad_settings_are_clear(demo_video):
+    done = run("score", demo_video, "--max-side", "5")
+    assert done.returncode == 2 and "max_side" in done.stderr and "Traceback" not in done.stderr
+    done = run("score", demo_video, "--backend", "nope")
+    assert done.returncode == 2 and "unknown geometry backend 'nope'" in done.stderr
