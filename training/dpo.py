@@ -151,12 +151,21 @@ def i2v_condition(image_latents: torch.Tensor, latent_frames: int) -> torch.Tens
 
 @contextmanager
 def adapters_disabled(model) -> Iterator[None]:
-    """The reference model: `model` with its LoRA layers bypassed (outputs bit-identical to the base)."""
-    model.disable_adapters()
+    """The reference model: `model` with its LoRA layers bypassed (outputs bit-identical to the base).
+
+    Toggles peft's tuner layers directly: diffusers' `disable_adapters()` checks the installed peft
+    version through importlib.metadata on every call (~2.5 ms, a third of a tiny-model step).
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
     try:
         yield
     finally:
-        model.enable_adapters()
+        for layer in layers:
+            layer.enable_adapters(True)
 
 
 def check_batch(batch: dict, transformer_config) -> None:

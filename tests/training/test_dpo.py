@@ -143,6 +143,30 @@ class TestDpoStep:
         for name, p in model.named_parameters():
             assert (p.grad is not None) == ("lora_" in name), name
 
+    def test_reference_is_bit_identical_to_the_base_model_and_lora_comes_back(self):
+        import copy
+
+        from training.dpo import adapters_disabled
+
+        base = tiny.tiny_transformer(seed=4)
+        model = add_lora(copy.deepcopy(base), rank=4, alpha=8)
+        with torch.no_grad():
+            for p in lora_parameters(model):
+                p.add_(0.1 * torch.randn_like(p))
+        b = _batch(bsz=1)
+        args = dict(hidden_states=b["winner_latents"], encoder_hidden_states=b["prompt_embeds"],
+                    timestep=torch.tensor([500]), return_dict=False)
+        with torch.no_grad():
+            policy = model(**args)[0]
+            with adapters_disabled(model):
+                reference = model(**args)[0]
+            again = model(**args)[0]
+            expected = base(**args)[0]
+        assert torch.equal(reference, expected)
+        assert torch.equal(again, policy) and not torch.equal(policy, expected)
+        # The LoRA weights are trainable again afterwards.
+        assert len(lora_parameters(model)) == sum("lora_" in n for n, _ in model.named_parameters()) > 0
+
     def test_rotary_embeddings_are_used(self):
         model = tiny.tiny_transformer()
         cos, sin = rotary_embeddings(model.config, tiny.LATENT_FRAMES, tiny.LATENT_HEIGHT, tiny.LATENT_WIDTH)
