@@ -237,8 +237,8 @@ class ColmapFlowBackend(GeometryBackend):
             midpoint = 0.5 * ((Ci + s[..., None] * di) + (Cj + t[..., None] * dj))
             ray_i, ray_j = midpoint - Ci, midpoint - Cj
             cos_angle = (ray_i * ray_j).sum(-1) / (np.linalg.norm(ray_i, axis=-1) * np.linalg.norm(ray_j, axis=-1))
+            depth_i = (midpoint - Ci) @ Ri[2].astype(np.float32)  # camera z of the midpoint in frame i
         angle_ok = cos_angle < math.cos(math.radians(self.min_angle_deg))
-        depth_i = (midpoint - Ci) @ Ri[2].astype(np.float32)  # camera z of the midpoint in frame i
         valid = consistent & angle_ok & (s > 0) & (t > 0) & (depth_i > 0) & np.isfinite(depth_i)
         return np.where(valid, depth_i, np.nan).astype(np.float32)
 
