@@ -95,6 +95,20 @@ class TestAuth:
         assert err.value.http_status == 401
 
 
+class TestWebPageWithAuth:
+    def test_token_field_and_scoring(self, url, videos, page):
+        page.goto(url + "/")
+        page.wait_for_selector("#token-label:not([hidden])")  # /info answered 401: the page asks for a token
+        page.set_input_files("#video", str(videos["static"]))
+        page.click("#submit")
+        page.wait_for_selector("#status .verdict.error")
+        assert "Error 401" in page.inner_text("#status")
+        page.fill("#token", TOKEN)
+        page.click("#submit")
+        page.wait_for_selector("#status:has-text('Done.')", timeout=300_000)
+        assert page.inner_text("#verdict").startswith("unscorable")
+
+
 class TestSampling:
     def test_seeds_give_videos_latents_and_embeddings(self, url, tmp_path):
         import av

@@ -194,33 +194,23 @@ class TestBadInput:
 
 
 class TestWebPage:
-    def test_upload_score_chart_previews(self, url, videos):
-        sync_api = pytest.importorskip("playwright.sync_api")
-        chromium = Path("/usr/bin/chromium")
-        if not chromium.exists():
-            pytest.skip("Debian chromium not installed (apt-get install chromium)")
-        args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-        with sync_api.sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=str(chromium), args=args)
-            try:
-                page = browser.new_page()
-                page.goto(url + "/")
-                assert "videogpa" in page.title()
-                page.set_input_files("#video", str(videos["good"]))
-                page.click("#submit")
-                page.wait_for_selector("#status:has-text('Done.')", timeout=300_000)
-                assert page.inner_text("#verdict").startswith("score ")
-                assert page.locator("#chart rect.bar").count() == FRAMES
-                page.wait_for_function("document.querySelectorAll('#previews img').length > 0")
-                assert page.evaluate("[...document.querySelectorAll('#previews img')].every(i => i.naturalWidth > 0)")
-                # An error is shown, not swallowed.
-                page.set_input_files("#video", str(videos["text"]))
-                page.click("#submit")
-                page.wait_for_selector("#status .verdict.error", timeout=120_000)
-                assert "Error 415" in page.inner_text("#status") or "Error 422" in page.inner_text("#status")
-            finally:
-                browser.close()
+    def test_upload_score_chart_previews(self, url, videos, page):
+        page.goto(url + "/")
+        assert "videogpa" in page.title()
+        page.wait_for_function("document.querySelector('#frames').placeholder === '4'")  # defaults from /info
+        assert page.is_hidden("#token-label"), "no token field when the service has no auth"
+        page.set_input_files("#video", str(videos["good"]))
+        page.click("#submit")
+        page.wait_for_selector("#status:has-text('Done.')", timeout=300_000)
+        assert page.inner_text("#verdict").startswith("score ")
+        assert page.locator("#chart rect.bar").count() == FRAMES
+        page.wait_for_function("document.querySelectorAll('#previews img').length > 0")
+        assert page.evaluate("[...document.querySelectorAll('#previews img')].every(i => i.naturalWidth > 0)")
+        # An error is shown, not swallowed.
+        page.set_input_files("#video", str(videos["text"]))
+        page.click("#submit")
+        page.wait_for_selector("#status .verdict.error", timeout=120_000)
+        assert "Error 415" in page.inner_text("#status") or "Error 422" in page.inner_text("#status")
 
 
 class TestLoadAndFaults:
