@@ -399,7 +399,15 @@ class Ingress:
             preview = _parse_bool("preview", form.fields.get("preview"))
             deadline = time.time() + self._timeout(form.fields)
 
+            # At most a few of the batch's videos wait in the scorer's queue at once, so a batch
+            # does not fill the queue and turn its own tail into 503s.
+            slots = asyncio.Semaphore(max(1, min(4, self._args.scorer.max_queued_requests // 2)))
+
             async def one(f) -> dict:
+                async with slots:
+                    return await score_file(f)
+
+            async def score_file(f) -> dict:
                 if f.size == 0:
                     return {"filename": f.filename, "status_code": 422,
                             "error": {"status": 422, "type": "NotAVideoError", "message": "The uploaded file is empty."}}
