@@ -49,13 +49,16 @@ def param_bytes(*modules: torch.nn.Module) -> int:
     return total
 
 
-def build(size: str, device: str, seed: int = 0):
+def build(size: str, device: str, seed: int = 0, frozen_copy: bool = False):
+    """(policy with LoRA, inputs, bytes of one base model, frozen copy of the base or None)."""
     from diffusers import CogVideoXTransformer3DModel
 
     kwargs, latent, text, rank = SIZES[size]
     torch.manual_seed(seed)
     base = CogVideoXTransformer3DModel(patch_size=2, use_rotary_positional_embeddings=True, **kwargs)
     single = param_bytes(base)
+    # The paper's code: a second full transformer, frozen, copied before LoRA exists (no adapter layers).
+    reference = copy.deepcopy(base).requires_grad_(False).eval().to(device) if frozen_copy else None
     policy = add_lora(base, rank=rank, alpha=2 * rank).to(device)
     g = torch.Generator().manual_seed(seed)
     batch = {
@@ -63,7 +66,7 @@ def build(size: str, device: str, seed: int = 0):
         "loser_latents": torch.randn((2, *latent), generator=g),
         "prompt_embeds": torch.randn((2, *text), generator=g),
     }
-    return policy, batch, single
+    return policy, batch, single, reference
 
 
 class Setup:
@@ -71,13 +74,7 @@ class Setup:
 
     def __init__(self, approach: str, size: str, device: str):
         self.approach, self.device = approach, device
-        self.policy, self.batch, self.single = build(size, device)
-        self.reference = None
-        if approach == "frozen copy":
-            # The paper's code: a second full transformer, frozen. Its LoRA is switched off, so it
-            # computes exactly the base model, as the reference must.
-            self.reference = copy.deepcopy(self.policy).requires_grad_(False).eval()
-            self.reference.disable_adapters()
+        self.policy, self.batch, self.single, self.reference = build(size, device, frozen_copy=approach == "frozen copy")
         self.optimizer = torch.optim.AdamW(lora_parameters(self.policy), lr=1e-3)
         self.scheduler = tiny.tiny_scheduler()
         self.times: list[float] = []
@@ -120,11 +117,22 @@ def main() -> None:
     machine = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
     print(f"DPO reference benchmark on {machine}, torch {torch.__version__}, median of {args.steps} steps, batch 2 pairs")
     for size in args.sizes:
-        ours, paper = Setup("adapter off", size, args.device), Setup("frozen copy", size, args.device)
-        for i in range(args.steps + 3):  # interleaved, order alternating, so both see the same machine load
-            first, second = (ours, paper) if i % 2 == 0 else (paper, ours)
-            first.step(record=i >= 3)
-            second.step(record=i >= 3)
+        # Two rounds that build the two setups in opposite orders (on a shared 2-core machine the
+        # build order alone moved timings by 1.3x either way); steps interleaved, order alternating.
+        rounds = []
+        for round_ in range(2):
+            if round_ == 0:
+                ours, paper = Setup("adapter off", size, args.device), Setup("frozen copy", size, args.device)
+            else:
+                paper, ours = Setup("frozen copy", size, args.device), Setup("adapter off", size, args.device)
+            for i in range(args.steps // 2 + 3):
+                first, second = (ours, paper) if i % 2 == 0 else (paper, ours)
+                first.step(record=i >= 3)
+                second.step(record=i >= 3)
+            rounds.append((ours, paper))
+        ours, paper = rounds[-1]
+        ours.times = rounds[0][0].times + rounds[1][0].times
+        paper.times = rounds[0][1].times + rounds[1][1].times
         print(f"\n[{size}] single model (base transformer) parameters: {ours.single / 2**20:.2f} MB")
         copy_ms = 1000 * statistics.median(paper.times)
         peaks = {}
@@ -145,9 +153,10 @@ def main() -> None:
             print(line)
         ok_mem = ours.held_mb() / (ours.single / 2**20) <= 1.1
         # The fastest of many interleaved steps is the least disturbed by other load on a shared machine.
-        ok_time = min(ours.times) <= min(paper.times)
+        ratio = min(ours.times) / min(paper.times)
+        time_verdict = "met" if ratio <= 1.0 else f"missed by {100 * (ratio - 1):.1f}%"
         print(f"  targets: parameters <= 1.1x single: {'met' if ok_mem else 'MISSED'}; "
-              f"step time (min) <= 1.0x copy: {'met' if ok_time else 'MISSED'}")
+              f"step time (fastest step) {ratio:.3f}x copy, <= 1.0x: {time_verdict}")
 
 if __name__ == "__main__":
     main()
