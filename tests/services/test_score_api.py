@@ -20,6 +20,7 @@ pytestmark = pytest.mark.ray
 
 APP = "vgpa-test-score"
 FRAMES = 4
+REPLICA_BEFORE_BAD_INPUT: dict = {}
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +142,15 @@ class TestScoring:
             assert client.score(videos["folder"], frames=3)["frames"] == 3  # folder -> zip on the fly
 
 
+def scorer_replica() -> dict:
+    from ray import serve
+
+    return serve.get_deployment_handle("Scorer", app_name=APP).replica_info.remote().result(timeout_s=60)
+
+
 class TestBadInput:
+    def test_first_note_the_replica(self, url):
+        REPLICA_BEFORE_BAD_INPUT.update(scorer_replica())
     def test_not_a_video_is_415(self, url, videos):
         body = assert_error(post_score(url, videos["text"]), 415, 422)
         assert "notes.mp4" not in body["detail"] or "video" in body["detail"].lower()
@@ -187,6 +196,10 @@ class TestBadInput:
 
     def test_deadline_is_504(self, url, videos):
         assert_error(post_score(url, videos["good"], timeout_s=0.001), 504)
+
+    def test_replica_survived_every_bad_input(self, url, videos):
+        assert scorer_replica() == REPLICA_BEFORE_BAD_INPUT, "the same scorer replica, never restarted"
+        assert post_score(url, videos["good"]).status_code == 200
 
     def test_preview_paths_cannot_escape(self, url):
         for p in ("/previews/..%2F..%2Fetc/passwd", "/previews/" + "0" * 32 + "/..%2Fx.png", "/previews/abc/x.png"):
