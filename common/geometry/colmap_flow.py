@@ -42,11 +42,16 @@ class SfmSettings:
     max_features: int
     exhaustive: bool
     overlap: int = 10
+    camera_model: str = "SIMPLE_PINHOLE"  # SIMPLE_RADIAL also fits the lens distortion of real cameras
+    min_pose_inliers: int = 30  # 2D-3D inliers needed to register a new frame (COLMAP's default: 30)
 
 
 FAST = SfmSettings(first_octave=None, max_features=4096, exhaustive=False)
 _SMALL_FRAME_SIDE = 540  # px: below this SIFT needs the upsampled octave to find enough features
-THOROUGH = SfmSettings(first_octave=-1, max_features=8192, exhaustive=True)
+# Relaxed registration (10 inliers at 10%) is what registers every frame of hard real footage
+# (wide baselines, low texture): on the kitchen sequence at 480 px, 25 of 25 frames instead of 21.
+THOROUGH = SfmSettings(first_octave=-1, max_features=8192, exhaustive=True, min_pose_inliers=10)
+_MAX_EXHAUSTIVE_FRAMES = 64  # beyond this, exhaustive matching costs more than it brings: sequential, wider
 
 
 @dataclass
@@ -156,17 +161,20 @@ class ColmapFlowBackend(GeometryBackend):
                 database,
                 images,
                 camera_mode=pycolmap.CameraMode.SINGLE,
-                reader_options=pycolmap.ImageReaderOptions(camera_model="SIMPLE_PINHOLE"),
+                reader_options=pycolmap.ImageReaderOptions(camera_model=settings.camera_model),
                 extraction_options=extraction,
                 device=pycolmap.Device.cpu,
             )
-            if settings.exhaustive:
+            if settings.exhaustive and len(frames) <= _MAX_EXHAUSTIVE_FRAMES:
                 pycolmap.match_exhaustive(database, device=pycolmap.Device.cpu)
             else:
-                pairing = pycolmap.SequentialPairingOptions(overlap=settings.overlap, quadratic_overlap=True)
+                overlap = settings.overlap * (2 if settings.exhaustive else 1)
+                pairing = pycolmap.SequentialPairingOptions(overlap=overlap, quadratic_overlap=True)
                 pycolmap.match_sequential(database, pairing_options=pairing, device=pycolmap.Device.cpu)
             mapping = pycolmap.IncrementalPipelineOptions()
             mapping.min_model_size = 3
+            mapping.mapper.abs_pose_min_num_inliers = settings.min_pose_inliers
+            mapping.mapper.abs_pose_min_inlier_ratio = 0.25 if settings.min_pose_inliers >= 30 else 0.1
             mapping.max_num_models = 3
             mapping.random_seed = 0  # the same video gives the same cameras
             mapping.extract_colors = False
