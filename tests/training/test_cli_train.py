@@ -83,20 +83,24 @@ def test_cache_reports_missing_clip(tmp_path, clips):
 
 
 @pytest.mark.ray
-def test_train_command_end_to_end(ray_cluster, tmp_path, clips, capsys):
-    model = tiny.save_tiny_cogvideox(tmp_path / "model")
+def test_train_command_end_to_end_image_to_video(ray_cluster, tmp_path, clips, capsys):
+    """cache -> train on an image-to-video model (condition latent concatenated on channels), with validation."""
+    from diffusers import CogVideoXImageToVideoPipeline
+    from PIL import Image
+
+    model = tiny.save_tiny_cogvideox(tmp_path / "model", i2v=True)
     main(["cache", "--videos", str(clips), "--model", str(model), "--output", str(tmp_path / "pairs")])
+    Image.fromarray(np.full((tiny.HEIGHT, tiny.WIDTH, 3), 128, np.uint8)).save(tmp_path / "first.png")
     (tmp_path / "cfg.yaml").write_text(
         "batch_size: 2\nlora_rank: 4\nlora_alpha: 8\nlearning_rate: 1.0e-3\nwarmup_steps: 1\n"
-        "validation_every: 3\nvalidation_prompts: [a red cube]\nvalidation_inference_steps: 2\n"
-        "validation_score_config: {frames: 9, recon_frames: 9, max_side: 32}\n"
+        f"validation_every: 3\nvalidation_prompts: [a red cube]\nvalidation_images: [{tmp_path / 'first.png'}]\n"
+        "validation_inference_steps: 2\nvalidation_score_config: {frames: 9, recon_frames: 9, max_side: 32}\n"
     )
     main(["train", "--pairs", str(tmp_path / "pairs"), "--model", str(model), "--output", str(tmp_path / "out"),
           "--steps", "3", "--workers", "1", "--config", str(tmp_path / "cfg.yaml"), "--run-name", "cli"])
     out = capsys.readouterr().out
     assert "3 steps, batch 2 (1 worker(s) x 1 x 2 accumulation)" in out
     assert "implicit acc" in out and "pytorch_lora_weights.safetensors" in out
-    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
     summary = json.loads((tmp_path / "out" / "train_summary.json").read_text())
     assert summary["steps"] == 3 and summary["config"]["lora_rank"] == 4
     # Validation at step 3: one fixed-seed video, saved and scored (random weights: unscorable is an answer).
@@ -105,6 +109,10 @@ def test_train_command_end_to_end(ray_cluster, tmp_path, clips, capsys):
     assert len(scores) == 1 and scores[0]["status"] in ("ok", "unscorable")
     m = summary["final_metrics"]
     assert m["val/scored"] + m["val/unscorable"] == 1
+    # The exported LoRA loads into the image-to-video pipeline.
+    pipe = CogVideoXImageToVideoPipeline.from_pretrained(model)
+    pipe.load_lora_weights(tmp_path / "out")
+    assert any("lora_A" in n for n, _ in pipe.transformer.named_parameters())
 
 
 def test_train_command_rejects_bad_settings(tmp_path, capsys):
