@@ -74,9 +74,14 @@ def train(pairs_dir, model_dir, output_dir, workers, gpus_per_worker, steps, con
         f"({cfg.num_workers} worker(s) x {cfg.micro_batch_size} x {cfg.grad_accum_steps} accumulation), "
         f"LoRA r={cfg.lora_rank} alpha={cfg.lora_alpha:g}, beta={cfg.beta:g}, lr={cfg.learning_rate:g}, ZeRO-{cfg.zero_stage}"
     )
-    bar = tqdm(total=cfg.max_steps, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps, unit="step", dynamic_ncols=True, desc="starting workers")
+    started = []
 
     def on_step(metrics: dict) -> None:
+        if not started:  # time the rate from the first step, not from Ray and DeepSpeed start-up
+            started.append(True)
+            bar.reset(total=cfg.max_steps)
+            bar.set_description("training")
         bar.n = int(metrics["step"])  # a retried worker group repeats steps: show the step, not a count
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}",
                         margin=f"{metrics['rewards/margins']:.3g}", lr=f"{metrics['lr']:.2e}")
