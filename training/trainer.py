@@ -502,6 +502,29 @@ def check_model_folder(model_dir: Path, index: PairsIndex) -> dict:
     return tcfg
 
 
+def check_resume_compatible(cfg: TrainConfig, run_dir: Path) -> None:
+    """Refuse to resume a run whose ZeRO partitioning the new settings would not match.
+
+    Each rank's checkpoint holds its own optimizer partition, so the worker count and ZeRO stage
+    must stay the same; steps, learning rate or beta may change. Only local (or mounted) storage
+    is inspected; for s3:// and the like DeepSpeed's own load reports the mismatch.
+    """
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    if not snapshot.is_file():
+        return
+    latest = (json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    state_path = run_dir / str(latest) / CHECKPOINT_STATE
+    if not latest or not state_path.is_file():
+        return
+    saved = json.loads(state_path.read_text())["config"]
+    for key in ("num_workers", "zero_stage", "lora_rank", "lora_targets"):
+        if saved.get(key) != getattr(cfg, key):
+            raise ConfigError(
+                f"run '{cfg.run_name}' in {run_dir.parent} was checkpointed with {key}={saved.get(key)}, "
+                f"now {key}={getattr(cfg, key)}: resume with the same value or choose a new run name"
+            )
+
+
 def train(
     cfg: TrainConfig,
     pairs_dir: str | Path,
@@ -533,6 +556,7 @@ def train(
         raise ConfigError(f"the pairs dataset has {len(index)} pairs, fewer than micro_batch_size {cfg.micro_batch_size}")
     output_dir.mkdir(parents=True, exist_ok=True)
     storage_path = cfg.storage_path or str(output_dir / "ray")
+    check_resume_compatible(cfg, Path(storage_path) / cfg.run_name)
 
     # 2. Ray and the progress relay.
     if not ray.is_initialized():

@@ -150,6 +150,14 @@ def test_two_zero2_workers_learn_the_preference_and_stay_identical(finished_run)
 
 
 @pytest.mark.ray
+def test_resuming_with_another_partitioning_is_refused_before_start(finished_run, workspace):
+    root, model, pairs = workspace
+    cfg = small_config(run_name="straight", num_workers=1)  # the run was checkpointed by 2 ZeRO ranks
+    with pytest.raises(ConfigError, match="num_workers=2, now num_workers=1"):
+        train(cfg, pairs, model, root / "straight")
+
+
+@pytest.mark.ray
 def test_checkpoint_holds_only_trainable_and_optimizer_state(finished_run):
     from pathlib import Path
 
