@@ -12,7 +12,8 @@
    confidence is the fraction of neighbours that gave one.
 
 COLMAP's cameras are OpenCV cameras with world-to-camera `cam_from_world`, the convention of
-`common.camera`; intrinsics are in pixels of the frames as written, which are the scored frames.
+`common.camera`; intrinsics are in pixels of the frames as written (the scored frames), with the
+principal point shifted by half a pixel (COLMAP's pixel centres are at +0.5).
 """
 
 from __future__ import annotations
@@ -142,6 +143,7 @@ class ColmapFlowBackend(GeometryBackend):
     # --- 1. cameras -----------------------------------------------------------------------------
 
     def _structure_from_motion(self, frames: Tensor, settings: SfmSettings) -> "Cameras":
+        pycolmap.set_random_seed(0)  # RANSAC and mapping draw random samples: the same video, the same cameras
         with tempfile.TemporaryDirectory(prefix="vgpa-sfm-") as tmp:
             tmp = Path(tmp)
             images = tmp / "images"
@@ -190,7 +192,11 @@ class ColmapFlowBackend(GeometryBackend):
                 continue
             pose = image.cam_from_world() if callable(image.cam_from_world) else image.cam_from_world
             poses[int(Path(image.name).stem)] = torch.from_numpy(np.vstack([pose.matrix(), [0, 0, 0, 1]]))
-        return Cameras(camera.calibration_matrix(), poses, _median_point_depths(model))
+        K = camera.calibration_matrix()
+        # COLMAP puts the centre of the top-left pixel at (0.5, 0.5); our convention at (0, 0).
+        K[0, 2] -= 0.5
+        K[1, 2] -= 0.5
+        return Cameras(K, poses, _median_point_depths(model))
 
     # --- 2. depth -------------------------------------------------------------------------------
 
