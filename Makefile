@@ -24,6 +24,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_raster.py
 	$(PY) benchmarks/bench_score.py
 	$(PY) benchmarks/bench_service.py
+	$(PY) benchmarks/bench_trainer.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
