@@ -123,7 +123,7 @@ def score_video(
 
     # 4. Lift confident pixels to a coloured world point cloud; 5. reproject with a z-buffer.
     step("reproject")
-    reprojection, covered, confident_fraction = _reproject(frames, geometry, config, device)
+    reprojection, covered, confident_fraction = reproject(frames, geometry, config, device)
 
     # 6. Errors on covered pixels only.
     step("metrics")
@@ -170,13 +170,17 @@ def score_video(
     )
 
 
-def _reproject(frames: Tensor, geometry: SceneGeometry, config: ScoreConfig, device) -> tuple[Tensor, Tensor, float]:
-    """Lift confident pixels to 3D and z-buffer them into every frame.
+def reproject(frames: Tensor, geometry: SceneGeometry, config: ScoreConfig, device=None) -> tuple[Tensor, Tensor, float]:
+    """Lift confident pixels to 3D and z-buffer them into every frame (the scorer's reprojection path).
+
+    Public so that evaluation metrics (`common.metrics`) measure exactly what the score measures.
+    frames: (T, H, W, 3) float in [0, 1], the scored frames of `geometry`.
 
     Returns reprojection (T, H, W, 3), covered (T, H, W) bool, and the fraction of confident pixels.
     With config.exclude_self, frame t is rendered from the other frames' points only.
     """
     T, H, W, _ = frames.shape
+    device = frames.device if device is None else device
     depth = geometry.depth.to(device).float()
     K = geometry.K.to(device).float()
     world_to_cam = geometry.world_to_cam.to(device).float()
