@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -60,6 +60,8 @@ class Cameras:
     K: np.ndarray  # (3, 3) shared intrinsics
     poses: dict[int, Tensor]  # frame position -> (4, 4) float64 world-to-camera, registered frames only
     scene_depth: dict[int, float]  # frame position -> median depth of its SfM points (picks neighbours)
+    # frame position -> (n, 3) float64 rows (u, v, z): its SfM points' pixels (our convention) and camera depths
+    observations: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 class ColmapFlowBackend(GeometryBackend):
@@ -87,11 +89,7 @@ class ColmapFlowBackend(GeometryBackend):
         timings: dict[str, float] = {}
         M, H, W, _ = frames.shape
         start = time.perf_counter()
-        cameras = self._structure_from_motion(frames, FAST)
-        if not all(i in cameras.poses for i in scored):
-            thorough = self._structure_from_motion(frames, THOROUGH)
-            if sum(i in thorough.poses for i in scored) > sum(i in cameras.poses for i in scored):
-                cameras = thorough
+        cameras = self.cameras(frames, scored)
         timings["sfm"] = time.perf_counter() - start
         K, world_to_cam, registered_set = cameras.K, cameras.poses, set(cameras.poses)
         if not registered_set:
@@ -141,6 +139,16 @@ class ColmapFlowBackend(GeometryBackend):
         )
 
     # --- 1. cameras -----------------------------------------------------------------------------
+
+    def cameras(self, frames: Tensor, scored: Sequence[int]) -> Cameras:
+        """SfM cameras of `frames` (M, H, W, 3) uint8: fast settings, then a thorough pass once when
+        a scored frame is left unregistered. Also used by the hybrid backend (`common.geometry.hybrid`)."""
+        cameras = self._structure_from_motion(frames, FAST)
+        if not all(i in cameras.poses for i in scored):
+            thorough = self._structure_from_motion(frames, THOROUGH)
+            if sum(i in thorough.poses for i in scored) > sum(i in cameras.poses for i in scored):
+                cameras = thorough
+        return cameras
 
     def _structure_from_motion(self, frames: Tensor, settings: SfmSettings) -> "Cameras":
         pycolmap.set_random_seed(0)  # RANSAC and mapping draw random samples: the same video, the same cameras
@@ -196,7 +204,8 @@ class ColmapFlowBackend(GeometryBackend):
         # COLMAP puts the centre of the top-left pixel at (0.5, 0.5); our convention at (0, 0).
         K[0, 2] -= 0.5
         K[1, 2] -= 0.5
-        return Cameras(K, poses, _median_point_depths(model))
+        observations = _point_observations(model)
+        return Cameras(K, poses, {i: float(np.median(obs[:, 2])) for i, obs in observations.items()}, observations)
 
     # --- 2. depth -------------------------------------------------------------------------------
 
@@ -274,14 +283,16 @@ def _upsample_flow(flow: np.ndarray, height: int, width: int) -> np.ndarray:
     return big
 
 
-def _median_point_depths(model) -> dict[int, float]:
-    depths = {}
+def _point_observations(model) -> dict[int, np.ndarray]:
+    """frame position -> (n, 3) rows (u, v, z) of its triangulated points: pixel in our convention, camera z."""
+    observations = {}
     for image in model.images.values():
         if not image.has_pose:
             continue
         pose = image.cam_from_world() if callable(image.cam_from_world) else image.cam_from_world
-        xyz = [model.points3D[p.point3D_id].xyz for p in image.points2D if p.has_point3D()]
-        if xyz:
-            z = (np.asarray(xyz) @ pose.rotation.matrix().T + pose.translation)[:, 2]
-            depths[int(Path(image.name).stem)] = float(np.median(z))
-    return depths
+        seen = [(p.xy, model.points3D[p.point3D_id].xyz) for p in image.points2D if p.has_point3D()]
+        if seen:
+            uv = np.asarray([xy for xy, _ in seen], dtype=np.float64) - 0.5  # COLMAP's pixel centres are at +0.5
+            z = (np.asarray([xyz for _, xyz in seen]) @ pose.rotation.matrix().T + pose.translation)[:, 2]
+            observations[int(Path(image.name).stem)] = np.column_stack([uv, z])
+    return observations
