@@ -17,8 +17,32 @@ def _colmap_flow(weights: Optional[Path]) -> GeometryBackend:
     return ColmapFlowBackend()
 
 
-# name -> factory(weights path or None). Learned backends register here beside the default.
-_FACTORIES: dict[str, Callable[[Optional[Path]], GeometryBackend]] = {"colmap-flow": _colmap_flow}
+def _hybrid(weights: Optional[Path]) -> GeometryBackend:
+    from common.geometry.hybrid import HybridBackend
+
+    return HybridBackend(weights)
+
+
+def _da3(weights: Optional[Path]) -> GeometryBackend:
+    from common.geometry.learned import DepthAnything3Backend
+
+    return DepthAnything3Backend(weights)
+
+
+def _vggt(weights: Optional[Path]) -> GeometryBackend:
+    from common.geometry.learned import VGGTBackend
+
+    return VGGTBackend(weights)
+
+
+# name -> factory(weights path or None). Learned backends register here beside the default;
+# their packages are imported only when one is created.
+_FACTORIES: dict[str, Callable[[Optional[Path]], GeometryBackend]] = {
+    "colmap-flow": _colmap_flow,
+    "hybrid": _hybrid,
+    "da3": _da3,
+    "vggt": _vggt,
+}
 
 
 def register_backend(name: str, factory: Callable[[Optional[Path]], GeometryBackend]) -> None:
