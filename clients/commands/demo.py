@@ -1,4 +1,8 @@
-"""`vgpa demo`: render the demo scene, score it clean and corrupted, print both results."""
+"""`vgpa demo`: render the demo scene, score it clean and corrupted, print both results.
+
+`vgpa demo --tiny`: the whole loop on one machine (tiny random CogVideoX -> prompts -> mining ->
+pairs -> LoRA-DPO with two workers -> LoRA loaded back -> sample -> score), one JSON summary.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,17 @@ from clients.commands.score import StageProgress, format_result
 @click.command(help="Render a synthetic scene, score a clean and a corrupted video of it, print both.")
 @click.option("--out", type=click.Path(path_type=Path), help="Keep the videos and previews in this folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with both results.")
-def demo(out, as_json):
+@click.option("--tiny", is_flag=True,
+              help="Instead: run the whole loop (mine -> train -> sample -> score) with a tiny random CogVideoX; print a JSON summary.")
+@click.option("--address", default=None, help="--tiny: Ray cluster address (default: RAY_ADDRESS or an embedded local Ray).")
+def demo(out, as_json, tiny, address):
+    if tiny:
+        from training.demo import run_tiny_demo
+
+        folder = out or Path(tempfile.mkdtemp(prefix="vgpa-demo-tiny-"))
+        summary = run_tiny_demo(folder, address=address, log=lambda line: click.echo(line, err=True))
+        click.echo(json.dumps(summary))
+        return
     from common.scoring import score_video
     from common.synthetic import render_demo_video
 
