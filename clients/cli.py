@@ -23,6 +23,7 @@ _COMMAND_MODULES = (
     "clients.commands.train",
     "clients.commands.serve",
     "clients.commands.mine",
+    "clients.commands.eval",
 )
 
 
