@@ -554,13 +554,19 @@ def mine(
 
     # 2. The stream.
     started = time.perf_counter()
-    per_prompt = Counter(r["prompt_id"] for r in records)
-    state = {"new": 0, "failed": sum(r.get("status") == "failed" for r in records), "pairs": len(select_pairs(records, settings.pairs)[0])}
+    # Progress is kept incrementally (a job may hold 1e5 videos): records and pair counts per prompt.
+    by_prompt: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        by_prompt[r["prompt_id"]].append(r)
+    pairs_per_prompt = {pid: len(select_pairs(rs, settings.pairs)[0]) for pid, rs in by_prompt.items()}
+    state = {"new": 0, "failed": sum(r.get("status") == "failed" for r in records),
+             "prompts_done": sum(len(rs) >= settings.seeds for rs in by_prompt.values()),
+             "pairs": sum(pairs_per_prompt.values())}
 
     def progress() -> dict:
         elapsed = time.perf_counter() - started
         return {
-            "prompts_done": sum(1 for p in prompts if per_prompt[p["prompt_id"]] >= settings.seeds),
+            "prompts_done": state["prompts_done"],
             "prompts_total": len(prompts),
             "videos_done": len(records), "videos_total": total_videos, "videos_this_run": state["new"],
             "videos_per_min": round(60 * state["new"] / elapsed, 2) if elapsed > 0 and state["new"] else 0.0,
@@ -599,7 +605,10 @@ def mine(
         def flush() -> None:
             append_records(out_dir, buffer)
             records.extend(buffer)
-            state["pairs"] = len(select_pairs(records, settings.pairs)[0])
+            for pid in {r["prompt_id"] for r in buffer}:
+                count = len(select_pairs(by_prompt[pid], settings.pairs)[0])
+                state["pairs"] += count - pairs_per_prompt.get(pid, 0)
+                pairs_per_prompt[pid] = count
             buffer.clear()
             if on_progress:
                 on_progress(progress())
@@ -609,7 +618,8 @@ def mine(
             if row.get("status") is None:
                 row = dict(row, status="failed", reason="no verdict (the score stage did not run)")
             buffer.append(row)
-            per_prompt[row["prompt_id"]] += 1
+            by_prompt[row["prompt_id"]].append(row)
+            state["prompts_done"] += len(by_prompt[row["prompt_id"]]) == settings.seeds
             state["new"] += 1
             state["failed"] += row["status"] == "failed"
             if len(buffer) >= settings.flush_every:

@@ -56,9 +56,13 @@ def workspace(tmp_path_factory) -> dict:
 def local_run(ray_cluster, workspace) -> dict:
     """seeds=1, then seeds=2 (resumes: seed 0 of each prompt is not redone), then the same again."""
     out = workspace["root"] / "local"
-    runs = [mine(workspace["with_broken"], workspace["model"], out, MineSettings(seeds=seeds, steps=2, score=SCORE),
-                 local=True) for seeds in (1, 2, 2)]
-    return {"out": out, "runs": runs, "records": load_records(out)}
+    progress: list[list[dict]] = []
+    runs = []
+    for seeds in (1, 2, 2):
+        progress.append([])
+        runs.append(mine(workspace["with_broken"], workspace["model"], out, MineSettings(seeds=seeds, steps=2, score=SCORE),
+                         local=True, on_progress=progress[-1].append))
+    return {"out": out, "runs": runs, "progress": progress, "records": load_records(out)}
 
 
 def test_bad_inputs_fail_before_sampling(tmp_path, workspace):
@@ -97,6 +101,10 @@ def test_local_job_records_every_video_with_its_verdict(local_run, workspace):
             assert Path(r[key]).is_file() and Path(r[key]).is_relative_to(local_run["out"] / "samples")
         assert r["metric_id"].startswith("colmap-flow/") and "T=4" in r["metric_id"]
         assert r["image"].endswith(".png") and r["sample_s"] > 0 and r["score_s"] > 0
+    start, end = local_run["progress"][1][0], local_run["progress"][1][-1]  # the resumed run's progress
+    assert (start["prompts_done"], start["videos_done"], start["failed"]) == (0, 3, 1)
+    assert (end["prompts_done"], end["prompts_total"], end["videos_done"], end["videos_total"]) == (3, 3, 6, 6)
+    assert end["failed"] == 2 and end["pairs_so_far"] == 0 and end["videos_per_min"] > 0
     summary = json.loads((local_run["out"] / "mine_summary.json").read_text())
     assert summary["statuses"]["failed"] == 2 and summary["report"]["videos_dropped"]["failed"] == 2
 
