@@ -175,12 +175,14 @@ class ColmapFlowBackend(GeometryBackend):
                 extraction_options=extraction,
                 device=pycolmap.Device.cpu,
             )
+            matching = pycolmap.FeatureMatchingOptions()
+            matching.num_threads = self.num_threads
             if settings.exhaustive and len(frames) <= _MAX_EXHAUSTIVE_FRAMES:
-                pycolmap.match_exhaustive(database, device=pycolmap.Device.cpu)
+                pycolmap.match_exhaustive(database, matching_options=matching, device=pycolmap.Device.cpu)
             else:
                 overlap = settings.overlap * (2 if settings.exhaustive else 1)
                 pairing = pycolmap.SequentialPairingOptions(overlap=overlap, quadratic_overlap=True)
-                pycolmap.match_sequential(database, pairing_options=pairing, device=pycolmap.Device.cpu)
+                pycolmap.match_sequential(database, matching_options=matching, pairing_options=pairing, device=pycolmap.Device.cpu)
             mapping = pycolmap.IncrementalPipelineOptions()
             mapping.min_model_size = 3
             mapping.mapper.abs_pose_min_num_inliers = settings.min_pose_inliers
