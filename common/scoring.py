@@ -58,7 +58,7 @@ def score_video(
     """
     config = config or ScoreConfig()
     step = _Stages(progress)
-    device = _device(config.device)
+    device = resolve_device(config.device)
 
     # 1. Decode: the T scored frames plus a denser subset for structure-from-motion.
     step("decode")
@@ -249,7 +249,8 @@ def _write_previews(folder: Path, frames: Tensor, reprojection: Tensor, covered:
     return paths
 
 
-def _device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
+    """ScoreConfig.device -> a torch device: "auto" picks CUDA when it is available."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)

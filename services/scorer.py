@@ -102,12 +102,12 @@ class ScorerServer:
         """The geometry backend and the perceptual metric of `config`, built once per replica."""
         from common.geometry import create_backend
         from common.perceptual import create_metric
-        from common.scoring import _device
+        from common.scoring import resolve_device
 
         if config.backend not in self._backends:
             t0 = time.perf_counter()
             self._backends[config.backend] = create_backend(config.backend, config.weights)
-            create_metric(config.perceptual, config.lpips_weights, _device(config.device))  # cached by the core
+            create_metric(config.perceptual, config.lpips_weights, resolve_device(config.device))  # cached by the core
             logger.info("scorer loaded backend %s in %.1f s", config.backend, time.perf_counter() - t0)
         return self._backends[config.backend]
 
