@@ -162,17 +162,18 @@ def format_table(summary: dict, names: tuple[str, str] = ("A", "B")) -> str:
     fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
     header = f"{'metric':<22}{names[0] + ' mean':>12}{names[0] + ' median':>14}{'n':>5}"
     if two:
-        header += f"{names[1] + ' mean':>12}{names[1] + ' median':>14}{'n':>5}{'B wins':>9}"
+        header += f"{names[1] + ' mean':>12}{names[1] + ' median':>14}{'n':>5}{names[1] + ' wins':>12}"
     lines = [header, "-" * len(header)]
     for metric, e in summary["metrics"].items():
         arrow = "↑" if e["higher_is_better"] else "↓"
         line = f"{metric + ' ' + arrow:<22}{fmt(e['a']['mean']):>12}{fmt(e['a']['median']):>14}{e['a']['n']:>5}"
         if two:
             win = "-" if e["win_rate_b"] is None else f"{100 * e['win_rate_b']:.0f}%"
-            line += f"{fmt(e['b']['mean']):>12}{fmt(e['b']['median']):>14}{e['b']['n']:>5}{win:>9}"
+            line += f"{fmt(e['b']['mean']):>12}{fmt(e['b']['median']):>14}{e['b']['n']:>5}{win:>12}"
         lines.append(line)
     if two:
-        lines.append(f"{summary['pairs']} pairs by name; B wins: share of pairs measured in both where B is better")
+        lines.append(f"{summary['pairs']} pairs by name; {names[1]} wins: share of the pairs measured in both where "
+                     f"{names[1]} is better (ties count half); - : not measured (e.g. LPIPS without its weights)")
         for key in ("only_in_a", "only_in_b"):
             if summary[key]:
                 lines.append(f"unpaired ({key.replace('_', ' ')}): {', '.join(summary[key][:10])}"
@@ -212,6 +213,8 @@ def plot_distributions(path: Path, rows: list[dict], names: tuple[str, ...]) -> 
             for p, d in shown:
                 jitter = np.linspace(-0.12, 0.12, len(d)) if len(d) > 1 else [0.0]
                 ax.scatter(np.asarray(jitter) + p, d, s=10, alpha=0.7)
+        else:
+            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes, fontsize=8, color="grey")
         ax.set_xticks(positions)
         ax.set_xticklabels([names[i] if i < len(names) else s for i, s in enumerate(sets)], fontsize=8)
         ax.set_title(f"{metric} {'↑' if higher_better else '↓'}", fontsize=9)

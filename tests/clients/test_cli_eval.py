@@ -38,7 +38,7 @@ def test_eval_two_sets_writes_csv_json_png_and_a_side_by_side_table(two_sets, tm
     assert done.returncode == 0, done.stderr
     assert "video" in done.stderr  # the progress bar
     table = done.stdout
-    for metric in ("psnr", "ssim", "mvcs", "epipolar_px", "epipolar_inlier_rate", "B wins"):
+    for metric in ("psnr", "ssim", "mvcs", "epipolar_px", "epipolar_inlier_rate", "lora wins"):
         assert metric in table
     assert "2 pairs by name" in table and "extra_seed9" in table
 

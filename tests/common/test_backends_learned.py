@@ -157,3 +157,20 @@ def test_optional_backends_name_the_missing_package_or_weights(tmp_path, name, p
     else:
         with pytest.raises(ConfigError, match=download):
             create_backend(name, tmp_path / "missing")
+
+
+def test_depth_anything_3_runs_and_converts_to_our_convention():
+    """A randomly initialised DA3-small (configs ship in the package), fp32 on the CPU."""
+    pytest.importorskip("depth_anything_3.api", reason="depth-anything-3 is optional (see docs/backends.md)")
+    backend = create_backend("da3", "random:da3-small")
+    backend.process_res = 168  # frames of 120x160 are processed at 126x168: intrinsics must be rescaled
+    video = render_video("boxes", "orbit", frames=6, size=SIZE)
+    geometry = backend.reconstruct(video.frames, [0, 2, 3, 5], list(range(6)))
+    assert geometry.depth.shape == (4, *SIZE) and geometry.K.shape == (4, 3, 3)
+    # DA3 puts a centred principal point at (w/2, h/2) of its resolution; ours is ((W-1)/2, (H-1)/2).
+    assert torch.allclose(geometry.K[:, 0, 2], torch.full((4,), 79.5, dtype=torch.float64), atol=1e-3)
+    assert torch.allclose(geometry.K[:, 1, 2], torch.full((4,), 59.5, dtype=torch.float64), atol=1e-3)
+    R = geometry.world_to_cam[:, :3, :3]
+    assert torch.allclose(R @ R.transpose(-1, -2), torch.eye(3, dtype=torch.float64).expand(4, 3, 3), atol=1e-4)
+    assert torch.equal(geometry.world_to_cam[:, 3], torch.tensor([0, 0, 0, 1.0], dtype=torch.float64).expand(4, 4))
+    assert 0 <= float(geometry.confidence.min()) and float(geometry.confidence.max()) <= 1
