@@ -7,7 +7,7 @@ resolution. `to_scene_geometry` converts them to our convention (`common.camera`
 - depth and confidence are resized to the scored frames (bilinear, half-pixel centres);
 - K is rescaled to the scored frames. These models put the principal point of a centred camera at
   (w / 2, h / 2), i.e. pixel centres at +0.5 (like COLMAP), so with s = W / w:
-  fx' = s * fx and cx' = s * (cx + 0.5) - 0.5 (the same along y with H / h);
+  fx' = s * fx and cx' = s * cx - 0.5 (the same along y with H / h);
 - a camera-to-world output (`cam_to_world=True`) is inverted; (3, 4) becomes (4, 4);
 - confidence is divided by its per-frame median and clipped to [0, 1], so the scorer's 0.5
   threshold keeps pixels at least half as confident as the frame's typical pixel.
