@@ -28,7 +28,7 @@ Output folder:
 Resuming: records already in `records/` (key prompt_id:seed) are skipped on a rerun, so a killed
 job loses only the videos in flight (and at most `flush_every` finished ones not yet written) and
 never duplicates a record or a pair. A video that fails (sampling or scoring error) is recorded
-with status "failed" and its reason; it is not retried on resume (delete its record to retry).
+with status "failed" and its reason; a rerun with `retry_failed` (`--retry-failed`) redoes those.
 """
 
 from __future__ import annotations
@@ -102,6 +102,7 @@ class MineSettings(BaseModel):
     sampler_num_gpus: float = Field(0, ge=0, description="Local mode: GPUs per sampler actor.")
     scorer_num_gpus: float = Field(0, ge=0, description="Local mode: GPUs per scorer actor.")
     flush_every: int = Field(8, ge=1, description="Records are appended to Parquet every N videos (and at the end).")
+    retry_failed: bool = Field(False, description="On resume, redo videos recorded as failed (their new record replaces the old).")
     backpressure_timeout_s: float = Field(3600, gt=0, description="Serve: give a video up after waiting this long for capacity.")
     pairs: PairSettings = Field(default_factory=PairSettings)
 
@@ -165,7 +166,8 @@ def _schema():
 
 
 def load_records(out_dir: str | Path) -> list[dict]:
-    """Every record written so far (a part file that cannot be read, e.g. cut by a kill, is set aside)."""
+    """Every record written so far, one per prompt_id:seed (the latest; a part file that cannot be read,
+    e.g. cut by a kill, is set aside and its videos are redone)."""
     import pyarrow.parquet as pq
 
     folder = Path(out_dir) / RECORDS_DIR
@@ -178,7 +180,7 @@ def load_records(out_dir: str | Path) -> list[dict]:
             part.rename(part.with_suffix(".unreadable"))
             continue
         for row in rows:
-            records.setdefault(f"{row['prompt_id']}:{row['seed']}", row)
+            records[f"{row['prompt_id']}:{row['seed']}"] = row  # files sort by write time: a retried video's latest record wins
     return list(records.values())
 
 
@@ -425,6 +427,26 @@ def _pair_id(winner: dict, loser: dict) -> str:
     return f"{safe}-{digest}"
 
 
+def _remove_old_pairs(directory: Path) -> None:
+    """Delete a previous pairs dataset (only a folder whose summary.json says it is one)."""
+    import shutil
+
+    from training.pairs import FORMAT, SUMMARY_NAME as PAIRS_SUMMARY
+
+    summary = directory / PAIRS_SUMMARY
+    if not summary.is_file():
+        if directory.exists() and any(directory.iterdir()):
+            raise ConfigError(f"{directory} exists and is not a pairs dataset: refusing to write pairs into it")
+        return
+    try:
+        is_pairs = json.loads(summary.read_text()).get("format") == FORMAT
+    except json.JSONDecodeError:
+        is_pairs = False
+    if not is_pairs:
+        raise ConfigError(f"{directory} exists and is not a pairs dataset: refusing to write pairs into it")
+    shutil.rmtree(directory)
+
+
 def build_pairs(records: list[dict], model_dir: str | Path, out_dir: str | Path, settings: PairSettings,
                 extra: Optional[dict] = None) -> dict:
     """Select pairs and write them with `training.pairs.write_pairs_dataset` (the layout `vgpa train` reads).
@@ -440,6 +462,7 @@ def build_pairs(records: list[dict], model_dir: str | Path, out_dir: str | Path,
     pairs, report = select_pairs(records, settings)
     out_dir = Path(out_dir)
     report["settings"] = settings.model_dump()
+    _remove_old_pairs(out_dir)  # derived data: rebuilt from the records, never left stale
     if not pairs:
         report["written"] = None
         return report
@@ -546,6 +569,8 @@ def mine(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     records = load_records(out_dir)
+    if settings.retry_failed:
+        records = [r for r in records if r.get("status") != "failed"]
     done = {f"{r['prompt_id']}:{r['seed']}" for r in records}
     todo = plan_rows(prompts, settings, done)
     total_videos = len(prompts) * settings.seeds
@@ -693,6 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-gap", type=float)
     parser.add_argument("--max-score", type=float)
     parser.add_argument("--min-motion", type=float)
+    parser.add_argument("--retry-failed", action="store_true", help="redo videos recorded as failed")
     return parser
 
 
@@ -704,6 +730,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         settings = settings_from_file(args.config, {
             "seeds": args.seeds, "steps": args.steps, "app_name": args.app_name,
+            "retry_failed": args.retry_failed or None,
             "pairs": {"mode": args.pair_mode, "min_gap": args.min_gap, "max_score": args.max_score, "min_motion": args.min_motion}})
         summary = mine(args.prompts, args.model, args.out, settings, local=args.local, address=args.address,
                        on_progress=lambda p: print(format_progress(p), flush=True))

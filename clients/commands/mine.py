@@ -32,15 +32,16 @@ from clients.commands.prompts import prompts
 @click.option("--min-gap", type=float, default=None, help="Smallest score gap of a pair (default 0.05).")
 @click.option("--max-score", type=float, default=None, help="Quality threshold: drop videos with a larger error.")
 @click.option("--min-motion", type=float, default=None, help="Drop videos with less camera motion (default 0.001).")
+@click.option("--retry-failed", is_flag=True, help="Redo videos recorded as failed in an earlier run.")
 def mine(prompts_file, model_dir, out_dir, seeds, address, local, config_file, steps, app_name, pair_mode, min_gap,
-         max_score, min_motion):
+         max_score, min_motion, retry_failed):
     from tqdm import tqdm
 
     from training.mine import mine as run_mine
     from training.mine import settings_from_file
 
     settings = settings_from_file(config_file, {
-        "seeds": seeds, "steps": steps, "app_name": app_name,
+        "seeds": seeds, "steps": steps, "app_name": app_name, "retry_failed": retry_failed or None,
         "pairs": {"mode": pair_mode, "min_gap": min_gap, "max_score": max_score, "min_motion": min_motion}})
     bar = tqdm(unit="prompt", dynamic_ncols=True, desc="mining")
 

@@ -11,7 +11,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 pytest.importorskip("ray.data")
@@ -190,8 +189,44 @@ def test_vgpa_mine_command_on_a_finished_job_adds_nothing(local_run, workspace, 
           "--out", str(local_run["out"]), "--seeds", "2", "--local", "--config", str(tmp_path / "mine.yaml")])
     out = capsys.readouterr().out
     assert "videos         6 (0 this run" in out and "'failed': 2" in out
+    assert "pairs          0" in out and not (local_run["out"] / "pairs").exists()  # the earlier test's pairs are not left stale
     assert len(load_records(local_run["out"])) == 6
+    main(["mine", "--prompts", str(workspace["with_broken"]), "--model", str(workspace["model"]),
+          "--out", str(local_run["out"]), "--seeds", "2", "--local", "--config", str(tmp_path / "mine.yaml"), "--retry-failed"])
+    assert "videos         6 (2 this run" in capsys.readouterr().out  # only the failed ones were redone
+    records = load_records(local_run["out"])
+    assert len(records) == 6 and sum(r["status"] == "failed" for r in records) == 2
     with pytest.raises(SystemExit) as exit_info:
         main(["mine", "--prompts", str(tmp_path / "none.jsonl"), "--model", str(workspace["model"]),
               "--out", str(tmp_path / "o"), "--local"])
     assert exit_info.value.code == 2 and "cannot read prompt file" in capsys.readouterr().err
+
+
+def test_backpressure_is_waited_out_and_a_cut_record_file_is_redone(tmp_path):
+    from ray.serve.exceptions import BackPressureError
+
+    from training.mine import _call_with_backpressure, append_records
+
+    calls = []
+
+    def busy_twice():
+        calls.append(1)
+        if len(calls) < 3:
+            raise BackPressureError(num_queued_requests=4, max_queued_requests=4)
+        return "answer"
+
+    assert _call_with_backpressure(busy_twice, timeout_s=60) == "answer" and len(calls) == 3
+    def always_busy():
+        raise BackPressureError(num_queued_requests=1, max_queued_requests=1)
+
+    with pytest.raises(BackPressureError):  # past backpressure_timeout_s the video is given up (recorded as failed)
+        _call_with_backpressure(always_busy, timeout_s=0.01)
+    # A part file cut short by a kill is set aside; the other records stay; nothing is duplicated.
+    row = {"prompt_id": "a", "seed": 1, "prompt": "x", "status": "unscorable", "reason": "static"}
+    good = append_records(tmp_path, [row, dict(row, seed=2)])
+    cut = append_records(tmp_path, [dict(row, seed=3)])
+    cut.write_bytes(cut.read_bytes()[:20])
+    append_records(tmp_path, [dict(row, seed=1)])  # the same key again (e.g. a racing rerun): kept once
+    records = load_records(tmp_path)
+    assert sorted(r["seed"] for r in records) == [1, 2] and good.is_file()
+    assert not cut.exists() and cut.with_suffix(".unreadable").is_file()

@@ -17,7 +17,6 @@ from training.prompts import (
     load_vocabulary,
     read_captions,
     read_prompt_file,
-    write_prompt_file,
 )
 
 
