@@ -21,6 +21,7 @@ from training.mine import (  # noqa: E402
     MineSettings,
     PairSettings,
     build_pairs,
+    check_prompts_for_model,
     load_records,
     mine,
     select_pairs,
@@ -155,6 +156,27 @@ def test_pairs_from_the_job_are_what_the_trainer_reads(local_run, workspace):
     assert batch["prompt_embeds"].shape == (2, 16, 32)
     for row in index.rows:
         assert row["winner_score"] < row["loser_score"] and not math.isnan(row["winner_score"])
+
+
+def test_text_to_video_from_captions(ray_cluster, tmp_path):
+    """Captions -> prompt file -> local mining on a text-to-video model -> pairs without image latents."""
+    from common.tiny_cogvideox import save_tiny_cogvideox
+    from training.pairs import load_pairs_index
+    from training.prompts import read_captions
+
+    model = save_tiny_cogvideox(tmp_path / "t2v")
+    (tmp_path / "captions.csv").write_text("id,caption\ncar,a red car on a coast road\n")
+    prompts = write_prompt_file(tmp_path / "p.jsonl", read_captions(tmp_path / "captions.csv"))
+    summary = mine(prompts, model, tmp_path / "out", MineSettings(seeds=2, steps=2, score=SCORE), local=True)
+    records = load_records(tmp_path / "out")
+    assert summary["videos_this_run"] == 2 and {r["image"] for r in records} == {None}
+    assert all(r["status"] in ("ok", "unscorable") for r in records)
+    scored = [dict(r, status="ok", score=float(i), motion=1.0, metric_id="m") for i, r in enumerate(records)]
+    build_pairs(scored, model, tmp_path / "pairs", PairSettings())
+    index = load_pairs_index(tmp_path / "pairs")
+    assert len(index) == 1 and not index.i2v and index.rows[0]["image_latents"] is None
+    with pytest.raises(ConfigError, match="text-to-video but p.jsonl gives first-frame images"):
+        check_prompts_for_model([{"prompt_id": "a", "prompt": "x", "image": "f.png"}], False, "p.jsonl")
 
 
 def test_serve_mode_streams_through_the_apps_deployments(ray_cluster, serve_url, workspace):
