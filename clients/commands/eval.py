@@ -41,12 +41,11 @@ def eval_command(set_a, set_b, out, names, frames, backend, weights, max_side, a
         raise click.BadParameter("give two labels, e.g. --names base,lora", param_hint="--names")
     videos_a = collect_videos(set_a)
     videos_b = collect_videos(set_b) if set_b is not None else None
-    if videos_b is not None:  # only paired videos are worth computing
-        common = set(videos_a) & set(videos_b)
-        if not common:
-            from common.errors import ConfigError
+    if videos_b is not None and not set(videos_a) & set(videos_b):
+        # Unpaired videos are still evaluated (they count in their set's means); none paired is a mistake.
+        from common.errors import ConfigError
 
-            raise ConfigError(f"no video names are shared by {set_a} and {set_b}: videos are paired by file name")
+        raise ConfigError(f"no video names are shared by {set_a} and {set_b}: videos are paired by file name")
     geometry = create_backend(config.backend, config.weights)
 
     def bar(label):
