@@ -15,7 +15,8 @@ import click
 from clients.commands.score import StageProgress, format_result
 
 
-@click.command(help="Render a synthetic scene, score a clean and a corrupted video of it, print both.")
+@click.command(help="Render a synthetic scene, score a clean and a corrupted video of it, print both "
+                    "(--tiny: instead run the whole mine -> train -> sample -> score loop on a tiny model).")
 @click.option("--out", type=click.Path(path_type=Path), help="Keep the videos and previews in this folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with both results.")
 @click.option("--tiny", is_flag=True,
