@@ -106,15 +106,17 @@ def evaluate_set(videos: dict[str, Path], config: ScoreConfig, backend: Geometry
     from common.metrics import load_lpips
 
     lpips_net = load_lpips(config)  # once per set, not per video
-    rows = []
     items = list(videos.items())
-    for name, path in (progress(items) if progress else items):
-        try:
-            row = evaluate_video(path, config, backend, lpips_net)
-        except VideoGPAError as err:
-            row = {m: None for m in METRICS} | {c: 0 for c in COUNTS} | dict(status="error", reason=str(err))
-        rows.append(dict(set=label, name=name, path=str(path)) | row)
-    return rows
+    return [video_row(name, path, config, backend, lpips_net, label) for name, path in (progress(items) if progress else items)]
+
+
+def video_row(name: str, path, config: ScoreConfig, backend: GeometryBackend, lpips_net=None, label: str = "A") -> dict:
+    """One row of the results: `evaluate_video`, or the error of a video that cannot be read."""
+    try:
+        row = evaluate_video(path, config, backend, lpips_net)
+    except VideoGPAError as err:
+        row = {m: None for m in METRICS} | {c: 0 for c in COUNTS} | dict(status="error", reason=str(err))
+    return dict(set=label, name=name, path=str(path)) | row
 
 
 def _finite(values) -> list[float]:

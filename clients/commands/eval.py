@@ -27,9 +27,11 @@ from clients.commands.score import config_from_options
 @click.option("--backend", help="Geometry backend (default colmap-flow).")
 @click.option("--weights", type=click.Path(path_type=Path), help="Local weights for a learned backend.")
 @click.option("--max-side", type=int, help="Resize so the long side is at most this many pixels (default 720).")
+@click.option("--ray", "use_ray", is_flag=True, help="Evaluate videos as Ray tasks (local Ray, or the cluster at --address / RAY_ADDRESS).")
+@click.option("--address", help="Ray cluster address for --ray (default: RAY_ADDRESS, else a local Ray).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def eval_command(set_a, set_b, out, names, frames, backend, weights, max_side, as_json, quiet):
+def eval_command(set_a, set_b, out, names, frames, backend, weights, max_side, use_ray, address, as_json, quiet):
     from tqdm import tqdm
 
     from common.evaluation import collect_videos, evaluate_set, format_table, summarise, write_outputs
@@ -46,13 +48,26 @@ def eval_command(set_a, set_b, out, names, frames, backend, weights, max_side, a
         from common.errors import ConfigError
 
         raise ConfigError(f"no video names are shared by {set_a} and {set_b}: videos are paired by file name")
-    geometry = create_backend(config.backend, config.weights)
+    geometry = create_backend(config.backend, config.weights)  # here too: a missing model fails before any work
 
     def bar(label):
         return lambda items: tqdm(items, desc=f"eval {label}", unit="video", disable=quiet, file=sys.stderr)
 
-    rows_a = evaluate_set(videos_a, config, geometry, bar(labels[0]), label="A")
-    rows_b = evaluate_set(videos_b, config, geometry, bar(labels[1]), label="B") if videos_b is not None else None
+    if use_ray:
+        from training.eval_job import ensure_ray, evaluate_set_ray
+
+        ensure_ray(address)
+
+        def run_set(videos, label, set_name):
+            with tqdm(total=len(videos), desc=f"eval {label}", unit="video", disable=quiet, file=sys.stderr) as progress:
+                return evaluate_set_ray(videos, config, set_name, on_done=lambda row: progress.update(1))
+    else:
+
+        def run_set(videos, label, set_name):
+            return evaluate_set(videos, config, geometry, bar(label), label=set_name)
+
+    rows_a = run_set(videos_a, labels[0], "A")
+    rows_b = run_set(videos_b, labels[1], "B") if videos_b is not None else None
     summary = summarise(rows_a, rows_b)
     settings = dict(sets=[str(set_a)] + ([str(set_b)] if set_b else []), names=list(labels), backend=geometry.name,
                     metric_id=config.metric_id(geometry.name, "eval"), frames=config.frames, max_side=config.max_side)

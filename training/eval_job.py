@@ -1,0 +1,66 @@
+"""`vgpa eval --ray`: the same per-video evaluation as `common.evaluation`, as Ray tasks over many videos.
+
+Videos travel as paths (never as tensors through the object store); each worker process builds
+the geometry backend and LPIPS once and reuses them for every video it gets. On a cluster, the
+paths must be readable by every node (shared storage).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+from common.config import ScoreConfig
+
+_worker_cache: dict = {}  # per worker process: (backend name, weights) -> (backend, lpips)
+
+
+def _evaluate_remote(name: str, path: str, config_json: str, label: str) -> dict:
+    from common.evaluation import video_row
+    from common.geometry import create_backend
+    from common.metrics import load_lpips
+
+    config = ScoreConfig.model_validate_json(config_json)
+    key = (config.backend, str(config.weights), str(config.lpips_weights))
+    if key not in _worker_cache:
+        _worker_cache[key] = (create_backend(config.backend, config.weights), load_lpips(config))
+    backend, lpips_net = _worker_cache[key]
+    return video_row(name, Path(path), config, backend, lpips_net, label)
+
+
+def ensure_ray(address: Optional[str] = None) -> None:
+    """Connect to `address` (or RAY_ADDRESS), else start a local Ray without dashboard."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, log_to_driver=False)
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
+                 configure_logging=False, log_to_driver=False)
+
+
+def evaluate_set_ray(
+    videos: dict[str, Path], config: ScoreConfig, label: str = "A", cpus_per_video: float = 1.0,
+    on_done: Optional[Callable[[dict], None]] = None,
+) -> list[dict]:
+    """Rows of `common.evaluation.video_row` for every video, computed by Ray tasks, in the input order."""
+    import ray
+
+    task = ray.remote(num_cpus=cpus_per_video, max_retries=1)(_evaluate_remote)
+    config_json = config.model_dump_json(by_alias=True)
+    refs = [task.remote(name, str(path), config_json, label) for name, path in videos.items()]
+    order = {ref: i for i, ref in enumerate(refs)}
+    rows: list[Optional[dict]] = [None] * len(refs)
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        row = ray.get(done[0])
+        rows[order[done[0]]] = row
+        if on_done:
+            on_done(row)
+    return rows  # type: ignore[return-value]
