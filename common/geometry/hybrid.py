@@ -35,7 +35,7 @@ DOWNLOAD_HINT = (
 )
 
 # model_type -> True when its predicted_depth is a depth (not an inverse depth); see `predicts_depth`.
-_METRIC_TYPES = {"depth_pro", "zoedepth"}
+_METRIC_TYPES = {"depth_pro", "zoedepth", "glpn", "prompt_depth_anything"}
 
 
 def predicts_depth(config) -> bool:

@@ -174,3 +174,13 @@ def test_depth_anything_3_runs_and_converts_to_our_convention():
     assert torch.allclose(R @ R.transpose(-1, -2), torch.eye(3, dtype=torch.float64).expand(4, 3, 3), atol=1e-4)
     assert torch.equal(geometry.world_to_cam[:, 3], torch.tensor([0, 0, 0, 1.0], dtype=torch.float64).expand(4, 4))
     assert 0 <= float(geometry.confidence.min()) and float(geometry.confidence.max()) <= 1
+
+
+def test_relative_models_are_read_as_inverse_depth_and_metric_ones_as_depth():
+    transformers = pytest.importorskip("transformers")
+    from common.geometry.hybrid import predicts_depth
+
+    assert not predicts_depth(transformers.DepthAnythingConfig())  # Depth Anything V2 "relative": disparity
+    assert predicts_depth(transformers.DepthAnythingConfig(depth_estimation_type="metric"))
+    assert not predicts_depth(transformers.DPTConfig())  # DPT / MiDaS: inverse depth
+    assert predicts_depth(transformers.DepthProConfig())
