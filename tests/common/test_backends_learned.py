@@ -174,6 +174,8 @@ def test_depth_anything_3_runs_and_converts_to_our_convention():
     assert torch.allclose(R @ R.transpose(-1, -2), torch.eye(3, dtype=torch.float64).expand(4, 3, 3), atol=1e-4)
     assert torch.equal(geometry.world_to_cam[:, 3], torch.tensor([0, 0, 0, 1.0], dtype=torch.float64).expand(4, 4))
     assert 0 <= float(geometry.confidence.min()) and float(geometry.confidence.max()) <= 1
+    result = score_video(video.frames, ScoreConfig(max_side=160, frames=4, recon_frames=6), backend=backend)
+    assert result.backend == "da3" and result.metric_id.startswith("da3/") and result.registered_frames == 4
 
 
 def test_relative_models_are_read_as_inverse_depth_and_metric_ones_as_depth():
