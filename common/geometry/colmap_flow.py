@@ -33,6 +33,7 @@ from torch import Tensor
 
 from common.camera import camera_centers
 from common.geometry.base import GeometryBackend, ReconstructionFailed, SceneGeometry
+from common.video import uniform_indices
 
 pycolmap.logging.minloglevel = 2  # errors only: COLMAP's INFO lines would drown the CLI's output
 
@@ -72,14 +73,22 @@ class ColmapFlowBackend(GeometryBackend):
         fb_tolerance: forward-backward flow tolerance as a fraction of the image's long side.
         flow_max_side: optical flow runs on frames downscaled to this long side (px) and is
             upsampled for triangulation at full resolution (4x fewer pixels at 720 px).
+        fast_frames: frames that the fast SfM pass uses (plus the scored ones); the thorough
+            fallback uses all frames it is given.
         num_threads: threads for COLMAP (-1: all cores).
     """
 
     name = "colmap-flow"
 
     def __init__(
-        self, min_angle_deg: float = 1.0, fb_tolerance: float = 0.003, flow_max_side: int = 360, num_threads: int = -1
+        self,
+        min_angle_deg: float = 1.0,
+        fb_tolerance: float = 0.003,
+        flow_max_side: int = 360,
+        fast_frames: int = 16,
+        num_threads: int = -1,
     ) -> None:
+        self.fast_frames = fast_frames
         self.min_angle_deg = min_angle_deg
         self.flow_max_side = flow_max_side
         self.fb_tolerance = fb_tolerance
@@ -141,22 +150,28 @@ class ColmapFlowBackend(GeometryBackend):
     # --- 1. cameras -----------------------------------------------------------------------------
 
     def cameras(self, frames: Tensor, scored: Sequence[int]) -> Cameras:
-        """SfM cameras of `frames` (M, H, W, 3) uint8: fast settings, then a thorough pass once when
-        a scored frame is left unregistered. Also used by the hybrid backend (`common.geometry.hybrid`)."""
-        cameras = self._structure_from_motion(frames, FAST)
+        """SfM cameras of `frames` (M, H, W, 3) uint8, keyed by position in `frames`.
+
+        The fast pass sees `fast_frames` of them (plus the scored ones); when it leaves a scored
+        frame unregistered, a thorough pass runs once on all of them: wide-baseline footage needs
+        every frame it has. Also used by the hybrid backend (`common.geometry.hybrid`).
+        """
+        fast_subset = sorted(set(uniform_indices(len(frames), self.fast_frames)) | set(scored))
+        cameras = self._structure_from_motion(frames, FAST, fast_subset)
         if not all(i in cameras.poses for i in scored):
-            thorough = self._structure_from_motion(frames, THOROUGH)
+            thorough = self._structure_from_motion(frames, THOROUGH, range(len(frames)))
             if sum(i in thorough.poses for i in scored) > sum(i in cameras.poses for i in scored):
                 cameras = thorough
         return cameras
 
-    def _structure_from_motion(self, frames: Tensor, settings: SfmSettings) -> "Cameras":
+    def _structure_from_motion(self, frames: Tensor, settings: SfmSettings, positions: Sequence[int]) -> "Cameras":
         pycolmap.set_random_seed(0)  # RANSAC and mapping draw random samples: the same video, the same cameras
         with tempfile.TemporaryDirectory(prefix="vgpa-sfm-") as tmp:
             tmp = Path(tmp)
             images = tmp / "images"
             images.mkdir()
-            for i, frame in enumerate(frames.numpy()):
+            for i in positions:
+                frame = frames[i].numpy()
                 # BMP: no compression library involved, the fastest round trip to COLMAP's reader.
                 cv2.imwrite(str(images / f"{i:06d}.bmp"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
             database = tmp / "database.db"
@@ -177,7 +192,7 @@ class ColmapFlowBackend(GeometryBackend):
             )
             matching = pycolmap.FeatureMatchingOptions()
             matching.num_threads = self.num_threads
-            if settings.exhaustive and len(frames) <= _MAX_EXHAUSTIVE_FRAMES:
+            if settings.exhaustive and len(positions) <= _MAX_EXHAUSTIVE_FRAMES:
                 pycolmap.match_exhaustive(database, matching_options=matching, device=pycolmap.Device.cpu)
             else:
                 overlap = settings.overlap * (2 if settings.exhaustive else 1)
@@ -233,36 +248,41 @@ class ColmapFlowBackend(GeometryBackend):
         return chosen
 
     def _triangulate(self, flow_ij: np.ndarray, flow_ji: np.ndarray, K: np.ndarray, pose_i: Tensor, pose_j: Tensor) -> np.ndarray:
-        """Depth (H, W) of frame i from its flow to frame j; NaN where a check fails."""
+        """Depth (H, W) of frame i from its flow to frame j; NaN where a check fails.
+
+        Midpoint triangulation of the rays through pixel x in frame i and x + flow in frame j.
+        Vectors are kept as planar (H, W) float32 components: numpy's reductions over a last
+        axis of size 3 are several times slower than the same arithmetic written out.
+        """
         H, W = flow_ij.shape[:2]
         v, u = np.mgrid[0:H, 0:W].astype(np.float32)
         u2, v2 = u + flow_ij[..., 0], v + flow_ij[..., 1]
         back = cv2.remap(flow_ji, u2, v2, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=np.nan)
-        fb_error = np.linalg.norm(flow_ij + back, axis=-1)
-        consistent = fb_error < self.fb_tolerance * max(H, W)
+        tolerance = self.fb_tolerance * max(H, W)
+        fb_x, fb_y = flow_ij[..., 0] + back[..., 0], flow_ij[..., 1] + back[..., 1]
+        consistent = fb_x * fb_x + fb_y * fb_y < tolerance * tolerance
         consistent &= (u2 >= 0) & (u2 <= W - 1) & (v2 >= 0) & (v2 <= H - 1)
 
         K_inv = np.linalg.inv(K)
         Pi, Pj = pose_i.numpy(), pose_j.numpy()
         Ri, Rj = Pi[:3, :3], Pj[:3, :3]
-        Ci, Cj = -Ri.T @ Pi[:3, 3], -Rj.T @ Pj[:3, 3]
-        ones = np.ones_like(u)
-        # World directions with camera z = 1, so the ray parameter is the camera depth. float32
-        # halves the memory traffic; the geometry is centred on camera i to keep the precision.
-        di = np.stack([u, v, ones], -1) @ (Ri.T @ K_inv).T.astype(np.float32)
-        dj = np.stack([u2, v2, ones], -1) @ (Rj.T @ K_inv).T.astype(np.float32)
-        Cj, Ci = (Cj - Ci).astype(np.float32), np.zeros(3, np.float32)
-        w0 = Ci - Cj
-        a, b, c = (di * di).sum(-1), (di * dj).sum(-1), (dj * dj).sum(-1)
-        d, e = di @ w0, dj @ w0
+        # Centred on camera i (C_i = 0) for float32 precision; ray directions have camera z = 1,
+        # so a ray's parameter is the camera depth.
+        Cj = ((-Rj.T @ Pj[:3, 3]) - (-Ri.T @ Pi[:3, 3])).astype(np.float32)
+        Mi, Mj = (Ri.T @ K_inv).astype(np.float32), (Rj.T @ K_inv).astype(np.float32)
+        di = [Mi[r, 0] * u + Mi[r, 1] * v + Mi[r, 2] for r in range(3)]
+        dj = [Mj[r, 0] * u2 + Mj[r, 1] * v2 + Mj[r, 2] for r in range(3)]
+        dot = lambda p, q: p[0] * q[0] + p[1] * q[1] + p[2] * q[2]  # noqa: E731
+        a, b, c = dot(di, di), dot(di, dj), dot(dj, dj)
+        d, e = -dot(di, Cj), -dot(dj, Cj)  # w0 = C_i - C_j = -C_j
         denom = a * c - b * b
-        with np.errstate(divide="ignore", invalid="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             s = (b * e - c * d) / denom  # depth in frame i
             t = (a * e - b * d) / denom  # depth in frame j
-            midpoint = 0.5 * ((Ci + s[..., None] * di) + (Cj + t[..., None] * dj))
-            ray_i, ray_j = midpoint - Ci, midpoint - Cj
-            cos_angle = (ray_i * ray_j).sum(-1) / (np.linalg.norm(ray_i, axis=-1) * np.linalg.norm(ray_j, axis=-1))
-            depth_i = (midpoint - Ci) @ Ri[2].astype(np.float32)  # camera z of the midpoint in frame i
+            midpoint = [0.5 * (s * di[r] + Cj[r] + t * dj[r]) for r in range(3)]
+            to_j = [midpoint[r] - Cj[r] for r in range(3)]
+            cos_angle = dot(midpoint, to_j) / np.sqrt(dot(midpoint, midpoint) * dot(to_j, to_j))
+            depth_i = dot(midpoint, Ri[2].astype(np.float32))  # camera z of the midpoint in frame i
         angle_ok = cos_angle < math.cos(math.radians(self.min_angle_deg))
         valid = consistent & angle_ok & (s > 0) & (t > 0) & (depth_i > 0) & np.isfinite(depth_i)
         return np.where(valid, depth_i, np.nan).astype(np.float32)
