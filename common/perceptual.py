@@ -2,7 +2,7 @@
 
 LPIPS (package `lpips`) needs torchvision's ImageNet backbone weights, which we never download:
 it is used when those weights are on disk (torchvision's cache, or a configured file). The
-weight-free fallback is DSSIM = (1 - SSIM) / 2 with an 11x11 Gaussian window (sigma 1.5).
+weight-free fallback is DSSIM = (1 - SSIM) / 2 on luma with an 11x11 Gaussian window (sigma 1.5).
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
+import cv2
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -35,11 +37,23 @@ class DSSIM(PerceptualMetric):
     name = "dssim"
 
     def __init__(self, window: int = 11, sigma: float = 1.5) -> None:
+        self.sigma = sigma
         coords = torch.arange(window, dtype=torch.float32) - (window - 1) / 2
         g = torch.exp(-(coords**2) / (2 * sigma**2))
         self.kernel = g / g.sum()
 
-    def _blur(self, x: Tensor) -> Tensor:  # (B, C, H, W), separable Gaussian, reflect padding
+    def _blur(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> the same, separable Gaussian with reflect(-101) borders."""
+        # On the CPU OpenCV's Gaussian is about 8x faster than oneDNN's grouped 1-D convolutions.
+        return self._blur_opencv(x) if x.device.type == "cpu" else self._blur_torch(x)
+
+    def _blur_opencv(self, x: Tensor) -> Tensor:
+        size = (len(self.kernel), len(self.kernel))
+        planes = x.contiguous().reshape(-1, *x.shape[2:]).numpy()
+        blurred = [cv2.GaussianBlur(p, size, self.sigma, borderType=cv2.BORDER_REFLECT_101) for p in planes]
+        return torch.from_numpy(np.stack(blurred)).reshape(x.shape)
+
+    def _blur_torch(self, x: Tensor) -> Tensor:
         C = x.shape[1]
         k = self.kernel.to(x)
         pad = len(k) // 2
@@ -47,7 +61,10 @@ class DSSIM(PerceptualMetric):
         return F.conv2d(F.pad(x, (0, 0, pad, pad), mode="reflect"), k.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
 
     def distance_map(self, a: Tensor, b: Tensor) -> Tensor:
-        x, y = a.permute(0, 3, 1, 2).float(), b.permute(0, 3, 1, 2).float()
+        # SSIM on luma, as in its original definition (Wang et al. 2004): colour errors are the
+        # MSE term's job, and one channel costs a third of three.
+        luma = torch.tensor([0.299, 0.587, 0.114], device=a.device)
+        x, y = (a.float() @ luma)[:, None], (b.float() @ luma)[:, None]  # (T, 1, H, W)
         c1, c2 = 0.01**2, 0.03**2
         mu_x, mu_y = self._blur(x), self._blur(y)
         var_x = self._blur(x * x) - mu_x**2

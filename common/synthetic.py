@@ -261,11 +261,11 @@ def render_video(
     poses = camera_path(scene, trajectory, frames)
     K = intrinsics_from_fov(height, width, fov_deg)
     boxes_per_frame = None
-    if corruption == "deform":  # the middle object doubles in height and width, texture stretching
+    if corruption == "deform":  # the middle object grows 2.5x in height and width, texture stretching
         boxes_per_frame = []
         target = scene.boxes[-2]
         for i in range(frames):
-            grow = 1.0 + 1.0 * i / max(frames - 1, 1)
+            grow = 1.0 + 1.5 * i / max(frames - 1, 1)
             lo, hi = np.array(target.lo), np.array(target.hi)
             centre = (lo + hi) / 2
             half = (hi - lo) / 2 * np.array([grow, grow, 1.0])
