@@ -7,10 +7,13 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: run test bench clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[all,dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[all,dev,da3]'
+	# Depth Anything 3 declares requirements that would downgrade numpy; what it needs at run time
+	# is the da3 extra above, so the package itself goes in without its declared dependencies.
+	$(PY) -m pip install --quiet --no-deps -c constraints.txt depth-anything-3==0.1.1
 	touch $(STAMP)
 
 # The service on an embedded local Ray: prints its URL, scores the demo video once, serves until Ctrl-C.
