@@ -38,3 +38,10 @@ class ConfigError(VideoGPAError):
     """A setting is invalid or names something that is not available (unknown backend, missing weights)."""
 
     http_status = 422
+
+
+def invalid_settings(err, what: str = "setting") -> ConfigError:
+    """A pydantic ValidationError as a one-line ConfigError naming the first bad field."""
+    first = err.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "settings"
+    return ConfigError(f"invalid {what} {field}: {first['msg']}")

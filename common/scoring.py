@@ -20,7 +20,7 @@ from torch import Tensor
 from common.camera import camera_motion, unproject_depth
 from common.config import ScoreConfig
 from common.geometry import GeometryBackend, ReconstructionFailed, SceneGeometry, create_backend
-from common.perceptual import PerceptualMetric, create_metric
+from common.perceptual import create_metric
 from common.raster import rasterize_points
 from common.result import FrameScore, ScoreResult
 from common.video import VideoSource, load_video, to_float, uniform_indices
@@ -127,7 +127,7 @@ def score_video(
 
     # 6. Errors on covered pixels only.
     step("metrics")
-    per_frame, errors = [], []
+    per_frame = []
     perceptual_map = metric.distance_map(torch.where(covered[..., None], reprojection, frames), frames)
     squared = ((reprojection - frames) ** 2).mean(dim=-1)  # (T, H, W)
     for t, index in enumerate(plan["scored"]):

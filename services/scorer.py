@@ -19,7 +19,7 @@ from typing import Any, Optional
 from ray import serve
 
 from common.config import ScoreConfig
-from common.errors import VideoGPAError
+from common.errors import VideoGPAError, invalid_settings
 from services.config import ScorerArgs
 
 logger = logging.getLogger("ray.serve")
@@ -190,9 +190,7 @@ class ScorerServer:
         try:
             return ScoreConfig.model_validate(data)
         except ValidationError as err:
-            first = err.errors()[0]
-            field = ".".join(str(p) for p in first["loc"]) or "settings"
-            raise ConfigError(f"Invalid {field}: {first['msg']}.") from None
+            raise invalid_settings(err, "score setting") from None
 
     # -- probes -----------------------------------------------------------------------------------
     def ready(self) -> dict:

@@ -8,7 +8,6 @@ request folder is removed by the caller (`finally`) whatever happens.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator, Optional

@@ -7,7 +7,6 @@ paths must be readable by every node (shared storage).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -27,21 +26,6 @@ def _evaluate_remote(name: str, path: str, config_json: str, label: str) -> dict
         _worker_cache[key] = (create_backend(config.backend, config.weights), load_lpips(config))
     backend, lpips_net = _worker_cache[key]
     return video_row(name, Path(path), config, backend, lpips_net, label)
-
-
-def ensure_ray(address: Optional[str] = None) -> None:
-    """Connect to `address` (or RAY_ADDRESS), else start a local Ray without dashboard."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, log_to_driver=False)
-    else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
-                 configure_logging=False, log_to_driver=False)
 
 
 def evaluate_set_ray(

@@ -50,8 +50,9 @@ from typing import Any, Callable, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from common.errors import ConfigError
+from common.errors import ConfigError, invalid_settings
 from training.prompts import read_prompt_file
+from training.ray_session import ensure_ray
 
 logger = logging.getLogger(__name__)
 
@@ -519,20 +520,6 @@ def build_pairs(records: list[dict], model_dir: str | Path, out_dir: str | Path,
 # The job.
 # ------------------------------------------------------------------------------------------------
 
-def _ensure_ray(address: Optional[str]) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, log_to_driver=False)
-    else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
-                 configure_logging=False, log_to_driver=False)
-
-
 def mine(
     prompts_file: str | Path,
     model_dir: str | Path,
@@ -601,7 +588,7 @@ def mine(
     if on_progress:
         on_progress(progress())
     if todo:
-        _ensure_ray(address)
+        ensure_ray(address, min_cpus=4)
         import ray.data
 
         if not local:
@@ -697,9 +684,7 @@ def settings_from_file(path: Optional[str | Path], overrides: dict) -> MineSetti
     try:
         return MineSettings.model_validate(data)
     except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "settings"
-        raise ConfigError(f"invalid mining setting {where}: {first['msg']}") from None
+        raise invalid_settings(err, "mining setting") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -54,7 +54,8 @@ def eval_command(set_a, set_b, out, names, frames, backend, weights, max_side, u
         return lambda items: tqdm(items, desc=f"eval {label}", unit="video", disable=quiet, file=sys.stderr)
 
     if use_ray:
-        from training.eval_job import ensure_ray, evaluate_set_ray
+        from training.eval_job import evaluate_set_ray
+        from training.ray_session import ensure_ray
 
         ensure_ray(address)
 

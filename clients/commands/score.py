@@ -11,8 +11,7 @@ import click
 from pydantic import ValidationError
 
 from common.config import ScoreConfig
-from common.errors import ConfigError
-from common.result import ScoreResult
+from common.errors import invalid_settings
 
 
 def config_from_options(**options) -> ScoreConfig:
@@ -21,9 +20,7 @@ def config_from_options(**options) -> ScoreConfig:
     try:
         return ScoreConfig(**given)
     except ValidationError as err:
-        first = err.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "settings"
-        raise ConfigError(f"invalid {field}: {first['msg']}") from None
+        raise invalid_settings(err, "score setting") from None
 
 
 class StageProgress:

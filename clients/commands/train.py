@@ -18,7 +18,7 @@ from typing import Optional
 
 import click
 
-from common.errors import ConfigError
+from common.errors import ConfigError, invalid_settings
 
 
 def load_train_config(path: Optional[Path], overrides: dict):
@@ -38,9 +38,7 @@ def load_train_config(path: Optional[Path], overrides: dict):
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "config"
-        raise ConfigError(f"invalid training setting {where}: {first['msg']}") from None
+        raise invalid_settings(err, "training setting") from None
 
 
 def _fmt(value) -> str:
