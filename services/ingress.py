@@ -148,6 +148,23 @@ async def _api_error(_: Request, err: ApiError) -> JSONResponse:
     return error_response(err.status, err.kind, err.message, err.retry_after)
 
 
+_MEDIA_TYPES = {".png": "image/png", ".mp4": "video/mp4"}
+
+
+def _stored_file(root: Optional[Path], folder_id: str, name: str, what: str) -> FileResponse:
+    """A file this service wrote under root/folder_id/name; 404 for anything else.
+
+    Both parts are checked against strict patterns first, so a request can never name a path
+    outside `root` (no separators, no "..").
+    """
+    if root is None or not _ID.match(folder_id) or not _NAME.match(name):
+        raise ApiError(404, "NotFound", f"No such {what}.")
+    path = root / folder_id / name
+    if not path.is_file():
+        raise ApiError(404, "NotFound", f"No such {what}.")
+    return FileResponse(path, media_type=_MEDIA_TYPES.get(path.suffix, "application/octet-stream"))
+
+
 def _parse_bool(name: str, value: Optional[str]) -> bool:
     if value is None:
         return False
@@ -429,12 +446,7 @@ class Ingress:
              response_class=FileResponse, responses={404: {"model": ErrorResponse}})
     async def preview(self, request_id: str, name: str, request: Request):
         self._check_auth(request)
-        if not _ID.match(request_id) or not _NAME.match(name):
-            raise ApiError(404, "NotFound", "No such preview.")
-        path = self._previews / request_id / name
-        if not path.is_file():
-            raise ApiError(404, "NotFound", "No such preview (previews expire).")
-        return FileResponse(path, media_type="image/png")
+        return _stored_file(self._previews, request_id, name, "preview (previews expire)")
 
     @app.post("/sample", summary="Sample videos for one prompt (N seeds) from the configured CogVideoX model.",
               openapi_extra=_multipart_doc(_SAMPLE_FORM_SCHEMA), response_model=SampleResponse, responses=_ERRORS)
@@ -481,10 +493,4 @@ class Ingress:
              response_class=FileResponse, responses={404: {"model": ErrorResponse}})
     async def sample_file(self, sample_id: str, name: str, request: Request):
         self._check_auth(request)
-        if self._samples_dir is None or not _ID.match(sample_id) or not _NAME.match(name):
-            raise ApiError(404, "NotFound", "No such sample file.")
-        path = self._samples_dir / sample_id / name
-        if not path.is_file():
-            raise ApiError(404, "NotFound", "No such sample file.")
-        media = "video/mp4" if name.endswith(".mp4") else "application/octet-stream"
-        return FileResponse(path, media_type=media)
+        return _stored_file(self._samples_dir, sample_id, name, "sample file")
