@@ -29,6 +29,7 @@ from typing import Any, Optional
 
 from ray import serve
 
+from common.lora import load_lora, select_adapter
 from common.video import write_video
 from services.config import SamplerArgs
 
@@ -79,9 +80,9 @@ class SamplerServer:
         self._pipe.set_progress_bar_config(disable=True)
         self._i2v = "ImageToVideo" in type(pipe).__name__
         for name, folder in self._args.adapters.items():
-            self._pipe.load_lora_weights(str(folder), adapter_name=name)
+            load_lora(self._pipe, folder, name)  # the project's one loading path: the trained alpha / r
         if self._args.adapters:
-            self._pipe.disable_lora()
+            select_adapter(self._pipe, None)
         tok_max = getattr(self._pipe.tokenizer, "model_max_length", 226) or 226
         self._max_seq = self._args.max_sequence_length or min(int(tok_max), 226)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vgpa-sample")
@@ -176,11 +177,7 @@ class SamplerServer:
         with self._lock, torch.inference_mode():
             t0 = time.perf_counter()
             if a.adapters:
-                if adapter is None:
-                    self._pipe.disable_lora()
-                else:
-                    self._pipe.enable_lora()
-                    self._pipe.set_adapters([adapter])
+                select_adapter(self._pipe, adapter)
             do_cfg = guidance > 1.0
             prompt_embeds, negative_embeds = self._pipe.encode_prompt(
                 req["prompt"], req.get("negative_prompt") or "", do_classifier_free_guidance=do_cfg,

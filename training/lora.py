@@ -1,31 +1,39 @@
-"""LoRA on the CogVideoX transformer's attention projections: add, read out, export in the diffusers format."""
+"""LoRA on the CogVideoX transformer's attention projections: add, read out, export (common.lora's format)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
+from common.lora import LORA_WEIGHTS_NAME, adapter_metadata, save_lora
+
+__all__ = ["DEFAULT_TARGETS", "LORA_WEIGHTS_NAME", "add_lora", "count_parameters", "export_lora", "lora_config",
+           "lora_parameters", "lora_state_dict"]
+
 #: The attention projections (query, key, value, output) of every CogVideoX block.
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-#: The file `CogVideoXPipeline.load_lora_weights(folder)` reads.
-LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+#: peft's name for the one adapter a training run adds.
+ADAPTER_NAME = "default"
+
+
+def lora_config(rank: int = 64, alpha: float = 128, targets: Sequence[str] = DEFAULT_TARGETS, dropout: float = 0.0):
+    """The peft `LoraConfig` of a run: what `add_lora` adds and what an export records as metadata."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights=True, target_modules=list(targets))
 
 
 def add_lora(
-    transformer, rank: int = 64, alpha: int = 128, targets: Sequence[str] = DEFAULT_TARGETS, dropout: float = 0.0
+    transformer, rank: int = 64, alpha: float = 128, targets: Sequence[str] = DEFAULT_TARGETS, dropout: float = 0.0
 ):
     """Freeze `transformer` and add fresh LoRA adapters (B = 0, so the policy starts equal to the base).
 
-    Returns the transformer (modified in place) for chaining.
+    The adapter's output is scaled by alpha / rank. Returns the transformer (modified in place).
     """
-    from peft import LoraConfig
-
     transformer.requires_grad_(False)
-    transformer.add_adapter(
-        LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights=True, target_modules=list(targets))
-    )
+    transformer.add_adapter(lora_config(rank, alpha, targets, dropout), adapter_name=ADAPTER_NAME)
     return transformer
 
 
@@ -45,19 +53,17 @@ def lora_state_dict(transformer) -> dict[str, torch.Tensor]:
     """The adapter weights only, with peft's keys (`...to_q.lora_A.weight`), detached, on the CPU."""
     from peft.utils import get_peft_model_state_dict
 
-    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
+    return {k: v.detach().cpu().contiguous()
+            for k, v in get_peft_model_state_dict(transformer, adapter_name=ADAPTER_NAME).items()}
 
 
-def export_lora(directory: str | Path, state_dict: dict[str, torch.Tensor], i2v: bool = False) -> Path:
-    """Write `pytorch_lora_weights.safetensors` in the diffusers format; returns its path.
+def export_lora(directory: str | Path, transformer, state_dict: Optional[dict[str, torch.Tensor]] = None) -> Path:
+    """Write the transformer's LoRA as `directory/pytorch_lora_weights.safetensors`, with its metadata.
 
-    `state_dict` is `lora_state_dict(transformer)`; the file loads with
-    `CogVideoXPipeline.load_lora_weights(directory)` (the I2V pipeline reads the same format).
+    `CogVideoXPipeline.load_lora_weights(directory)` (or the I2V pipeline's) then reproduces the
+    trained adapter exactly: same r, alpha and targets. `state_dict`: the whole weights when the
+    transformer holds only a partition of them (DeepSpeed ZeRO-3 gathers them first); default:
+    read from `transformer`. Returns the file's path.
     """
-    from diffusers import CogVideoXImageToVideoPipeline, CogVideoXPipeline
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    cls = CogVideoXImageToVideoPipeline if i2v else CogVideoXPipeline
-    cls.save_lora_weights(directory, transformer_lora_layers=state_dict, weight_name=LORA_WEIGHTS_NAME)
-    return directory / LORA_WEIGHTS_NAME
+    weights = lora_state_dict(transformer) if state_dict is None else state_dict
+    return save_lora(directory, weights, adapter_metadata(transformer.peft_config[ADAPTER_NAME]))

@@ -29,7 +29,6 @@ import functools
 import json
 import math
 import os
-import shutil
 import tempfile
 import threading
 import time
@@ -41,7 +40,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from common.errors import ConfigError, VideoGPAError
 from training.dpo import LossType, dpo_step
-from training.lora import DEFAULT_TARGETS, LORA_WEIGHTS_NAME, add_lora, export_lora, lora_parameters, lora_state_dict
+from common.lora import adapter_metadata, read_lora, save_lora
+from training.lora import (DEFAULT_TARGETS, LORA_WEIGHTS_NAME, add_lora, export_lora, lora_config, lora_parameters,
+                           lora_state_dict)
 from training.pairs import PairsDataset, PairsIndex, collate_pairs, load_pairs_index
 
 CHECKPOINT_STATE = "train_state.json"
@@ -312,7 +313,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             engine.save_checkpoint(tmp, tag=DEEPSPEED_TAG, exclude_frozen_parameters=True, save_latest=False)
             state = _lora_weights(model, cfg.zero_stage)
             if rank == 0:
-                export_lora(Path(tmp) / "lora", state, i2v=index.i2v)
+                export_lora(Path(tmp) / "lora", model, state_dict=state)
                 (Path(tmp) / CHECKPOINT_STATE).write_text(
                     json.dumps({"step": step, "final": final, "config": cfg.model_dump(mode="json")}, indent=2)
                 )
@@ -502,6 +503,20 @@ def check_model_folder(model_dir: Path, index: PairsIndex) -> dict:
     return tcfg
 
 
+def export_checkpoint_lora(ckpt_dir: Path, output_dir: Path) -> Path:
+    """A checkpoint's LoRA as `output_dir/pytorch_lora_weights.safetensors`, always with its adapter metadata.
+
+    Checkpoints written before exports carried the metadata (r, alpha, targets) get it from the run
+    config saved beside the weights, so a run resumed from such a checkpoint still exports exactly.
+    """
+    weights, metadata = read_lora(ckpt_dir / "lora")
+    if metadata is None:
+        saved = json.loads((ckpt_dir / CHECKPOINT_STATE).read_text())["config"]
+        metadata = adapter_metadata(lora_config(saved["lora_rank"], saved["lora_alpha"], saved["lora_targets"],
+                                                saved.get("lora_dropout", 0.0)))
+    return save_lora(output_dir, weights, metadata)
+
+
 def check_resume_compatible(cfg: TrainConfig, run_dir: Path) -> None:
     """Refuse to resume a run whose ZeRO partitioning the new settings would not match.
 
@@ -638,7 +653,7 @@ def train(
     if result.checkpoint is None:
         raise ConfigError(f"run {cfg.run_name} ended without a checkpoint")
     with result.checkpoint.as_directory() as ckpt_dir:
-        shutil.copy2(Path(ckpt_dir) / "lora" / LORA_WEIGHTS_NAME, output_dir / LORA_WEIGHTS_NAME)
+        export_checkpoint_lora(Path(ckpt_dir), output_dir)
         state = json.loads((Path(ckpt_dir) / CHECKPOINT_STATE).read_text())
     write_rows()
     final = result.metrics or {}

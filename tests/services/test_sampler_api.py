@@ -26,7 +26,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
     import torch
 
     from common.tiny_cogvideox import save_tiny_cogvideox, tiny_transformer
-    from training.lora import add_lora, export_lora, lora_state_dict
+    from training.lora import add_lora, export_lora
 
     root = tmp_path_factory.mktemp("sampler-models")
     t2v = save_tiny_cogvideox(root / "t2v")
@@ -38,7 +38,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
         for name, p in transformer.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)
-    adapter = export_lora(root / "lora-geo", lora_state_dict(transformer)).parent
+    adapter = export_lora(root / "lora-geo", transformer).parent
     return {"t2v": t2v, "i2v": i2v, "adapter": adapter}
 
 
