@@ -27,51 +27,103 @@ def _write_clip(path, seed, frames=11, height=40, width=48):
             container.mux(packet)
 
 
-@pytest.fixture
-def clips(tmp_path):
-    folder = tmp_path / "clips"
+def _write_clip_folder(folder, **size):
+    """Three pairs of random lossless clips and their pairs.jsonl (the input of `vgpa cache`)."""
     folder.mkdir()
     lines = []
     for i in range(3):
-        _write_clip(folder / f"w{i}.mkv", seed=2 * i)
-        _write_clip(folder / f"l{i}.mkv", seed=2 * i + 1)
+        _write_clip(folder / f"w{i}.mkv", seed=2 * i, **size)
+        _write_clip(folder / f"l{i}.mkv", seed=2 * i + 1, **size)
         lines.append({"prompt": f"a red cube {i % 2}", "winner": f"w{i}.mkv", "loser": f"l{i}.mkv", "winner_score": 0.1})
     (folder / "pairs.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     return folder
 
 
-@pytest.mark.parametrize("i2v", [False, True], ids=["t2v", "i2v"])
-def test_cache_encodes_scaled_latents_and_prompt_embeddings(tmp_path, clips, i2v, capsys):
-    from diffusers import DiffusionPipeline
+@pytest.fixture
+def clips(tmp_path):
+    """40x48 clips: `vgpa cache` resizes them to cover the model's 32x32 and centre-crops."""
+    return _write_clip_folder(tmp_path / "clips")
+
+
+@pytest.fixture
+def model_size_clips(tmp_path):
+    """Clips at the model's own 32x32, which the pipelines' preprocessing takes without resizing."""
+    return _write_clip_folder(tmp_path / "model-size-clips", height=tiny.HEIGHT, width=tiny.WIDTH)
+
+
+def near_deterministic_model(folder, i2v):
+    """A tiny pipeline folder whose VAE posterior has std exp(-15) ~ 3e-7 (log-variance -30).
+
+    The pipelines draw a posterior *sample* (`retrieve_latents`), the cache stores the posterior
+    *mean* (caching twice gives the same latents); with this VAE both agree to ~1e-6, so the cache
+    can be compared with the pipeline's own code instead of a formula re-written in the test.
+    """
+    pipe = tiny.tiny_pipeline(i2v=i2v)
+    conv = pipe.vae.encoder.conv_out.conv  # output channels: [mean (C); log-variance (C)]
+    with torch.no_grad():
+        conv.weight[tiny.LATENT_CHANNELS:] = 0.0
+        conv.bias[tiny.LATENT_CHANNELS:] = -30.0
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def _first_frames(path, count):
+    from PIL import Image
 
     from common.video import load_video
-    from training.encode import fit_frames
 
-    model = tiny.save_tiny_cogvideox(tmp_path / "model", i2v=i2v)
-    main(["cache", "--videos", str(clips), "--model", str(model), "--output", str(tmp_path / "pairs")])
+    return [Image.fromarray(f.numpy()) for f in load_video(path).frames[:count]]
+
+
+@pytest.mark.parametrize("i2v", [False, True], ids=["t2v", "i2v"])
+def test_cached_latents_equal_the_pipelines_own_encoding(tmp_path, model_size_clips, i2v, capsys):
+    """Video latents = CogVideoXVideoToVideoPipeline.prepare_latents; the I2V condition the trainer builds
+    from the cached image latent = CogVideoXImageToVideoPipeline.prepare_latents; text = encode_prompt."""
+    from diffusers import CogVideoXDDIMScheduler, CogVideoXImageToVideoPipeline, CogVideoXVideoToVideoPipeline
+
+    from training.dpo import i2v_condition
+
+    model = near_deterministic_model(tmp_path / "model", i2v)
+    main(["cache", "--videos", str(model_size_clips), "--model", str(model), "--output", str(tmp_path / "pairs")])
     assert "wrote 3 pairs" in capsys.readouterr().out
-
     index = load_pairs_index(tmp_path / "pairs")
     assert index.latent_shape == (tiny.LATENT_FRAMES, tiny.LATENT_CHANNELS, tiny.LATENT_HEIGHT, tiny.LATENT_WIDTH)
     assert index.text_shape == (tiny.TEXT_SEQ_LEN, tiny.TEXT_EMBED_DIM) and index.i2v == i2v
     item = PairsDataset(index)[1]
 
-    # Direct computation: first 9 frames, resized to cover 32x32 and centre-cropped, in [-1, 1].
-    pipe = DiffusionPipeline.from_pretrained(model)
-    frames = load_video(clips / "w1.mkv").frames[: tiny.NUM_FRAMES]
-    x = fit_frames(frames, tiny.HEIGHT, tiny.WIDTH)
-    assert x.min() >= -1 and x.max() <= 1 and x.min() < -0.9  # [-1, 1], not [0, 1]
+    components = {k: v for k, v in (CogVideoXImageToVideoPipeline if i2v else CogVideoXVideoToVideoPipeline)
+                  .from_pretrained(model).components.items()}
+    # The video-to-video pipeline's encoding of the clip. Its prepare_latents ends with add_noise at
+    # `timestep`: a scheduler whose betas are all 0 makes that the identity (alpha_bar = 1).
+    components["transformer"] = components["transformer"] if not i2v else tiny.tiny_transformer()
+    v2v = CogVideoXVideoToVideoPipeline(**{**components, "scheduler": CogVideoXDDIMScheduler(trained_betas=[0.0] * 1000)})
+    video = v2v.video_processor.preprocess_video(_first_frames(model_size_clips / "w1.mkv", tiny.NUM_FRAMES),
+                                                 height=tiny.HEIGHT, width=tiny.WIDTH)
     with torch.no_grad():
-        ref = pipe.vae.encode(x.unsqueeze(0)).latent_dist.mean * pipe.vae.config.scaling_factor
-    torch.testing.assert_close(item["winner_latents"], ref[0].permute(1, 0, 2, 3), rtol=1e-5, atol=1e-5)
-    embeds, _ = pipe.encode_prompt("a red cube 1", do_classifier_free_guidance=False, max_sequence_length=tiny.TEXT_SEQ_LEN)
+        expected = v2v.prepare_latents(video, 1, tiny.LATENT_CHANNELS, tiny.HEIGHT, tiny.WIDTH, torch.float32, "cpu",
+                                       torch.Generator().manual_seed(0), timestep=torch.tensor([999]))
+    torch.testing.assert_close(item["winner_latents"], expected[0], rtol=0, atol=1e-5)
+    embeds, _ = v2v.encode_prompt("a red cube 1", do_classifier_free_guidance=False, max_sequence_length=tiny.TEXT_SEQ_LEN)
     torch.testing.assert_close(item["prompt_embeds"], embeds[0])
+
     if i2v:
-        assert item["image_latents"].shape == (1, *index.latent_shape[1:])
-        # The condition is the winner's first frame encoded alone, as the I2V pipeline encodes its image.
+        # The condition is the winner's first frame (both model_size_clips of a pair come from one image).
+        i2v_pipe = CogVideoXImageToVideoPipeline(**components)
+        image = i2v_pipe.video_processor.preprocess(_first_frames(model_size_clips / "w1.mkv", 1)[0], height=tiny.HEIGHT, width=tiny.WIDTH)
         with torch.no_grad():
-            first = pipe.vae.encode(x[:, :1].unsqueeze(0)).latent_dist.mean * pipe.vae.config.scaling_factor
-        torch.testing.assert_close(item["image_latents"], first[0].permute(1, 0, 2, 3), rtol=1e-5, atol=1e-5)
+            _, condition = i2v_pipe.prepare_latents(image, 1, tiny.LATENT_CHANNELS, tiny.NUM_FRAMES, tiny.HEIGHT,
+                                                    tiny.WIDTH, torch.float32, "cpu", torch.Generator().manual_seed(0))
+        ours = i2v_condition(item["image_latents"].unsqueeze(0), tiny.LATENT_FRAMES)
+        torch.testing.assert_close(ours, condition, rtol=0, atol=1e-5)
+
+
+def test_frames_are_resized_to_cover_and_centre_cropped_into_minus_one_one():
+    from training.encode import fit_frames
+
+    frames = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 32, 48, 3), dtype=np.uint8))
+    x = fit_frames(frames, 32, 32)  # the height already fits: no resize, 8 columns cropped on each side
+    assert x.shape == (3, 2, 32, 32)
+    torch.testing.assert_close(x, frames[:, :, 8:40].permute(3, 0, 1, 2).float() / 127.5 - 1.0)
 
 
 def test_cache_reports_missing_clip(tmp_path, clips):

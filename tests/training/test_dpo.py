@@ -184,3 +184,46 @@ class TestDpoStep:
         model = add_lora(tiny.tiny_transformer(i2v=True), rank=4, alpha=8)
         with pytest.raises(ValueError, match="channels"):
             dpo_step(model, tiny.tiny_scheduler(), _batch(i2v=False), beta=1.0)
+
+
+class TestDpoStepFeedsTheTransformerWhatThePipelineDoes:
+    """Catches the reference code's mistakes: no rotary embeddings, an epsilon target."""
+
+    def test_forward_receives_the_pipelines_rotary_embeddings(self):
+        from diffusers import CogVideoXPipeline
+
+        pipe = CogVideoXPipeline(**tiny.tiny_components())
+        model = add_lora(pipe.transformer, rank=4, alpha=8)
+        calls = []
+        model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs), with_kwargs=True)
+        dpo_step(model, tiny.tiny_scheduler(), _batch(), beta=1.0, generator=torch.Generator().manual_seed(0))
+        assert len(calls) == 2  # policy, then reference (adapters off)
+        expected = pipe._prepare_rotary_positional_embeddings(tiny.HEIGHT, tiny.WIDTH, tiny.LATENT_FRAMES, "cpu")
+        for kwargs in calls:
+            cos, sin = kwargs["image_rotary_emb"]
+            torch.testing.assert_close(cos, expected[0], rtol=0, atol=0)
+            torch.testing.assert_close(sin, expected[1], rtol=0, atol=0)
+
+    @pytest.mark.parametrize("kind", ["dpm", "ddim"])
+    def test_target_is_the_schedulers_velocity(self, kind):
+        """A model that predicts get_velocity(x0, e, t) exactly has zero error; one predicting e does not."""
+        scheduler = tiny.tiny_scheduler(kind)
+        model = add_lora(tiny.tiny_transformer(), rank=4, alpha=8)
+        batch = _batch()
+        t = torch.tensor([10, 900])
+        e = torch.randn(batch["winner_latents"].shape, generator=torch.Generator().manual_seed(3))
+        x0 = torch.cat([batch["winner_latents"], batch["loser_latents"]])
+        velocity = scheduler.get_velocity(x0, torch.cat([e, e]), torch.cat([t, t]))
+        noisy = scheduler.add_noise(x0, torch.cat([e, e]), torch.cat([t, t]))
+
+        def predicts(prediction):
+            def forward(**kwargs):
+                torch.testing.assert_close(kwargs["hidden_states"], noisy, rtol=0, atol=0)  # x_t from add_noise
+                torch.testing.assert_close(kwargs["timestep"], torch.cat([t, t]), rtol=0, atol=0)
+                return (prediction,)
+            return forward
+
+        exact = dpo_step(model, scheduler, batch, beta=1.0, timesteps=t, noise=e, forward=predicts(velocity))
+        assert exact.metrics["err/policy_chosen"] == 0.0 and exact.metrics["err/policy_rejected"] == 0.0
+        epsilon = dpo_step(model, scheduler, batch, beta=1.0, timesteps=t, noise=e, forward=predicts(torch.cat([e, e])))
+        assert epsilon.metrics["err/policy_chosen"] > 0.1
