@@ -13,6 +13,11 @@ Sizes (pixel space -> latent space, VAE factors 8 spatial and 4 temporal):
 The transformer uses rotary position embeddings (as CogVideoX-5B does), so callers must pass
 `image_rotary_emb`; image-to-video doubles `in_channels` (noisy latent ++ first-frame latent on C).
 
+`version="1.5"` builds the CogVideoX1.5 shape at the same sizes: latent frames patched in pairs
+(`patch_size_t=2`, so 3 latent frames run as 4), rotary positions sliced from a 4 x 4 table, no
+patch bias, an `ofs` embedding for image-to-video, and a VAE with scaling factor 0.7 and
+`invert_scale_latents` (the I2V condition latent is divided by the factor).
+
 Example:
     >>> from diffusers import CogVideoXPipeline
     >>> path = save_tiny_cogvideox("/tmp/tiny-t2v")
@@ -50,16 +55,29 @@ _WORDS = (
 ).split()
 
 
-def tiny_transformer(i2v: bool = False, rotary: bool = True, seed: int = 0):
+VERSIONS = ("1.0", "1.5")
+
+
+def _check_version(version: str) -> None:
+    if version not in VERSIONS:
+        raise ValueError(f"version must be one of {VERSIONS}, not {version!r}")
+
+
+def tiny_transformer(i2v: bool = False, rotary: bool = True, seed: int = 0, version: str = "1.0"):
     """A one-layer `CogVideoXTransformer3DModel`: 2 heads x 16 dims, patch 2.
 
     Input `hidden_states` [B, 3, C, 4, 4] with C = 4 (text-to-video) or 8 (image-to-video:
     noisy latent and first-frame latent concatenated on channels); output [B, 3, 4, 4, 4].
     `attention_head_dim` is 16 because rotary embeddings need a multiple of 16.
+    Version "1.5" takes [B, 4, C, 4, 4] (latent frames padded to a multiple of patch_size_t = 2).
     """
     from diffusers import CogVideoXTransformer3DModel
 
+    _check_version(version)
     torch.manual_seed(seed)
+    # CogVideoX1.5: latent frames patched in pairs, rotary positions sliced from the sample-size table.
+    v15 = dict(patch_size_t=2, patch_bias=False, ofs_embed_dim=4 if i2v else None,
+               use_learned_positional_embeddings=False) if version == "1.5" else {}
     return CogVideoXTransformer3DModel(
         num_attention_heads=2,
         attention_head_dim=16,
@@ -74,15 +92,22 @@ def tiny_transformer(i2v: bool = False, rotary: bool = True, seed: int = 0):
         patch_size=2,
         temporal_compression_ratio=4,
         max_text_seq_length=TEXT_SEQ_LEN,
-        use_rotary_positional_embeddings=rotary,
+        use_rotary_positional_embeddings=rotary or version == "1.5",
+        **v15,
     )
 
 
-def tiny_vae(seed: int = 0):
-    """An `AutoencoderKLCogVideoX` with 8 channels per block: [B, 3, 9, 32, 32] <-> [B, 4, 3, 4, 4]."""
+def tiny_vae(seed: int = 0, version: str = "1.0"):
+    """An `AutoencoderKLCogVideoX` with 8 channels per block: [B, 3, 9, 32, 32] <-> [B, 4, 3, 4, 4].
+
+    Scaling factor: diffusers' default 1.15258426 (CogVideoX-2b's); version "1.5": 0.7 with
+    `invert_scale_latents` (CogVideoX1.5's VAE config).
+    """
     from diffusers import AutoencoderKLCogVideoX
 
+    _check_version(version)
     torch.manual_seed(seed)
+    extra = {"scaling_factor": 0.7, "invert_scale_latents": True} if version == "1.5" else {}
     return AutoencoderKLCogVideoX(
         in_channels=3,
         out_channels=3,
@@ -93,6 +118,7 @@ def tiny_vae(seed: int = 0):
         temporal_compression_ratio=4,
         sample_height=HEIGHT,
         sample_width=WIDTH,
+        **extra,
     )
 
 
@@ -150,28 +176,30 @@ def tiny_scheduler(kind: str = "dpm"):
     )
 
 
-def tiny_components(i2v: bool = False, seed: int = 0, scheduler: str = "dpm", rotary: bool = True) -> dict:
+def tiny_components(i2v: bool = False, seed: int = 0, scheduler: str = "dpm", rotary: bool = True,
+                    version: str = "1.0") -> dict:
     """All five pipeline components, keyed as `CogVideoXPipeline(**components)` expects."""
     tokenizer = tiny_tokenizer()
     return {
         "tokenizer": tokenizer,
         "text_encoder": tiny_text_encoder(len(tokenizer), seed=seed),
-        "vae": tiny_vae(seed=seed),
-        "transformer": tiny_transformer(i2v=i2v, rotary=rotary, seed=seed),
+        "vae": tiny_vae(seed=seed, version=version),
+        "transformer": tiny_transformer(i2v=i2v, rotary=rotary, seed=seed, version=version),
         "scheduler": tiny_scheduler(scheduler),
     }
 
 
-def tiny_pipeline(i2v: bool = False, seed: int = 0, scheduler: str = "dpm", rotary: bool = True):
+def tiny_pipeline(i2v: bool = False, seed: int = 0, scheduler: str = "dpm", rotary: bool = True, version: str = "1.0"):
     """A `CogVideoXPipeline` (or `CogVideoXImageToVideoPipeline` when `i2v`) from `tiny_components`."""
     from diffusers import CogVideoXImageToVideoPipeline, CogVideoXPipeline
 
     cls = CogVideoXImageToVideoPipeline if i2v else CogVideoXPipeline
-    return cls(**tiny_components(i2v=i2v, seed=seed, scheduler=scheduler, rotary=rotary))
+    return cls(**tiny_components(i2v=i2v, seed=seed, scheduler=scheduler, rotary=rotary, version=version))
 
 
 def save_tiny_cogvideox(
-    directory: str | Path, i2v: bool = False, seed: int = 0, scheduler: str = "dpm", rotary: bool = True
+    directory: str | Path, i2v: bool = False, seed: int = 0, scheduler: str = "dpm", rotary: bool = True,
+    version: str = "1.0",
 ) -> Path:
     """Write a full diffusers pipeline folder (model_index.json + one folder per component).
 
@@ -181,5 +209,5 @@ def save_tiny_cogvideox(
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tiny_pipeline(i2v=i2v, seed=seed, scheduler=scheduler, rotary=rotary).save_pretrained(directory)
+    tiny_pipeline(i2v=i2v, seed=seed, scheduler=scheduler, rotary=rotary, version=version).save_pretrained(directory)
     return directory

@@ -29,6 +29,7 @@ from typing import Any, Optional
 
 from ray import serve
 
+from common.cogvideox import default_video_size, latent_frames
 from common.lora import load_lora, select_adapter
 from common.video import write_video
 from services.config import SamplerArgs
@@ -164,11 +165,10 @@ class SamplerServer:
         seeds = [int(s) for s in (req.get("seeds") or [0])]
         steps = a.default_steps if req.get("steps") is None else int(req["steps"])
         guidance = float(req["guidance"]) if req.get("guidance") is not None else a.default_guidance
-        cfg = self._pipe.transformer.config
-        vae_s = getattr(self._pipe, "vae_scale_factor_spatial", 8)
-        height = int(req.get("height") or cfg.sample_height * vae_s)
-        width = int(req.get("width") or cfg.sample_width * vae_s)
-        frames = int(req.get("frames") or cfg.sample_frames)
+        default_frames, default_height, default_width = default_video_size(self._pipe.transformer.config)
+        height = int(req.get("height") or default_height)
+        width = int(req.get("width") or default_width)
+        frames = int(req.get("frames") or default_frames)
         adapter = req.get("adapter")
         sample_id = uuid.uuid4().hex
         folder = self._out / sample_id
@@ -196,7 +196,10 @@ class SamplerServer:
                 )
                 if image is not None:
                     kwargs["image"] = image.resize((width, height))
-                latents = self._pipe(**kwargs).frames  # [1, F, C, h, w]
+                latents = self._pipe(**kwargs).frames  # [1, F', C, h, w]
+                # CogVideoX 1.5 pads F' to a multiple of patch_size_t *in front* and, with
+                # output_type="latent", returns the padding too: keep the video's own F frames.
+                latents = latents[:, latents.shape[1] - latent_frames(frames):]
                 video = self._pipe.decode_latents(latents)  # [1, 3, T, H, W] in [-1, 1]
                 video = self._pipe.video_processor.postprocess_video(video=video, output_type="np")[0]  # [T, H, W, 3] in [0, 1]
                 video_u8 = (video.clip(0, 1) * 255).round().astype("uint8")

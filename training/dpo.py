@@ -19,6 +19,12 @@ Errors summed instead of averaged would multiply the margin by F*C*h*w: divide b
 
 Variants (all tested): "hinge" = relu(1 - beta * margin) (SLiC); "ipo" = (margin - 1/(2 beta))^2.
 An optional SFT term adds `sft_weight * mean(E(theta, x_w))` (winners only).
+
+CogVideoX 1.5 (patch_size_t = 2) runs on a multiple of 2 latent frames. Its pipeline samples the
+missing frames *in front* of the video and drops them before decoding; here the video's first
+latent frame is repeated in front (as CogVideoX's own fine-tuning does), the model sees the padded
+sequence (the I2V condition at its first position, as in the pipeline), and E is measured on the
+video's own frames only: the padding is discarded at inference, so nothing should be learned on it.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from typing import Callable, Iterator, Literal, Optional
 
 import torch
 import torch.nn.functional as F
+
+from common.cogvideox import check_latent_size, padded_latent_frames
 
 LossType = Literal["sigmoid", "hinge", "ipo"]
 
@@ -142,8 +150,20 @@ def rotary_embeddings(
     )
 
 
+def pad_latent_frames(latents: torch.Tensor, frames: int) -> torch.Tensor:
+    """(B, F, C, h, w) -> (B, frames, C, h, w): the first latent frame repeated in front (CogVideoX 1.5)."""
+    pad = frames - latents.shape[1]
+    if pad < 0:
+        raise ValueError(f"cannot pad {latents.shape[1]} latent frames to {frames}")
+    return torch.cat([latents[:, :1].expand(-1, pad, -1, -1, -1), latents], dim=1) if pad else latents
+
+
 def i2v_condition(image_latents: torch.Tensor, latent_frames: int) -> torch.Tensor:
-    """First-frame latent (B, 1, C, h, w) -> (B, F, C, h, w): zero-padded on frames, as the I2V pipeline does."""
+    """First-frame latent (B, 1, C, h, w) -> (B, F, C, h, w): zero-padded on frames, as the I2V pipeline does.
+
+    `latent_frames` is the count the transformer runs on (padded for CogVideoX 1.5), as the pipeline's
+    `prepare_latents` receives it from `__call__`.
+    """
     if image_latents.dim() != 5 or image_latents.shape[1] != 1:
         raise ValueError(f"image latents must be (B, 1, C, h, w), got {tuple(image_latents.shape)}")
     pad = image_latents.new_zeros((image_latents.shape[0], latent_frames - 1, *image_latents.shape[2:]))
@@ -194,9 +214,7 @@ def check_batch(batch: dict, transformer_config) -> None:
             f"latents have {w.shape[2]} channels, the transformer expects {channels}"
             + (" (image-to-video: half of in_channels)" if i2v else "")
         )
-    p = transformer_config.patch_size
-    if w.shape[3] % p or w.shape[4] % p:
-        raise ValueError(f"latent height/width {tuple(w.shape[3:])} must be multiples of patch_size {p}")
+    check_latent_size(transformer_config, w.shape[1], w.shape[3], w.shape[4])
     if text.dim() != 3 or text.shape[0] != w.shape[0] or text.shape[2] != transformer_config.text_embed_dim:
         raise ValueError(
             f"text embeddings {tuple(text.shape)} must be (B={w.shape[0]}, L, {transformer_config.text_embed_dim})"
@@ -222,10 +240,12 @@ def dpo_step(
     Args:
         model: the CogVideoX transformer with LoRA adapters (peft, via diffusers' `add_adapter`).
         scheduler: a v-prediction scheduler with `add_noise` and `get_velocity` (CogVideoX DDIM/DPM).
-        batch: `winner_latents`, `loser_latents` (B, F, C, h, w) scaled by the VAE's scaling_factor;
-            `prompt_embeds` (B, L, D); optional `image_latents` (B, 1, C, h, w) for image-to-video.
+        batch: `winner_latents`, `loser_latents` (B, F, C, h, w) scaled by the VAE's scaling_factor,
+            F = the video's own latent frames; `prompt_embeds` (B, L, D); optional `image_latents`
+            (B, 1, C, h, w) for image-to-video, scaled as the I2V pipeline scales its condition.
         beta: DPO temperature, see the module docstring for its scale.
-        generator: draws t ~ U{0..T-1} (B,) and e ~ N(0, 1) like the latents, shared by winner and loser.
+        generator: draws t ~ U{0..T-1} (B,) and e ~ N(0, 1) like the (padded) latents, shared by winner
+            and loser.
         timesteps, noise: given explicitly instead of drawn (tests).
         forward: what to call for the forward pass (a DeepSpeed engine wrapping `model`); default `model`.
         reference: a separate frozen reference model instead of `model` with adapters off. This is
@@ -234,9 +254,10 @@ def dpo_step(
     """
     config = model.config
     check_batch(batch, config)
-    x0_w, x0_l = batch["winner_latents"], batch["loser_latents"]
     device = next(p for p in model.parameters()).device
-    bsz, frames, _, height, width = x0_w.shape
+    bsz, video_frames, _, height, width = batch["winner_latents"].shape
+    frames = padded_latent_frames(video_frames, config)  # what the transformer runs on
+    x0_w, x0_l = (pad_latent_frames(batch[k], frames) for k in ("winner_latents", "loser_latents"))
 
     # 1. One timestep and one noise per pair, shared by winner and loser.
     if timesteps is None:
@@ -277,8 +298,10 @@ def dpo_step(
     else:
         with torch.no_grad():
             ref_pred = reference(**kwargs)[0]
-    policy_err_w, policy_err_l = per_sample_mse(pred, target).chunk(2)
-    ref_err_w, ref_err_l = per_sample_mse(ref_pred, target).chunk(2)
+    # Errors on the video's own frames (the last `video_frames`; CogVideoX 1.5's padding is in front).
+    video = slice(frames - video_frames, None)
+    policy_err_w, policy_err_l = per_sample_mse(pred[:, video], target[:, video]).chunk(2)
+    ref_err_w, ref_err_l = per_sample_mse(ref_pred[:, video], target[:, video]).chunk(2)
 
     # 5. The loss in fp32.
     return dpo_loss(policy_err_w, policy_err_l, ref_err_w, ref_err_l, beta, loss_type, sft_weight)

@@ -11,11 +11,17 @@ Paths are relative to the folder. Output: a pairs dataset (training.pairs) whose
 
 and whose text embeddings are the pipeline's own `encode_prompt` (L = max_sequence_length).
 For image-to-video models the condition latent is the "image" if given, else the winner's first
-frame (both clips of a pair were generated from the same image).
+frame (both clips of a pair were generated from the same image), scaled as the I2V pipeline scales
+it (`common.cogvideox.condition_scale`: 1 / scaling_factor for CogVideoX 1.5).
+
+Memory: the transformer is never loaded. The tokenizer and T5 encode every distinct prompt first
+and are freed; then the VAE alone encodes the clips (bf16 with tiled encoding on a GPU, as
+CogVideoX's own fine-tuning scripts do). The peak is reported in summary.json under "encode".
 """
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 from typing import Callable, Optional
@@ -23,8 +29,10 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from common.cogvideox import (check_latent_size, condition_scale, default_video_size, latent_frames, latent_space,
+                              read_model_configs, VAE_SPATIAL)
 from common.errors import ConfigError, TooFewFramesError
-from training.pairs import Pair, PairsDatasetError, write_pairs_dataset
+from training.pairs import SUMMARY_NAME, Pair, PairsDatasetError, write_pairs_dataset
 
 
 def fit_frames(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -40,17 +48,78 @@ def fit_frames(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_frames(vae, frames: torch.Tensor) -> torch.Tensor:
-    """VAE latents of frames (3, T, H, W) in [-1, 1] -> (F, C, h, w), F = (T - 1) // 4 + 1, times scaling_factor.
+def _posterior_mean(vae, frames: torch.Tensor) -> torch.Tensor:
+    """VAE posterior mean of frames (3, T, H, W) in [-1, 1] -> (F, C, h, w) float32 on the CPU.
 
-    The posterior mean is used (not a sample) so that caching twice gives the same latents.
+    The mean, not a sample: caching twice gives the same latents.
     """
     if frames.dim() != 4 or frames.shape[0] != 3:
         raise ValueError(f"frames must be (3, T, H, W), got {tuple(frames.shape)}")
     param = next(vae.parameters())
-    dist = vae.encode(frames.unsqueeze(0).to(param.device, param.dtype)).latent_dist
-    latents = dist.mean * vae.config.scaling_factor  # (1, C, F, h, w)
-    return latents[0].permute(1, 0, 2, 3).float().cpu().contiguous()
+    mean = vae.encode(frames.unsqueeze(0).to(param.device, param.dtype)).latent_dist.mean  # (1, C, F, h, w)
+    return mean[0].permute(1, 0, 2, 3).float().cpu().contiguous()
+
+
+def encode_frames(vae, frames: torch.Tensor) -> torch.Tensor:
+    """Video latents: frames (3, T, H, W) in [-1, 1] -> (F, C, h, w), F = (T - 1) // 4 + 1, x scaling_factor."""
+    return _posterior_mean(vae, frames) * vae.config.scaling_factor
+
+
+def encode_condition_image(vae, image: torch.Tensor) -> torch.Tensor:
+    """The I2V condition: one frame (3, 1, H, W) in [-1, 1] -> (1, C, h, w), scaled as the I2V pipeline does."""
+    return _posterior_mean(vae, image) * condition_scale(vae.config)
+
+
+def encode_prompts(model_dir: Path, prompts: list[str], max_sequence_length: int, device: str,
+                   dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Each distinct prompt's T5 embeddings (L, D), float32 on the CPU, with the pipeline's own `encode_prompt`.
+
+    Only the tokenizer and the text encoder are loaded (no VAE, no transformer), and freed on return.
+    """
+    from diffusers import CogVideoXPipeline
+
+    pipe = CogVideoXPipeline.from_pretrained(model_dir, transformer=None, vae=None, scheduler=None,
+                                             torch_dtype=dtype).to(device)
+    out = {}
+    for prompt in dict.fromkeys(prompts):
+        embeds, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False,
+                                       max_sequence_length=max_sequence_length, device=device)
+        out[prompt] = embeds[0].float().cpu()
+    del pipe
+    return out
+
+
+def load_vae(model_dir: Path, device: str, dtype: torch.dtype):
+    """The pipeline folder's VAE alone, in `dtype` on `device`; tiled encoding on a GPU (bounded memory)."""
+    from diffusers import AutoencoderKLCogVideoX
+
+    vae = AutoencoderKLCogVideoX.from_pretrained(model_dir, subfolder="vae", torch_dtype=dtype).to(device).eval()
+    if torch.device(device).type == "cuda":
+        vae.enable_tiling()
+    return vae
+
+
+class PeakMemory:
+    """Peak memory over a block: allocated CUDA memory on a GPU, else the process's peak resident size (MB)."""
+
+    def __init__(self, device: str):
+        self.cuda = torch.device(device).type == "cuda"
+
+    def __enter__(self) -> "PeakMemory":
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    @property
+    def mb(self) -> float:
+        if self.cuda:
+            return torch.cuda.max_memory_allocated() / 2**20
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _read_clip(path: Path, num_frames: int, height: int, width: int) -> torch.Tensor:
@@ -78,15 +147,15 @@ def cache_pairs(
     width: Optional[int] = None,
     max_sequence_length: Optional[int] = None,
     device: str = "cpu",
+    dtype: Optional[str] = None,
     on_pair: Optional[Callable[[int, int], None]] = None,
 ) -> Path:
-    """Encode every pair listed in `folder/pairs.jsonl` with the pipeline in `model_dir`; write a pairs dataset.
+    """Encode every pair listed in `folder/pairs.jsonl` with the VAE and T5 in `model_dir`; write a pairs dataset.
 
-    Sizes default to the transformer's sample size (frames = sample_frames, pixels = latent size x
-    the VAE's spatial factor) and the transformer's `max_text_seq_length`. Returns the output folder.
+    Sizes default to the model's (`common.cogvideox.default_video_size`: 49 x 480 x 720 for
+    CogVideoX-5B, 81 x 768 x 1360 for CogVideoX1.5) and the transformer's `max_text_seq_length`.
+    `dtype`: "bfloat16" or "float32"; default bfloat16 on a GPU, float32 on the CPU. Returns the folder.
     """
-    from diffusers import CogVideoXImageToVideoPipeline, CogVideoXPipeline, DiffusionPipeline
-
     folder, model_dir = Path(folder), Path(model_dir)
     listing = folder / "pairs.jsonl"
     if not listing.is_file():
@@ -102,51 +171,66 @@ def cache_pairs(
             if key in entry and not (folder / entry[key]).exists():
                 raise PairsDatasetError(f"{listing} line {n}: {entry[key]} does not exist in {folder}")
 
+    # 1. Sizes and the latent space, from the configs alone (nothing loaded yet).
     if not (model_dir / "model_index.json").is_file():
         raise ConfigError(f"{model_dir} is not a diffusers pipeline folder (model_index.json is missing)")
-    pipe = DiffusionPipeline.from_pretrained(model_dir).to(device)
-    if not isinstance(pipe, (CogVideoXPipeline, CogVideoXImageToVideoPipeline)):
-        raise ConfigError(f"{model_dir} holds a {type(pipe).__name__}, not a CogVideoX pipeline")
-    tcfg, spatial = pipe.transformer.config, pipe.vae_scale_factor_spatial
-    i2v = isinstance(pipe, CogVideoXImageToVideoPipeline)
-    num_frames = num_frames or tcfg.sample_frames
-    height = height or tcfg.sample_height * spatial
-    width = width or tcfg.sample_width * spatial
-    max_sequence_length = max_sequence_length or tcfg.max_text_seq_length
+    tcfg, vcfg = read_model_configs(model_dir)
+    space = latent_space(tcfg, vcfg)
+    default_frames, default_height, default_width = default_video_size(tcfg)
+    num_frames, height, width = num_frames or default_frames, height or default_height, width or default_width
+    if height % VAE_SPATIAL or width % VAE_SPATIAL:
+        raise ConfigError(f"height and width must be multiples of {VAE_SPATIAL}, not {height}x{width}")
+    check_latent_size(tcfg, latent_frames(num_frames), height // VAE_SPATIAL, width // VAE_SPATIAL)
+    max_sequence_length = max_sequence_length or tcfg["max_text_seq_length"]
+    if dtype is None:
+        dtype = "bfloat16" if torch.device(device).type == "cuda" else "float32"
+    if dtype not in ("bfloat16", "float32"):
+        raise ConfigError(f"dtype must be bfloat16 or float32, not {dtype!r}")
+    torch_dtype = getattr(torch, dtype)
 
-    text_cache: dict[str, torch.Tensor] = {}
+    with PeakMemory(device) as peak:
+        # 2. Text: T5 alone, each prompt once.
+        text = encode_prompts(model_dir, [e["prompt"] for e in entries], max_sequence_length, device, torch_dtype)
+        gc.collect()
+        # 3. Video: the VAE alone.
+        vae = load_vae(model_dir, device, torch_dtype)
 
-    def pairs():
-        for n, entry in enumerate(entries):
-            prompt = entry["prompt"]
-            if prompt not in text_cache:
-                embeds, _ = pipe.encode_prompt(
-                    prompt, do_classifier_free_guidance=False, max_sequence_length=max_sequence_length, device=device
+        def pairs():
+            for n, entry in enumerate(entries):
+                winner = _read_clip(folder / entry["winner"], num_frames, height, width)
+                loser = _read_clip(folder / entry["loser"], num_frames, height, width)
+                image_latents = None
+                if space["i2v"]:
+                    image = _read_clip(folder / entry["image"], 1, height, width) if "image" in entry else winner[:, :1]
+                    image_latents = encode_condition_image(vae, image)  # (1, C, h, w)
+                yield Pair(
+                    prompt=entry["prompt"],
+                    winner_latents=encode_frames(vae, winner),
+                    loser_latents=encode_frames(vae, loser),
+                    prompt_embeds=text[entry["prompt"]],
+                    image_latents=image_latents,
+                    winner_score=float(entry.get("winner_score", float("nan"))),
+                    loser_score=float(entry.get("loser_score", float("nan"))),
+                    winner_video=str(entry["winner"]),
+                    loser_video=str(entry["loser"]),
                 )
-                text_cache[prompt] = embeds[0].float().cpu()  # (L, D)
-            winner = _read_clip(folder / entry["winner"], num_frames, height, width)
-            loser = _read_clip(folder / entry["loser"], num_frames, height, width)
-            image_latents = None
-            if i2v:
-                image = _read_clip(folder / entry["image"], 1, height, width) if "image" in entry else winner[:, :1]
-                image_latents = encode_frames(pipe.vae, image)  # (1, C, h, w)
-            yield Pair(
-                prompt=prompt,
-                winner_latents=encode_frames(pipe.vae, winner),
-                loser_latents=encode_frames(pipe.vae, loser),
-                prompt_embeds=text_cache[prompt],
-                image_latents=image_latents,
-                winner_score=float(entry.get("winner_score", float("nan"))),
-                loser_score=float(entry.get("loser_score", float("nan"))),
-                winner_video=str(entry["winner"]),
-                loser_video=str(entry["loser"]),
-            )
-            if on_pair:
-                on_pair(n + 1, len(entries))
+                if on_pair:
+                    on_pair(n + 1, len(entries))
 
-    return write_pairs_dataset(
-        output,
-        pairs(),
-        model=str(model_dir),
-        extra={"frames": num_frames, "height": height, "width": width, "encoded_with": "vgpa cache"},
-    )
+        encoded = {"device": device, "dtype": dtype, "tiling": torch.device(device).type == "cuda",
+                   "transformer_loaded": False}
+        out = write_pairs_dataset(
+            output,
+            pairs(),
+            model=str(model_dir),
+            latent_space=space,
+            extra={"frames": num_frames, "height": height, "width": width, "encoded_with": "vgpa cache",
+                   "encode": encoded},
+        )
+    # The peak is known only now: add it to the summary the writer just wrote.
+    summary_path = Path(out) / SUMMARY_NAME
+    summary = json.loads(summary_path.read_text())
+    summary["encode"]["peak_memory_mb"] = round(peak.mb, 1)
+    summary["encode"]["peak_memory_kind"] = "cuda allocated" if peak.cuda else "process resident (RSS)"
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    return out

@@ -458,6 +458,7 @@ def build_pairs(records: list[dict], model_dir: str | Path, out_dir: str | Path,
     """
     import torch
 
+    from common.cogvideox import latent_space, read_model_configs
     from training.pairs import Pair, write_pairs_dataset
 
     pairs, report = select_pairs(records, settings)
@@ -481,7 +482,7 @@ def build_pairs(records: list[dict], model_dir: str | Path, out_dir: str | Path,
         nonlocal vae
         from PIL import Image
 
-        from training.encode import encode_frames, fit_frames
+        from training.encode import encode_condition_image, fit_frames
 
         key = (path, tuple(latent_shape))
         if key not in image_cache:
@@ -495,7 +496,7 @@ def build_pairs(records: list[dict], model_dir: str | Path, out_dir: str | Path,
             import numpy as np
 
             frames = torch.from_numpy(np.asarray(image).copy())[None]  # (1, H, W, 3)
-            image_cache[key] = encode_frames(vae, fit_frames(frames, h, w))
+            image_cache[key] = encode_condition_image(vae, fit_frames(frames, h, w))
         return image_cache[key]
 
     def generate():
@@ -511,7 +512,7 @@ def build_pairs(records: list[dict], model_dir: str | Path, out_dir: str | Path,
 
     metric_ids = report["metric_ids"]
     write_pairs_dataset(out_dir, generate(), model=str(model_dir), metric_id=metric_ids[0] if len(metric_ids) == 1 else None,
-                        extra={"mining": report, **(extra or {})})
+                        latent_space=latent_space(*read_model_configs(model_dir)), extra={"mining": report, **(extra or {})})
     report["written"] = str(out_dir)
     return report
 

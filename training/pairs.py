@@ -27,7 +27,13 @@ Tensors:
     {"format": "videogpa-pairs", "version": 1, "num_pairs": N, "latent_shape": [F, C, h, w],
      "text_shape": [L, D], "i2v": bool, "dtype": "float32", "scaling_factor_applied": true,
      "model": str or null (the pipeline folder/name that encoded it), "metric_id": str or null,
+     "latent_space": {"family", "scaling_factor", "latent_channels", "invert_scale_latents", "i2v"}
+         (`common.cogvideox.latent_space` of the encoding model; the trainer compares it with the
+         model it trains, at start and on resume),
      ...any extra keys the writer adds (mining settings)}
+
+F is the video's own latent frame count ((T - 1) / 4 + 1); CogVideoX 1.5's padding to a multiple
+of patch_size_t happens in the trainer, as in the pipeline.
 
 `load_pairs_index(dir)` checks all of this (missing files, shapes that differ from the summary,
 an empty table) and raises `PairsDatasetError` before any training worker starts.
@@ -88,6 +94,7 @@ def write_pairs_dataset(
     *,
     model: Optional[str] = None,
     metric_id: Optional[str] = None,
+    latent_space: Optional[dict] = None,
     extra: Optional[dict] = None,
 ) -> Path:
     """Write `pairs` in the layout above (overwriting the table and summary) and validate it.
@@ -163,6 +170,7 @@ def write_pairs_dataset(
         "scaling_factor_applied": True,
         "model": model,
         "metric_id": metric_id,
+        "latent_space": latent_space,
         **(extra or {}),
     }
     (directory / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")

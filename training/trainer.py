@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import os
 import tempfile
@@ -38,12 +39,16 @@ from typing import Callable, Literal, Optional
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from common.cogvideox import (VAE_SPATIAL, VAE_TEMPORAL, check_latent_size, latent_space, latent_space_differences,
+                              read_model_configs)
 from common.errors import ConfigError, VideoGPAError
 from training.dpo import LossType, dpo_step
 from common.lora import adapter_metadata, read_lora, save_lora
 from training.lora import (DEFAULT_TARGETS, LORA_WEIGHTS_NAME, add_lora, export_lora, lora_config, lora_parameters,
                            lora_state_dict)
 from training.pairs import PairsDataset, PairsIndex, collate_pairs, load_pairs_index
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_STATE = "train_state.json"
 DEEPSPEED_TAG = "deepspeed"
@@ -59,7 +64,12 @@ class TrainingRunError(VideoGPAError):
 class TrainConfig(BaseModel):
     """Every setting of a DPO run; saved in every checkpoint and in train_summary.json.
 
-    Defaults are the paper's (rank 64, alpha 128, peak LR 5e-6, 500 warm-up steps, batch 16).
+    Defaults are the paper's reference setup (VideoGPA's CogVideoX-5B training script): LoRA rank 64,
+    alpha 128 on to_q/to_k/to_v/to_out.0; AdamW with torch's defaults (betas 0.9/0.999, eps 1e-8,
+    weight decay 0.01: the script passes only the learning rate); peak LR 5e-6, 500 linear warm-up
+    steps then cosine to 0; 16 pairs per optimizer step (8 GPUs x 1 x 2 accumulation); 10,000 steps;
+    gradient clipping 1.0; bf16; beta 1 on mean-reduced errors; 2% of the pairs held out (seed 42).
+    CogVideoX1.5 was trained for 1,500 steps: `cluster/train_config_cogvideox1.5.yaml`.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -86,15 +96,16 @@ class TrainConfig(BaseModel):
     learning_rate: float = Field(5e-6, gt=0, description="Peak learning rate (AdamW).")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Cosine decays to this fraction of the peak.")
     warmup_steps: int = Field(500, ge=0, description="Linear warm-up steps (optimizer steps).")
-    max_steps: int = Field(1000, ge=1, description="Optimizer steps in total.")
+    max_steps: int = Field(10_000, ge=1, description="Optimizer steps in total (the paper: 10,000; CogVideoX1.5: 1,500).")
     batch_size: int = Field(16, ge=1, description="Pairs per optimizer step, over all workers and accumulation.")
     micro_batch_size: int = Field(1, ge=1, description="Pairs per worker per forward (winner + loser = 2x this).")
-    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay on the LoRA weights.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay on the LoRA weights (torch's default, as the paper's script).")
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping (global L2 norm).")
     zero_stage: Literal[2, 3] = Field(2, description="DeepSpeed ZeRO stage (2 recommended with LoRA).")
-    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 on GPU, fp32 on CPU. Under bf16, gradients are accumulated and all-reduced in fp32.")
     gradient_checkpointing: bool = Field(True, description="Recompute transformer blocks in backward to save memory.")
     seed: int = Field(0, description="Seeds LoRA init, pair order, timesteps and noise.")
 
@@ -127,7 +138,11 @@ class TrainConfig(BaseModel):
 
     # --- resources ---
     num_workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU on a GPU cluster).")
-    gpus_per_worker: float = Field(0, ge=0, description="GPUs per worker; 0 trains on the CPU with gloo.")
+    gpus_per_worker: Optional[float] = Field(
+        None, ge=0,
+        description="GPUs per worker. None (default): 1 when the Ray cluster has GPUs, else 0 (CPU, gloo, fp32: said at start).")
+    collective_timeout_s: float = Field(
+        1800, gt=0, description="Process-group timeout: how long a rank waits at a collective (e.g. while rank 0 validates).")
     cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker.")
 
     @model_validator(mode="after")
@@ -194,9 +209,42 @@ def step_generator(cfg: TrainConfig, step: int, micro: int, rank: int) -> torch.
     return torch.Generator().manual_seed(((cfg.seed * 1_000_003 + step) * 1_009 + micro) * 1_013 + rank)
 
 
+def resolve_gpus_per_worker(requested: Optional[float], cluster_gpus: float, num_workers: int) -> tuple[float, str]:
+    """(GPUs per worker, a sentence saying where training runs) from the setting and the cluster's GPUs.
+
+    None: one GPU per worker whenever the cluster has GPUs (never a silent CPU run on a GPU cluster);
+    the CPU otherwise. Asking for GPUs the cluster does not have is an error, not a hang.
+    """
+    gpus = requested if requested is not None else (1.0 if cluster_gpus > 0 else 0.0)
+    if gpus > 0 and cluster_gpus <= 0:
+        raise ConfigError(f"gpus_per_worker={gpus:g} but the Ray cluster has no GPU: drop the setting to train on the CPU")
+    if gpus > 0 and gpus * num_workers > cluster_gpus:
+        # An autoscaling cluster may still add GPU nodes: say it, do not refuse.
+        return gpus, (f"training on {num_workers} worker(s) x {gpus:g} GPU (NCCL); the cluster has {cluster_gpus:g} GPU(s) "
+                      "now, so the run waits until enough are added")
+    if gpus > 0:
+        return gpus, f"training on {num_workers} worker(s) x {gpus:g} GPU (NCCL)"
+    return 0.0, (f"no GPU in the Ray cluster: training runs on the CPU ({num_workers} worker(s), gloo, fp32 unless "
+                 "precision is bf16); fine for tiny models and tests, far too slow for CogVideoX")
+
+
+def resolved_precision(cfg: TrainConfig) -> str:
+    """"bf16" or "fp32": what `precision: auto` means for this run (bf16 on GPUs). gpus_per_worker must be resolved."""
+    if cfg.precision != "auto":
+        return cfg.precision
+    return "bf16" if (cfg.gpus_per_worker or 0) > 0 else "fp32"
+
+
 def deepspeed_config(cfg: TrainConfig, use_cuda: bool) -> dict:
-    """The DeepSpeed config. No optimizer block: the optimizer is passed in (see train_loop_per_worker)."""
+    """The DeepSpeed config. No optimizer block: the optimizer is passed in (see train_loop_per_worker).
+
+    Under bf16 the weights and activations are bf16, but gradients are accumulated over the
+    micro-batches in fp32 (`data_types.grad_accum_dtype`) and all-reduced in fp32
+    (`communication_data_type`): summing 16 pairs' bf16 gradients (8 mantissa bits) in bf16 would
+    round away the small LoRA updates a learning rate of 5e-6 makes.
+    """
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and use_cuda)
+    precision = {"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"} if bf16 else {}
     return {
         "train_batch_size": cfg.batch_size,
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
@@ -208,6 +256,7 @@ def deepspeed_config(cfg: TrainConfig, use_cuda: bool) -> dict:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        **precision,
     }
 
 
@@ -253,7 +302,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     cfg = TrainConfig.model_validate(loop_config["config"])
     rank = ray.train.get_context().get_world_rank()
-    use_cuda = cfg.gpus_per_worker > 0 and torch.cuda.is_available()
+    use_cuda = (cfg.gpus_per_worker or 0) > 0
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError(f"worker {rank} was given {cfg.gpus_per_worker:g} GPU but torch sees no CUDA device "
+                           "(a CPU-only torch build in the image?); refusing to train on the CPU instead")
     device = ray.train.torch.get_device() if use_cuda else torch.device("cpu")
     index = PairsIndex(**loop_config["index"])
     dataset = PairsDataset(index)
@@ -314,9 +366,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
             state = _lora_weights(model, cfg.zero_stage)
             if rank == 0:
                 export_lora(Path(tmp) / "lora", model, state_dict=state)
-                (Path(tmp) / CHECKPOINT_STATE).write_text(
-                    json.dumps({"step": step, "final": final, "config": cfg.model_dump(mode="json")}, indent=2)
-                )
+                # What a resumed launch must match (check_resume_compatible) besides the config.
+                (Path(tmp) / CHECKPOINT_STATE).write_text(json.dumps(
+                    {"step": step, "final": final, "config": cfg.model_dump(mode="json"),
+                     "precision": "bf16" if engine.bfloat16_enabled() else "fp32",
+                     "latent_space": index.summary.get("latent_space")}, indent=2))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"checkpoint_{step:08d}")
 
@@ -355,7 +409,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         )
         if cfg.validation_every and (step + 1) % cfg.validation_every == 0 and rank == 0:
             metrics.update(run_validation(model, loop_config["model_dir"], cfg, step + 1,
-                                          Path(loop_config["validation_dir"]), index.i2v, validation_cache))
+                                          Path(loop_config["validation_dir"]), index, validation_cache))
         if rank == 0 and progress is not None:
             progress.push.remote(metrics)
         done = step + 1 == cfg.max_steps
@@ -381,8 +435,11 @@ def _lora_weights(model, zero_stage: int) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def run_validation(model, model_dir: str, cfg: TrainConfig, step: int, out_dir: Path, i2v: bool, cache: dict) -> dict:
+def run_validation(model, model_dir: str, cfg: TrainConfig, step: int, out_dir: Path, index: PairsIndex,
+                   cache: dict) -> dict:
     """Sample `cfg.validation_prompts` with the current LoRA (fixed seeds), save MP4s, score them.
+
+    Videos have the training pairs' size (frames, height, width from their latent shape).
 
     Videos: out_dir/step_<step>/<i>.mp4 (+ scores.json). Returns metrics `val/score` (mean E over
     scorable videos; NaN if none), `val/scored`, `val/unscorable`. The pipeline (VAE, T5) is loaded
@@ -393,6 +450,7 @@ def run_validation(model, model_dir: str, cfg: TrainConfig, step: int, out_dir: 
 
     from common.video import write_video
 
+    i2v = index.i2v
     if "pipe" not in cache:
         param = next(model.parameters())
         cls = CogVideoXImageToVideoPipeline if i2v else CogVideoXPipeline
@@ -400,6 +458,7 @@ def run_validation(model, model_dir: str, cfg: TrainConfig, step: int, out_dir: 
         pipe.set_progress_bar_config(disable=True)
         cache["pipe"] = pipe
     pipe = cache["pipe"]
+    frames, _, latent_height, latent_width = index.latent_shape
     folder = out_dir / f"step_{step:08d}"
     was_training = model.training
     model.eval()
@@ -409,7 +468,9 @@ def run_validation(model, model_dir: str, cfg: TrainConfig, step: int, out_dir: 
             kwargs = dict(
                 prompt=prompt,
                 num_inference_steps=cfg.validation_inference_steps,
-                num_frames=model.config.sample_frames,
+                num_frames=(frames - 1) * VAE_TEMPORAL + 1,
+                height=latent_height * VAE_SPATIAL,
+                width=latent_width * VAE_SPATIAL,
                 max_sequence_length=model.config.max_text_seq_length,
                 generator=torch.Generator().manual_seed(cfg.validation_seed + i),
                 output_type="np",
@@ -467,13 +528,16 @@ def _progress_actor_class():
 
 
 def check_model_folder(model_dir: Path, index: PairsIndex) -> dict:
-    """The transformer config of a diffusers pipeline folder, checked against the pairs' shapes."""
-    config_path = model_dir / "transformer" / "config.json"
-    if not config_path.is_file():
-        raise ConfigError(f"{model_dir} is not a diffusers CogVideoX pipeline folder: transformer/config.json is missing")
+    """The transformer config of a diffusers pipeline folder, checked against the pairs.
+
+    Refused with a sentence saying why: not a CogVideoX folder, a scheduler that is not
+    v-prediction, latents encoded for another latent space (model family, VAE scaling factor,
+    latent channels, the I2V condition's scaling) or another task (T2V vs I2V), text of another
+    width, latent sizes the transformer cannot train on (see `common.cogvideox.check_latent_size`).
+    """
+    tcfg, vcfg = read_model_configs(model_dir)
     if not (model_dir / "scheduler").is_dir():
         raise ConfigError(f"{model_dir} has no scheduler/ folder")
-    tcfg = json.loads(config_path.read_text())
     scheduler_config = model_dir / "scheduler" / "scheduler_config.json"
     if scheduler_config.is_file():
         prediction = json.loads(scheduler_config.read_text()).get("prediction_type", "epsilon")
@@ -493,14 +557,26 @@ def check_model_folder(model_dir: Path, index: PairsIndex) -> dict:
             f"the pairs hold {kind} latents with {channels} channels, but the transformer in {model_dir} "
             f"has in_channels={in_channels} and expects {expected}-channel latents{hint}"
         )
+    check_pairs_latent_space(index, latent_space(tcfg, vcfg), f"the model in {model_dir}")
     if index.text_shape[1] != tcfg["text_embed_dim"]:
         raise ConfigError(
             f"the pairs' text embeddings are {index.text_shape[1]}-dimensional, the transformer expects {tcfg['text_embed_dim']}"
         )
-    p = tcfg["patch_size"]
-    if height % p or width % p:
-        raise ConfigError(f"latent size {height}x{width} is not a multiple of the patch size {p}")
+    check_latent_size(tcfg, frames, height, width)
     return tcfg
+
+
+def check_pairs_latent_space(index: PairsIndex, space: dict, what: str) -> None:
+    """Refuse pairs whose latents were encoded in another latent space than `space` (that of `what`)."""
+    recorded = index.summary.get("latent_space")
+    if not recorded:
+        raise ConfigError(
+            f"the pairs in {index.directory} do not say which latent space they were encoded in (summary.json has no "
+            "latent_space; written by an older videogpa): encode them again with `vgpa cache` or the mining job")
+    differences = latent_space_differences(recorded, space)
+    if differences:
+        raise ConfigError(f"the pairs in {index.directory} were encoded for another model than {what}: "
+                          + "; ".join(differences))
 
 
 def export_checkpoint_lora(ckpt_dir: Path, output_dir: Path) -> Path:
@@ -517,12 +593,18 @@ def export_checkpoint_lora(ckpt_dir: Path, output_dir: Path) -> Path:
     return save_lora(output_dir, weights, metadata)
 
 
-def check_resume_compatible(cfg: TrainConfig, run_dir: Path) -> None:
-    """Refuse to resume a run whose ZeRO partitioning the new settings would not match.
+#: Settings a resumed run must keep: each rank's checkpoint holds its own ZeRO partition
+#: (num_workers, zero_stage), the LoRA's shape and scale are in the weights (lora_rank, lora_alpha,
+#: lora_targets), and the optimizer state is in the trained precision.
+RESUME_INVARIANTS = ("num_workers", "zero_stage", "lora_rank", "lora_alpha", "lora_targets")
 
-    Each rank's checkpoint holds its own optimizer partition, so the worker count and ZeRO stage
-    must stay the same; steps, learning rate or beta may change. Only local (or mounted) storage
-    is inspected; for s3:// and the like DeepSpeed's own load reports the mismatch.
+
+def check_resume_compatible(cfg: TrainConfig, run_dir: Path, index: Optional[PairsIndex] = None) -> None:
+    """Refuse to resume a run with settings its checkpoint cannot continue (see RESUME_INVARIANTS).
+
+    Also refused: another resolved precision (bf16 vs fp32), and pairs from another latent space.
+    Steps, learning rate, beta or the pairs themselves (same latent space) may change. Only local
+    (or mounted) storage is inspected; for s3:// and the like DeepSpeed's own load reports a mismatch.
     """
     snapshot = run_dir / "checkpoint_manager_snapshot.json"
     if not snapshot.is_file():
@@ -531,13 +613,20 @@ def check_resume_compatible(cfg: TrainConfig, run_dir: Path) -> None:
     state_path = run_dir / str(latest) / CHECKPOINT_STATE
     if not latest or not state_path.is_file():
         return
-    saved = json.loads(state_path.read_text())["config"]
-    for key in ("num_workers", "zero_stage", "lora_rank", "lora_targets"):
-        if saved.get(key) != getattr(cfg, key):
+    state = json.loads(state_path.read_text())
+    saved = state["config"]
+    where = f"run '{cfg.run_name}' in {run_dir.parent}"
+    for key in RESUME_INVARIANTS:
+        if key in saved and saved[key] != getattr(cfg, key):
             raise ConfigError(
-                f"run '{cfg.run_name}' in {run_dir.parent} was checkpointed with {key}={saved.get(key)}, "
+                f"{where} was checkpointed with {key}={saved.get(key)}, "
                 f"now {key}={getattr(cfg, key)}: resume with the same value or choose a new run name"
             )
+    if state.get("precision") and state["precision"] != resolved_precision(cfg):
+        raise ConfigError(f"{where} was trained in {state['precision']}, this launch would train in "
+                          f"{resolved_precision(cfg)}: set precision: {state['precision']} or choose a new run name")
+    if index is not None and state.get("latent_space"):
+        check_pairs_latent_space(index, state["latent_space"], f"the one {where} was trained on")
 
 
 def train(
@@ -547,6 +636,7 @@ def train(
     output_dir: str | Path,
     address: Optional[str] = None,
     on_step: Optional[Callable[[dict], None]] = None,
+    log: Callable[[str], None] = logger.warning,
 ) -> dict:
     """Run (or resume) a DPO run and export its LoRA. Returns the summary written to train_summary.json.
 
@@ -558,6 +648,7 @@ def train(
             validation/step_*/ (videos and scores) when validation is on.
         address: a Ray cluster address; None joins the running Ray or starts an embedded one.
         on_step: called on the driver with each step's metrics (progress bars).
+        log: receives sentences for the person running it (where training runs: GPUs or the CPU).
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -571,9 +662,8 @@ def train(
         raise ConfigError(f"the pairs dataset has {len(index)} pairs, fewer than micro_batch_size {cfg.micro_batch_size}")
     output_dir.mkdir(parents=True, exist_ok=True)
     storage_path = cfg.storage_path or str(output_dir / "ray")
-    check_resume_compatible(cfg, Path(storage_path) / cfg.run_name)
 
-    # 2. Ray and the progress relay.
+    # 2. Ray, where the workers run, and the progress relay.
     if not ray.is_initialized():
         if address or os.environ.get("RAY_ADDRESS"):
             ray.init(address=address, log_to_driver=False)  # a cluster (`ray job submit` sets RAY_ADDRESS)
@@ -584,6 +674,10 @@ def train(
             needed = math.ceil(cfg.num_workers * cfg.cpus_per_worker) + 1
             ray.init(address="local", num_cpus=max(needed, os.cpu_count() or 1), include_dashboard=False,
                      configure_logging=False, log_to_driver=False)
+    gpus, where = resolve_gpus_per_worker(cfg.gpus_per_worker, ray.cluster_resources().get("GPU", 0), cfg.num_workers)
+    cfg = cfg.model_copy(update={"gpus_per_worker": gpus})
+    log(where)
+    check_resume_compatible(cfg, Path(storage_path) / cfg.run_name, index)
     relay = _progress_actor_class().remote()
 
     # 3. The run. The same run_name + storage_path picks up the last checkpoint.
@@ -597,11 +691,11 @@ def train(
             "validation_dir": str(output_dir / "validation"),
             "progress": relay,
         },
-        torch_config=TorchConfig(backend="nccl" if cfg.gpus_per_worker > 0 else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo", timeout_s=int(cfg.collective_timeout_s)),
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers,
-            use_gpu=cfg.gpus_per_worker > 0,
-            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker else {})},
+            use_gpu=gpus > 0,
+            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": gpus} if gpus else {})},
         ),
         run_config=RunConfig(
             name=cfg.run_name,
@@ -669,6 +763,8 @@ def train(
         "pairs": str(pairs_dir),
         "num_pairs": len(index),
         "model": str(model_dir),
+        "device": where,
+        "precision": state.get("precision"),
         "config": cfg.model_dump(mode="json"),
     }
     (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")

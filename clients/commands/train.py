@@ -50,7 +50,8 @@ def _fmt(value) -> str:
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path), help="Diffusers CogVideoX pipeline folder.")
 @click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path), help="Receives pytorch_lora_weights.safetensors.")
 @click.option("--workers", type=int, default=None, help="Ray Train workers (default 1).")
-@click.option("--gpus-per-worker", type=float, default=None, help="GPUs per worker (default 0: CPU, gloo).")
+@click.option("--gpus-per-worker", type=float, default=None,
+              help="GPUs per worker (default: 1 when the Ray cluster has GPUs, else the CPU, said at start).")
 @click.option("--steps", type=int, default=None, help="Optimizer steps in total (max_steps).")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="YAML/JSON file of TrainConfig fields.")
@@ -86,7 +87,7 @@ def train(pairs_dir, model_dir, output_dir, workers, gpus_per_worker, steps, con
         bar.refresh()
 
     try:
-        summary = run_training(cfg, pairs_dir, model_dir, output_dir, address=address, on_step=on_step)
+        summary = run_training(cfg, pairs_dir, model_dir, output_dir, address=address, on_step=on_step, log=bar.write)
     finally:
         bar.close()
 
@@ -114,8 +115,10 @@ def train(pairs_dir, model_dir, output_dir, workers, gpus_per_worker, steps, con
 @click.option("--frames", type=int, default=None, help="Pixel frames per clip (default: the transformer's sample_frames).")
 @click.option("--height", type=int, default=None, help="Pixel height (default: the model's sample size).")
 @click.option("--width", type=int, default=None, help="Pixel width (default: the model's sample size).")
-@click.option("--device", default="cpu", show_default=True, help="Where the VAE and T5 run.")
-def cache(folder, model_dir, output, frames, height, width, device):
+@click.option("--device", default=None, help="Where the VAE and T5 run (default: cuda when available, else cpu).")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default=None,
+              help="Encoding precision (default: bfloat16 on a GPU, float32 on the CPU).")
+def cache(folder, model_dir, output, frames, height, width, device, dtype):
     from tqdm import tqdm
 
     from training.encode import cache_pairs
@@ -127,14 +130,22 @@ def cache(folder, model_dir, output, frames, height, width, device):
         bar.total = total
         bar.update(done - bar.n)
 
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         out = cache_pairs(folder, model_dir, output, num_frames=frames, height=height, width=width,
-                          device=device, on_pair=on_pair)
+                          device=device, dtype=dtype, on_pair=on_pair)
     finally:
         bar.close()
     index = load_pairs_index(out)
+    encoded = index.summary["encode"]
     click.echo(f"wrote {len(index)} pairs to {out}: latents {list(index.latent_shape)} (F, C, h, w), "
                f"text {list(index.text_shape)} (L, D){', image-to-video' if index.i2v else ''}")
+    click.echo(f"encoded on {encoded['device']} in {encoded['dtype']}{' with VAE tiling' if encoded['tiling'] else ''} "
+               f"(VAE and T5 only, no transformer): peak memory {encoded['peak_memory_mb']:.0f} MB "
+               f"({encoded['peak_memory_kind']})")
 
 
 COMMANDS = [train, cache]

@@ -51,14 +51,14 @@ def model_size_clips(tmp_path):
     return _write_clip_folder(tmp_path / "model-size-clips", height=tiny.HEIGHT, width=tiny.WIDTH)
 
 
-def near_deterministic_model(folder, i2v):
+def near_deterministic_model(folder, i2v, version="1.0"):
     """A tiny pipeline folder whose VAE posterior has std exp(-15) ~ 3e-7 (log-variance -30).
 
     The pipelines draw a posterior *sample* (`retrieve_latents`), the cache stores the posterior
     *mean* (caching twice gives the same latents); with this VAE both agree to ~1e-6, so the cache
     can be compared with the pipeline's own code instead of a formula re-written in the test.
     """
-    pipe = tiny.tiny_pipeline(i2v=i2v)
+    pipe = tiny.tiny_pipeline(i2v=i2v, version=version)
     conv = pipe.vae.encoder.conv_out.conv  # output channels: [mean (C); log-variance (C)]
     with torch.no_grad():
         conv.weight[tiny.LATENT_CHANNELS:] = 0.0
@@ -75,27 +75,33 @@ def _first_frames(path, count):
     return [Image.fromarray(f.numpy()) for f in load_video(path).frames[:count]]
 
 
-@pytest.mark.parametrize("i2v", [False, True], ids=["t2v", "i2v"])
-def test_cached_latents_equal_the_pipelines_own_encoding(tmp_path, model_size_clips, i2v, capsys):
+@pytest.mark.parametrize("i2v,version", [(False, "1.0"), (True, "1.0"), (False, "1.5"), (True, "1.5")],
+                         ids=["t2v", "i2v", "t2v-1.5", "i2v-1.5"])
+def test_cached_latents_equal_the_pipelines_own_encoding(tmp_path, model_size_clips, i2v, version, capsys):
     """Video latents = CogVideoXVideoToVideoPipeline.prepare_latents; the I2V condition the trainer builds
-    from the cached image latent = CogVideoXImageToVideoPipeline.prepare_latents; text = encode_prompt."""
+    from the cached image latent = CogVideoXImageToVideoPipeline.prepare_latents (for 1.5: divided by the
+    scaling factor, at the padded frame count `__call__` gives it); text = encode_prompt. The transformer's
+    weights are deleted first: `vgpa cache` must not need them."""
     from diffusers import CogVideoXDDIMScheduler, CogVideoXImageToVideoPipeline, CogVideoXVideoToVideoPipeline
 
+    from common.cogvideox import padded_latent_frames
     from training.dpo import i2v_condition
 
-    model = near_deterministic_model(tmp_path / "model", i2v)
+    model = near_deterministic_model(tmp_path / "model", i2v, version)
+    components = (CogVideoXImageToVideoPipeline if i2v else CogVideoXVideoToVideoPipeline).from_pretrained(model).components
+    for weights in (model / "transformer").glob("*.safetensors"):
+        weights.unlink()
     main(["cache", "--videos", str(model_size_clips), "--model", str(model), "--output", str(tmp_path / "pairs")])
-    assert "wrote 3 pairs" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "wrote 3 pairs" in out and "no transformer): peak memory" in out
     index = load_pairs_index(tmp_path / "pairs")
     assert index.latent_shape == (tiny.LATENT_FRAMES, tiny.LATENT_CHANNELS, tiny.LATENT_HEIGHT, tiny.LATENT_WIDTH)
     assert index.text_shape == (tiny.TEXT_SEQ_LEN, tiny.TEXT_EMBED_DIM) and index.i2v == i2v
+    assert index.summary["latent_space"]["family"] == f"cogvideox-{version}"
     item = PairsDataset(index)[1]
 
-    components = {k: v for k, v in (CogVideoXImageToVideoPipeline if i2v else CogVideoXVideoToVideoPipeline)
-                  .from_pretrained(model).components.items()}
     # The video-to-video pipeline's encoding of the clip. Its prepare_latents ends with add_noise at
     # `timestep`: a scheduler whose betas are all 0 makes that the identity (alpha_bar = 1).
-    components["transformer"] = components["transformer"] if not i2v else tiny.tiny_transformer()
     v2v = CogVideoXVideoToVideoPipeline(**{**components, "scheduler": CogVideoXDDIMScheduler(trained_betas=[0.0] * 1000)})
     video = v2v.video_processor.preprocess_video(_first_frames(model_size_clips / "w1.mkv", tiny.NUM_FRAMES),
                                                  height=tiny.HEIGHT, width=tiny.WIDTH)
@@ -107,13 +113,15 @@ def test_cached_latents_equal_the_pipelines_own_encoding(tmp_path, model_size_cl
     torch.testing.assert_close(item["prompt_embeds"], embeds[0])
 
     if i2v:
-        # The condition is the winner's first frame (both model_size_clips of a pair come from one image).
+        # The condition is the winner's first frame (both clips of a pair come from one image).
         i2v_pipe = CogVideoXImageToVideoPipeline(**components)
-        image = i2v_pipe.video_processor.preprocess(_first_frames(model_size_clips / "w1.mkv", 1)[0], height=tiny.HEIGHT, width=tiny.WIDTH)
-        with torch.no_grad():
-            _, condition = i2v_pipe.prepare_latents(image, 1, tiny.LATENT_CHANNELS, tiny.NUM_FRAMES, tiny.HEIGHT,
+        image = i2v_pipe.video_processor.preprocess(_first_frames(model_size_clips / "w1.mkv", 1)[0],
+                                                    height=tiny.HEIGHT, width=tiny.WIDTH)
+        frames = padded_latent_frames(tiny.LATENT_FRAMES, i2v_pipe.transformer.config)
+        with torch.no_grad():  # __call__ passes the padded pixel frame count
+            _, condition = i2v_pipe.prepare_latents(image, 1, tiny.LATENT_CHANNELS, (frames - 1) * 4 + 1, tiny.HEIGHT,
                                                     tiny.WIDTH, torch.float32, "cpu", torch.Generator().manual_seed(0))
-        ours = i2v_condition(item["image_latents"].unsqueeze(0), tiny.LATENT_FRAMES)
+        ours = i2v_condition(item["image_latents"].unsqueeze(0), frames)
         torch.testing.assert_close(ours, condition, rtol=0, atol=1e-5)
 
 
@@ -152,6 +160,7 @@ def test_train_command_end_to_end_image_to_video(ray_cluster, tmp_path, clips, c
           "--steps", "3", "--workers", "1", "--config", str(tmp_path / "cfg.yaml"), "--run-name", "cli"])
     out = capsys.readouterr().out
     assert "3 steps, batch 2 (1 worker(s) x 1 x 2 accumulation)" in out
+    assert "no GPU in the Ray cluster: training runs on the CPU" in out  # said, not silent
     assert "implicit acc" in out and "pytorch_lora_weights.safetensors" in out
     summary = json.loads((tmp_path / "out" / "train_summary.json").read_text())
     assert summary["steps"] == 3 and summary["config"]["lora_rank"] == 4
@@ -195,3 +204,7 @@ def test_cluster_job_files_are_valid(monkeypatch):
     assert cfg.num_workers == 8 and cfg.grad_accum_steps == 2 and cfg.lora_rank == 64
     gpu_group = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
     assert gpu_group["replicas"] == cfg.num_workers
+    assert cfg.max_steps == 10_000 and cfg.weight_decay == 0.01  # the paper's reference setup
+    preset = load_train_config(root / "cluster" / "train_config_cogvideox1.5.yaml", {})
+    paper = load_train_config(root / ctx.params["config_file"], {})
+    assert preset.max_steps == 1_500 and preset.model_dump(exclude={"max_steps"}) == paper.model_dump(exclude={"max_steps"})

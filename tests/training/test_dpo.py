@@ -89,10 +89,12 @@ def _batch(bsz=2, i2v=False, seed=0):
     return batch
 
 
-@pytest.fixture(params=[False, True], ids=["t2v", "i2v"])
+@pytest.fixture(params=[(False, "1.0"), (True, "1.0"), (False, "1.5"), (True, "1.5")],
+                ids=["t2v", "i2v", "t2v-1.5", "i2v-1.5"])
 def policy(request):
-    model = add_lora(tiny.tiny_transformer(i2v=request.param), rank=4, alpha=8)
-    return model, request.param
+    i2v, version = request.param
+    model = add_lora(tiny.tiny_transformer(i2v=i2v, version=version), rank=4, alpha=8)
+    return model, i2v
 
 
 class TestDpoStep:
@@ -189,20 +191,45 @@ class TestDpoStep:
 class TestDpoStepFeedsTheTransformerWhatThePipelineDoes:
     """Catches the reference code's mistakes: no rotary embeddings, an epsilon target."""
 
-    def test_forward_receives_the_pipelines_rotary_embeddings(self):
+    @pytest.mark.parametrize("version,model_frames", [("1.0", 3), ("1.5", 4)])
+    def test_forward_receives_the_pipelines_rotary_embeddings(self, version, model_frames):
+        """CogVideoX 1.5 runs on 4 latent frames for a 3-frame video (patch_size_t = 2), as its pipeline does."""
         from diffusers import CogVideoXPipeline
 
-        pipe = CogVideoXPipeline(**tiny.tiny_components())
+        pipe = CogVideoXPipeline(**tiny.tiny_components(version=version))
         model = add_lora(pipe.transformer, rank=4, alpha=8)
         calls = []
         model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs), with_kwargs=True)
         dpo_step(model, tiny.tiny_scheduler(), _batch(), beta=1.0, generator=torch.Generator().manual_seed(0))
         assert len(calls) == 2  # policy, then reference (adapters off)
-        expected = pipe._prepare_rotary_positional_embeddings(tiny.HEIGHT, tiny.WIDTH, tiny.LATENT_FRAMES, "cpu")
+        expected = pipe._prepare_rotary_positional_embeddings(tiny.HEIGHT, tiny.WIDTH, model_frames, "cpu")
         for kwargs in calls:
+            assert kwargs["hidden_states"].shape[1] == model_frames
             cos, sin = kwargs["image_rotary_emb"]
             torch.testing.assert_close(cos, expected[0], rtol=0, atol=0)
             torch.testing.assert_close(sin, expected[1], rtol=0, atol=0)
+
+    def test_cogvideox15_i2v_gets_ofs_and_learns_only_on_the_videos_frames(self):
+        """1.5 I2V: `ofs` = 2 as in its pipeline; the padded front frame is not part of the error."""
+        scheduler = tiny.tiny_scheduler()
+        model = add_lora(tiny.tiny_transformer(i2v=True, version="1.5"), rank=4, alpha=8)
+        batch = _batch(i2v=True)
+        t = torch.tensor([250, 750])
+        e = torch.randn((2, 4, *batch["winner_latents"].shape[2:]), generator=torch.Generator().manual_seed(2))
+        x0 = torch.cat([torch.cat([b[:, :1], b], dim=1) for b in (batch["winner_latents"], batch["loser_latents"])])
+        velocity = scheduler.get_velocity(x0, torch.cat([e, e]), torch.cat([t, t]))
+        seen = {}
+
+        def forward(**kwargs):
+            seen.update(kwargs)
+            wrong_padding = velocity.clone()
+            wrong_padding[:, 0] += 5.0  # the padded frame is dropped at inference: it must not count
+            return (wrong_padding,)
+
+        out = dpo_step(model, scheduler, batch, beta=1.0, timesteps=t, noise=e, forward=forward)
+        assert out.metrics["err/policy_chosen"] == 0.0 and out.metrics["err/ref_rejected"] == 0.0
+        torch.testing.assert_close(seen["ofs"], torch.tensor([2.0]))
+        assert seen["hidden_states"].shape == (4, 4, 2 * tiny.LATENT_CHANNELS, tiny.LATENT_HEIGHT, tiny.LATENT_WIDTH)
 
     @pytest.mark.parametrize("kind", ["dpm", "ddim"])
     def test_target_is_the_schedulers_velocity(self, kind):

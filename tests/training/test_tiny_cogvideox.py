@@ -57,3 +57,20 @@ def test_tokenizer_is_offline_and_fixed_length():
     assert len(ids.input_ids) == tiny.TEXT_SEQ_LEN
     assert tok.unk_token_id not in ids.input_ids  # ASCII prompts tokenize without unknowns
     assert max(ids.input_ids) < len(tok)
+
+
+@pytest.mark.parametrize("i2v", [False, True], ids=["t2v", "i2v"])
+def test_cogvideox15_shaped_tiny_model_samples(tmp_path, i2v):
+    """patch_size_t = 2 (3 latent frames run as 4, the padding dropped before decoding), sliced rotary
+    positions, `ofs` for image-to-video, a VAE with invert_scale_latents: the CogVideoX1.5 shape."""
+    from common.cogvideox import FAMILY_1_5, latent_space, model_family, read_model_configs
+
+    path = tiny.save_tiny_cogvideox(tmp_path / "m", i2v=i2v, version="1.5")
+    tcfg, vcfg = read_model_configs(path)
+    assert model_family(tcfg) == FAMILY_1_5 and tcfg["patch_size_t"] == 2 and (tcfg["ofs_embed_dim"] is not None) == i2v
+    assert latent_space(tcfg, vcfg)["invert_scale_latents"] and vcfg["scaling_factor"] == 0.7
+    cls = diffusers.CogVideoXImageToVideoPipeline if i2v else diffusers.CogVideoXPipeline
+    pipe = cls.from_pretrained(path)
+    extra = {"image": Image.fromarray(np.zeros((tiny.HEIGHT, tiny.WIDTH, 3), np.uint8))} if i2v else {}
+    frames = pipe(prompt="a red cube", **extra, **_call_kwargs()).frames
+    assert frames.shape == (1, tiny.NUM_FRAMES, 3, tiny.HEIGHT, tiny.WIDTH)

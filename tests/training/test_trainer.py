@@ -12,7 +12,9 @@ from common import tiny_cogvideox as tiny
 from common.errors import ConfigError
 from training.lora import LORA_WEIGHTS_NAME, add_lora, count_parameters
 from training.pairs import Pair, PairsDatasetError, write_pairs_dataset
-from training.trainer import FAULT_MARKER, TrainConfig, lr_multiplier, micro_batch_indices, train
+from common.cogvideox import latent_space, read_model_configs
+from training.trainer import (FAULT_MARKER, TrainConfig, deepspeed_config, lr_multiplier, micro_batch_indices,
+                              resolve_gpus_per_worker, train)
 
 LATENT = (tiny.LATENT_FRAMES, tiny.LATENT_CHANNELS, tiny.LATENT_HEIGHT, tiny.LATENT_WIDTH)
 
@@ -30,6 +32,11 @@ def synthetic_pairs(n: int = 16, i2v: bool = False, seed: int = 0) -> list[Pair]
         )
         for i in range(n)
     ]
+
+
+def write_pairs_for(model_dir, directory, pairs):
+    """A pairs dataset that records the latent space of `model_dir`, as `vgpa cache` and the mining job do."""
+    return write_pairs_dataset(directory, pairs, model=str(model_dir), latent_space=latent_space(*read_model_configs(model_dir)))
 
 
 def small_config(**overrides) -> TrainConfig:
@@ -95,11 +102,11 @@ def test_batch_arithmetic_is_validated():
 
 def test_bad_inputs_fail_before_any_worker(tmp_path):
     model = tiny.save_tiny_cogvideox(tmp_path / "model")
-    pairs = write_pairs_dataset(tmp_path / "pairs", synthetic_pairs(4))
+    pairs = write_pairs_for(model, tmp_path / "pairs", synthetic_pairs(4))
     (pairs / "latents" / "000002.winner.safetensors").unlink()
     with pytest.raises(PairsDatasetError, match="missing"):
         train(small_config(), pairs, model, tmp_path / "out")
-    i2v_pairs = write_pairs_dataset(tmp_path / "i2v", synthetic_pairs(4, i2v=True))
+    i2v_pairs = write_pairs_for(model, tmp_path / "i2v", synthetic_pairs(4, i2v=True))
     with pytest.raises(ConfigError, match=r"image-to-video latents with 4 channels.*in_channels=4.*text-to-video model"):
         train(small_config(), i2v_pairs, model, tmp_path / "out")
     with pytest.raises(ConfigError, match="not a diffusers CogVideoX pipeline folder"):
@@ -107,8 +114,47 @@ def test_bad_inputs_fail_before_any_worker(tmp_path):
     cfg_path = model / "scheduler" / "scheduler_config.json"
     cfg_path.write_text(cfg_path.read_text().replace('"v_prediction"', '"epsilon"'))
     with pytest.raises(ConfigError, match="needs v_prediction"):
-        train(small_config(), write_pairs_dataset(tmp_path / "ok", synthetic_pairs(4)), model, tmp_path / "out")
+        train(small_config(), write_pairs_for(model, tmp_path / "ok", synthetic_pairs(4)), model, tmp_path / "out")
     assert not (tmp_path / "out" / "ray").exists()
+
+
+def test_pairs_from_another_latent_space_are_refused_before_any_worker(tmp_path):
+    """Latents are checked against the model being trained: family, VAE scaling factor, channels."""
+    model = tiny.save_tiny_cogvideox(tmp_path / "model")
+    model15 = tiny.save_tiny_cogvideox(tmp_path / "model15", version="1.5")
+    pairs15 = write_pairs_for(model15, tmp_path / "pairs15", synthetic_pairs(4))
+    with pytest.raises(ConfigError, match=r"another model.*family cogvideox-1.5 \(pairs\) vs cogvideox-1.0 \(model\)"
+                                          r".*scaling_factor 0.7 \(pairs\) vs 1.15"):
+        train(small_config(), pairs15, model, tmp_path / "out")
+    unrecorded = write_pairs_dataset(tmp_path / "old", synthetic_pairs(4))  # no latent_space in summary.json
+    with pytest.raises(ConfigError, match="do not say which latent space"):
+        train(small_config(), unrecorded, model, tmp_path / "out")
+
+
+def test_gpus_are_used_whenever_the_cluster_has_them():
+    assert resolve_gpus_per_worker(None, 8, 8) == (1.0, "training on 8 worker(s) x 1 GPU (NCCL)")
+    gpus, where = resolve_gpus_per_worker(None, 0, 2)
+    assert gpus == 0 and "no GPU in the Ray cluster: training runs on the CPU" in where
+    with pytest.raises(ConfigError, match="has no GPU"):
+        resolve_gpus_per_worker(1, 0, 2)
+    assert "waits until enough are added" in resolve_gpus_per_worker(None, 4, 8)[1]
+
+
+def test_bf16_accumulates_and_reduces_gradients_in_fp32():
+    cfg = TrainConfig(num_workers=8, batch_size=16)
+    gpu = deepspeed_config(cfg, use_cuda=True)
+    assert gpu["bf16"]["enabled"] and gpu["gradient_accumulation_steps"] == 2
+    assert gpu["data_types"] == {"grad_accum_dtype": "fp32"} and gpu["communication_data_type"] == "fp32"
+    cpu = deepspeed_config(cfg, use_cuda=False)
+    assert not cpu["bf16"]["enabled"] and "data_types" not in cpu
+
+
+def test_defaults_are_the_papers_reference_setup():
+    cfg = TrainConfig()
+    assert (cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets) == (64, 128, ["to_q", "to_k", "to_v", "to_out.0"])
+    assert (cfg.learning_rate, cfg.warmup_steps, cfg.max_steps, cfg.batch_size) == (5e-6, 500, 10_000, 16)
+    assert (cfg.weight_decay, cfg.adam_betas, cfg.adam_eps) == (0.01, (0.9, 0.999), 1e-8)  # torch AdamW defaults
+    assert (cfg.max_grad_norm, cfg.beta, cfg.loss_type) == (1.0, 1.0, "sigmoid")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,7 +166,7 @@ def test_bad_inputs_fail_before_any_worker(tmp_path):
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("dpo")
     model = tiny.save_tiny_cogvideox(root / "model")
-    pairs = write_pairs_dataset(root / "pairs", synthetic_pairs(16), model="tiny")
+    pairs = write_pairs_for(model, root / "pairs", synthetic_pairs(16))
     return root, model, pairs
 
 
@@ -155,6 +201,55 @@ def test_resuming_with_another_partitioning_is_refused_before_start(finished_run
     cfg = small_config(run_name="straight", num_workers=1)  # the run was checkpointed by 2 ZeRO ranks
     with pytest.raises(ConfigError, match="num_workers=2, now num_workers=1"):
         train(cfg, pairs, model, root / "straight")
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("change,message", [
+    ({"lora_alpha": 16}, "lora_alpha=8.0, now lora_alpha=16.0"),
+    ({"lora_rank": 8}, "lora_rank=4, now lora_rank=8"),
+    ({"precision": "bf16"}, "trained in fp32, this launch would train in bf16"),
+])
+def test_resuming_with_another_lora_or_precision_is_refused(finished_run, workspace, change, message):
+    root, model, pairs = workspace
+    with pytest.raises(ConfigError, match=message):
+        train(small_config(run_name="straight", **change), pairs, model, root / "straight")
+
+
+@pytest.mark.ray
+def test_resuming_on_pairs_from_another_latent_space_is_refused(finished_run, workspace, tmp_path):
+    """A model folder with another VAE scaling factor and pairs encoded for it: consistent with each
+    other, so only the resumed checkpoint can tell that the run was trained in another latent space."""
+    import shutil
+
+    root, model, _ = workspace
+    other = tmp_path / "other-model"
+    shutil.copytree(model, other)
+    vae_config = other / "vae" / "config.json"
+    vae_config.write_text(vae_config.read_text().replace('"scaling_factor": 1.15258426', '"scaling_factor": 0.5'))
+    other_pairs = write_pairs_for(other, tmp_path / "other-pairs", synthetic_pairs(16))
+    with pytest.raises(ConfigError, match=r"run 'straight'.*scaling_factor 0.5 \(pairs\) vs 1.15"):
+        train(small_config(run_name="straight"), other_pairs, other, root / "straight")
+
+
+@pytest.mark.ray
+def test_bf16_run_on_cpu_with_fp32_gradient_accumulation(ray_cluster, workspace):
+    root, model, pairs = workspace
+    cfg = small_config(run_name="bf16", precision="bf16", max_steps=2, checkpoint_every=2, batch_size=4)
+    summary = train(cfg, pairs, model, root / "bf16")
+    assert summary["precision"] == "bf16" and summary["steps"] == 2
+    assert math.isfinite(summary["final_metrics"]["loss"]) and summary["final_metrics"]["lora_rank_spread"] == 0.0
+
+
+@pytest.mark.ray
+def test_cogvideox15_image_to_video_trains(ray_cluster, tmp_path):
+    """The 1.5 shape end to end: 3 latent frames padded to 4, ofs, the condition scaled by 1 / scaling_factor."""
+    model = tiny.save_tiny_cogvideox(tmp_path / "model", i2v=True, version="1.5")
+    pairs = write_pairs_for(model, tmp_path / "pairs", synthetic_pairs(4, i2v=True))
+    steps: list[dict] = []
+    cfg = small_config(run_name="v15", num_workers=1, batch_size=2, max_steps=3, checkpoint_every=3)
+    summary = train(cfg, pairs, model, tmp_path / "out", on_step=steps.append)
+    assert summary["steps"] == 3 and steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert all(math.isfinite(s["loss"]) and s["grad_norm"] > 0 for s in steps)
 
 
 @pytest.mark.ray
