@@ -7,15 +7,17 @@ Read top to bottom:
       2. start (or join) Ray; a small actor relays per-step metrics to the progress bar
       3. TorchTrainer(train_loop_per_worker, ScalingConfig, RunConfig(name, storage_path,
          FailureConfig, CheckpointConfig)).fit()
-      4. copy the last checkpoint's LoRA to output_dir/pytorch_lora_weights.safetensors,
-         write train_summary.json and metrics.jsonl
+      4. export the last checkpoint's LoRA (with its adapter metadata) to
+         output_dir/pytorch_lora_weights.safetensors, write train_summary.json
 
     train_loop_per_worker(loop_config)                    # on every Ray Train worker
       1. load the transformer, freeze it, add LoRA (rank 64 / alpha 128 on to_q,k,v,out.0)
       2. deepspeed.initialize (ZeRO-2 default, bf16 on GPU / fp32 on CPU, clipping, accumulation)
       3. resume from ray.train.get_checkpoint() when there is one
       4. for each optimizer step: micro-batches chosen by (seed, step, rank) -> dpo_step ->
-         engine.backward -> engine.step; metrics averaged over ranks
+         engine.backward -> engine.step; metrics averaged over ranks; every `eval_every` steps the
+         held-out pairs' DPO loss / accuracy / margin (best LoRA -> output_dir/best/); rank 0
+         appends each step's metrics to output_dir/metrics.jsonl as it goes
       5. every `checkpoint_every` steps and at the end: ray.train.report(metrics, checkpoint)
          holding the LoRA + optimizer + LR-scheduler state only (never the frozen base)
 
@@ -136,6 +138,14 @@ class TrainConfig(BaseModel):
         default_factory=dict, description="common.config.ScoreConfig fields for validation scoring."
     )
 
+    # --- held-out pairs: DPO loss, implicit accuracy and reward margin on pairs never trained on ---
+    heldout_fraction: float = Field(
+        0.02, ge=0, lt=1, description="Fraction of the pairs held out (rounded; 0 pairs for small sets). The paper: 2%.")
+    heldout_seed: int = Field(42, description="Seeds which pairs are held out, and their fixed timesteps and noise.")
+    eval_every: int = Field(
+        250, ge=0, description="Evaluate the held-out pairs every N steps and at the end (0: never). The LoRA of the "
+                               "step with the lowest held-out loss is kept in OUTPUT/best/.")
+
     # --- resources ---
     num_workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU on a GPU cluster).")
     gpus_per_worker: Optional[float] = Field(
@@ -202,6 +212,15 @@ def micro_batch_indices(
 @functools.lru_cache(maxsize=4)
 def _epoch_order(num_pairs: int, seed: int, epoch: int) -> tuple[int, ...]:
     return tuple(torch.randperm(num_pairs, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist())
+
+
+def heldout_split(num_pairs: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(training pair indices, held-out pair indices), both sorted: round(fraction x num_pairs) held out, chosen by `seed`."""
+    held = int(round(fraction * num_pairs))
+    if held >= num_pairs:
+        raise ConfigError(f"holding out {held} of {num_pairs} pairs leaves none to train on: lower heldout_fraction")
+    order = torch.randperm(num_pairs, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(order[held:]), sorted(order[:held])
 
 
 def step_generator(cfg: TrainConfig, step: int, micro: int, rank: int) -> torch.Generator:
@@ -288,6 +307,80 @@ def _lora_rank_spread(tensors: list[torch.Tensor], device) -> float:
     return float((high - low).abs().max())
 
 
+class MetricsLog:
+    """Rank 0's record of every logged step, written as it happens (a killed driver loses nothing).
+
+    `metrics.jsonl`: one JSON object per step, appended, flushed and fsynced; TensorBoard scalars in
+    `tensorboard/` when the `tensorboard` package is installed.
+    """
+
+    def __init__(self, path: Path, tensorboard_dir: Optional[Path]):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(path, "a")
+        self._tensorboard = None
+        if tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard not installed: the JSON lines are the record
+                pass
+            else:
+                self._tensorboard = SummaryWriter(str(tensorboard_dir))
+
+    def write(self, metrics: dict) -> None:
+        self._file.write(json.dumps(metrics) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        if self._tensorboard is not None:
+            for key, value in metrics.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._tensorboard.add_scalar(key, value, metrics["step"])
+            self._tensorboard.flush()
+
+
+@torch.no_grad()
+def evaluate_heldout(model, forward, scheduler, dataset: PairsDataset, heldout: list[int], cfg: TrainConfig,
+                     rank: int, world: int, compute_dtype: torch.dtype, device) -> dict[str, float]:
+    """DPO loss, implicit accuracy and reward margin over the held-out pairs, averaged over all of them.
+
+    Each pair always gets the same timestep and noise (seeded by heldout_seed and its index), so values
+    at different steps are comparable. The pairs are split over the ranks; every rank runs the same
+    number of forwards (short ranks repeat a pair with weight 0), as ZeRO-3 requires.
+    """
+    import torch.distributed as dist
+
+    keys = ("loss", "rewards/accuracies", "rewards/margins", "err/policy_chosen", "err/policy_rejected")
+    mine = heldout[rank::world]
+    per_rank = math.ceil(len(heldout) / world)
+    work = [(i, 1.0) for i in mine] + [(heldout[0], 0.0)] * (per_rank - len(mine))
+    sums = torch.zeros(len(keys) + 1, dtype=torch.float64)  # weighted metric sums, then the pair count
+    was_training = model.training
+    model.eval()
+    try:
+        for pair, weight in work:
+            out = dpo_step(model, scheduler, collate_pairs([dataset[pair]]), cfg.beta,
+                           generator=torch.Generator().manual_seed(cfg.heldout_seed * 1_000_003 + pair),
+                           loss_type=cfg.loss_type, compute_dtype=compute_dtype, forward=forward)
+            sums += torch.tensor([weight * out.metrics[k] for k in keys] + [weight], dtype=torch.float64)
+    finally:
+        model.train(was_training)
+    if dist.is_available() and dist.is_initialized() and world > 1:
+        sums = sums.to(device)
+        dist.all_reduce(sums)
+        sums = sums.cpu()
+    count = float(sums[-1])
+    return {f"eval/{k}": float(sums[i]) / count for i, k in enumerate(keys)} | {"eval/pairs": count}
+
+
+def _read_best(best_dir: Path, run_name: str) -> float:
+    """The lowest held-out loss this run has kept in best_dir (inf when none): survives restarts."""
+    record = best_dir / "best.json"
+    if record.is_file():
+        best = json.loads(record.read_text())
+        if best.get("run_name") == run_name:
+            return float(best["eval/loss"])
+    return math.inf
+
+
 # ------------------------------------------------------------------------------------------------
 # The worker loop.
 # ------------------------------------------------------------------------------------------------
@@ -307,9 +400,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
         raise RuntimeError(f"worker {rank} was given {cfg.gpus_per_worker:g} GPU but torch sees no CUDA device "
                            "(a CPU-only torch build in the image?); refusing to train on the CPU instead")
     device = ray.train.torch.get_device() if use_cuda else torch.device("cpu")
+    world = ray.train.get_context().get_world_size()
     index = PairsIndex(**loop_config["index"])
     dataset = PairsDataset(index)
+    train_ids, heldout_ids = loop_config["train_pairs"], loop_config["heldout_pairs"]
     progress = loop_config.get("progress")
+    log = MetricsLog(Path(loop_config["metrics_path"]), Path(loop_config["tensorboard_dir"])) if rank == 0 else None
+    best_dir = Path(loop_config["best_dir"])
+    best_loss = _read_best(best_dir, cfg.run_name)
 
     ds_config = deepspeed_config(cfg, use_cuda)
 
@@ -390,7 +488,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         lr = float(engine.get_lr()[0])  # the rate this step's update uses
         sums: dict[str, float] = {}
         for micro in range(cfg.grad_accum_steps):
-            ids = micro_batch_indices(len(dataset), step, micro, rank, cfg)
+            ids = [train_ids[i] for i in micro_batch_indices(len(train_ids), step, micro, rank, cfg)]
             batch = collate_pairs([dataset[i] for i in ids])
             out = dpo_step(model, scheduler, batch, cfg.beta, generator=step_generator(cfg, step, micro, rank),
                            loss_type=cfg.loss_type, sft_weight=cfg.sft_weight, compute_dtype=compute_dtype,
@@ -407,12 +505,25 @@ def train_loop_per_worker(loop_config: dict) -> None:
             lr=lr,
             step_time_s=time.perf_counter() - started,
         )
+        done = step + 1 == cfg.max_steps
+        if heldout_ids and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or done):
+            metrics.update(evaluate_heldout(model, engine, scheduler, dataset, heldout_ids, cfg, rank, world,
+                                            compute_dtype, device))
+            if metrics["eval/loss"] < best_loss:  # the same decision on every rank: the metrics are all-reduced
+                best_loss = metrics["eval/loss"]
+                state = _lora_weights(model, cfg.zero_stage)  # a collective under ZeRO-3: every rank
+                if rank == 0:
+                    export_lora(best_dir, model, state_dict=state)
+                    (best_dir / "best.json").write_text(json.dumps(
+                        {"run_name": cfg.run_name, "step": step + 1,
+                         **{k: v for k, v in metrics.items() if k.startswith("eval/")}}, indent=2))
         if cfg.validation_every and (step + 1) % cfg.validation_every == 0 and rank == 0:
             metrics.update(run_validation(model, loop_config["model_dir"], cfg, step + 1,
                                           Path(loop_config["validation_dir"]), index, validation_cache))
-        if rank == 0 and progress is not None:
-            progress.push.remote(metrics)
-        done = step + 1 == cfg.max_steps
+        if rank == 0:
+            log.write(metrics)
+            if progress is not None:
+                progress.push.remote(metrics)
         if (step + 1) % cfg.checkpoint_every == 0 or done:
             if done:
                 metrics["lora_rank_spread"] = _lora_rank_spread(list(_lora_weights(model, cfg.zero_stage).values()), device)
@@ -513,7 +624,7 @@ def _progress_actor_class():
 
     @ray.remote(num_cpus=0)
     class ProgressRelay:
-        """Collects rank 0's per-step metrics for the driver's progress bar and metrics.jsonl."""
+        """Collects rank 0's per-step metrics for the driver's progress bar (rank 0 writes metrics.jsonl itself)."""
 
         def __init__(self) -> None:
             self._rows: list[dict] = []
@@ -658,8 +769,10 @@ def train(
     pairs_dir, model_dir, output_dir = Path(pairs_dir).resolve(), Path(model_dir).resolve(), Path(output_dir).resolve()
     index = load_pairs_index(pairs_dir)
     check_model_folder(model_dir, index)
-    if len(index) < cfg.micro_batch_size:
-        raise ConfigError(f"the pairs dataset has {len(index)} pairs, fewer than micro_batch_size {cfg.micro_batch_size}")
+    train_pairs, heldout_pairs = heldout_split(len(index), cfg.heldout_fraction, cfg.heldout_seed)
+    if len(train_pairs) < cfg.micro_batch_size:
+        raise ConfigError(f"the pairs dataset has {len(train_pairs)} pairs to train on, fewer than micro_batch_size "
+                          f"{cfg.micro_batch_size}")
     output_dir.mkdir(parents=True, exist_ok=True)
     storage_path = cfg.storage_path or str(output_dir / "ray")
 
@@ -677,6 +790,11 @@ def train(
     gpus, where = resolve_gpus_per_worker(cfg.gpus_per_worker, ray.cluster_resources().get("GPU", 0), cfg.num_workers)
     cfg = cfg.model_copy(update={"gpus_per_worker": gpus})
     log(where)
+    if heldout_pairs:
+        log(f"holding out {len(heldout_pairs)} of {len(index)} pairs (seed {cfg.heldout_seed}): eval/* metrics every "
+            f"{cfg.eval_every} steps, the best LoRA in {output_dir / 'best'}")
+    elif cfg.heldout_fraction > 0:
+        log(f"{len(index)} pairs x heldout_fraction {cfg.heldout_fraction:g} rounds to 0: no held-out evaluation")
     check_resume_compatible(cfg, Path(storage_path) / cfg.run_name, index)
     relay = _progress_actor_class().remote()
 
@@ -689,6 +807,11 @@ def train(
             "model_dir": str(model_dir),
             "run_dir": os.path.join(storage_path, cfg.run_name),
             "validation_dir": str(output_dir / "validation"),
+            "metrics_path": str(output_dir / "metrics.jsonl"),
+            "tensorboard_dir": str(output_dir / "tensorboard"),
+            "best_dir": str(output_dir / "best"),
+            "train_pairs": train_pairs,
+            "heldout_pairs": heldout_pairs,
             "progress": relay,
         },
         torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo", timeout_s=int(cfg.collective_timeout_s)),
@@ -721,17 +844,11 @@ def train(
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
     started = time.perf_counter()
-    def write_rows() -> None:
-        with open(output_dir / "metrics.jsonl", "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as err:
         stop.set()
         poller.join(timeout=30)
-        write_rows()
         cause = str(err).strip().splitlines()
         raise TrainingRunError(
             f"training run '{cfg.run_name}' failed after {cfg.max_failures} restart(s): "
@@ -749,8 +866,9 @@ def train(
     with result.checkpoint.as_directory() as ckpt_dir:
         export_checkpoint_lora(Path(ckpt_dir), output_dir)
         state = json.loads((Path(ckpt_dir) / CHECKPOINT_STATE).read_text())
-    write_rows()
     final = result.metrics or {}
+    best_record = output_dir / "best" / "best.json"
+    best = json.loads(best_record.read_text()) if best_record.is_file() else None
     summary = {
         "run_name": cfg.run_name,
         "steps": state["step"],
@@ -759,6 +877,9 @@ def train(
         "wall_time_s": round(time.perf_counter() - started, 1),
         "final_metrics": final,
         "lora": str(output_dir / LORA_WEIGHTS_NAME),
+        "best": ({"lora": str(output_dir / "best" / LORA_WEIGHTS_NAME), **best}
+                 if best and best.get("run_name") == cfg.run_name else None),
+        "heldout_pairs": len(heldout_pairs),
         "checkpoint": result.checkpoint.path,
         "pairs": str(pairs_dir),
         "num_pairs": len(index),

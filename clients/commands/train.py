@@ -2,7 +2,8 @@
 
     vgpa cache --videos DIR --model DIR --output PAIRS_DIR
     vgpa train --pairs PAIRS_DIR --model DIR --output DIR [--workers N] [--gpus-per-worker G]
-               [--steps S] [--config FILE] [--address ADDR] [--run-name NAME] [--storage-path URI]
+               [--steps S] [--beta B[,B2,...]] [--config FILE] [--address ADDR] [--run-name NAME]
+               [--storage-path URI]
 
 `--config FILE` is a YAML or JSON mapping of `training.trainer.TrainConfig` fields; flags given on
 the command line override it. Re-running the same command (same run name and storage path)
@@ -45,6 +46,43 @@ def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def parse_betas(text: Optional[str]) -> list[float]:
+    """"1,250,1250" -> [1.0, 250.0, 1250.0]; each must be positive."""
+    if text is None:
+        return []
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers", param_hint="--beta") from None
+    if not values or any(v <= 0 for v in values):
+        raise click.BadParameter("give one or more positive values, e.g. --beta 1,250,1250", param_hint="--beta")
+    return values
+
+
+SUMMARY_ROWS = [("loss", "loss"), ("rewards/accuracies", "implicit acc"), ("rewards/margins", "reward margin"),
+                ("err/policy_chosen", "err winners"), ("err/policy_rejected", "err losers"),
+                ("eval/loss", "held-out loss"), ("eval/rewards/accuracies", "held-out acc"),
+                ("eval/rewards/margins", "held-out margin"), ("grad_norm", "grad norm"),
+                ("lora_rank_spread", "rank spread"), ("val/score", "val geometry E"), ("val/unscorable", "val unscorable")]
+
+
+def _print_summary(summary: dict) -> None:
+    m = summary["final_metrics"]
+    click.echo("")
+    click.echo(f"run            {summary['run_name']}  ({summary['steps']} steps, "
+               f"{summary['steps_this_launch']} this launch, {summary['wall_time_s']} s)")
+    click.echo(f"pairs          {summary['num_pairs']} from {summary['pairs']} ({summary['heldout_pairs']} held out)")
+    for key, label in SUMMARY_ROWS:
+        if key in m and not (isinstance(m[key], float) and math.isnan(m[key])):
+            click.echo(f"{label:<14} {_fmt(m[key])}")
+    click.echo(f"LoRA           {summary['lora']}")
+    if summary.get("best"):
+        click.echo(f"best LoRA      {summary['best']['lora']} (step {summary['best']['step']}, "
+                   f"held-out loss {_fmt(summary['best']['eval/loss'])})")
+    click.echo(f"checkpoint     {summary['checkpoint']}")
+    click.echo(f"load with      CogVideoXPipeline.load_lora_weights('{Path(summary['lora']).parent}')")
+
+
 @click.command(help="Train a LoRA with Diffusion-DPO on geometry preference pairs (Ray Train + DeepSpeed).")
 @click.option("--pairs", "pairs_dir", required=True, type=click.Path(path_type=Path), help="Pairs dataset folder (vgpa cache / mining job).")
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path), help="Diffusers CogVideoX pipeline folder.")
@@ -53,21 +91,45 @@ def _fmt(value) -> str:
 @click.option("--gpus-per-worker", type=float, default=None,
               help="GPUs per worker (default: 1 when the Ray cluster has GPUs, else the CPU, said at start).")
 @click.option("--steps", type=int, default=None, help="Optimizer steps in total (max_steps).")
+@click.option("--beta", "betas", default=None,
+              help="DPO beta; a comma-separated list (e.g. 1,250,1250) runs one training per value, one after "
+                   "the other, as RUN_NAME-beta<value> into OUTPUT/beta-<value>/, and compares them.")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="YAML/JSON file of TrainConfig fields.")
 @click.option("--address", default=None, help="Ray cluster address; default: RAY_ADDRESS or an embedded local Ray.")
 @click.option("--run-name", default=None, help="Ray Train run name (the same name resumes).")
 @click.option("--storage-path", default=None, help="Checkpoint storage (shared FS or s3://); default OUTPUT/ray.")
-def train(pairs_dir, model_dir, output_dir, workers, gpus_per_worker, steps, config_file, address, run_name, storage_path):
+def train(pairs_dir, model_dir, output_dir, workers, gpus_per_worker, steps, betas, config_file, address, run_name,
+          storage_path):
+    betas = parse_betas(betas)
+    cfg = load_train_config(
+        config_file,
+        {"num_workers": workers, "gpus_per_worker": gpus_per_worker, "max_steps": steps,
+         "run_name": run_name, "storage_path": storage_path, "beta": betas[0] if len(betas) == 1 else None},
+    )
+    if len(betas) <= 1:
+        _print_summary(_train_one(cfg, pairs_dir, model_dir, output_dir, address))
+        return
+    # A beta sweep: one run per value, each resumable on its own (its own run name and folder).
+    results = []
+    for beta in betas:
+        one = cfg.model_copy(update={"beta": beta, "run_name": f"{cfg.run_name}-beta{beta:g}"})
+        summary = _train_one(one, pairs_dir, model_dir, Path(output_dir) / f"beta-{beta:g}", address)
+        _print_summary(summary)
+        results.append((beta, summary))
+    click.echo("\nbeta sweep     final loss / implicit acc / held-out loss / policy error on losers")
+    for beta, summary in results:
+        m = summary["final_metrics"]
+        click.echo(f"beta {beta:<9g} " + " / ".join(_fmt(m.get(k, float("nan")))
+                                                 for k in ("loss", "rewards/accuracies", "eval/loss", "err/policy_rejected")))
+
+
+def _train_one(cfg, pairs_dir: Path, model_dir: Path, output_dir: Path, address: Optional[str]) -> dict:
+    """One training run with a progress bar; returns its summary."""
     from tqdm import tqdm
 
     from training.trainer import train as run_training
 
-    cfg = load_train_config(
-        config_file,
-        {"num_workers": workers, "gpus_per_worker": gpus_per_worker, "max_steps": steps,
-         "run_name": run_name, "storage_path": storage_path},
-    )
     click.echo(
         f"training run '{cfg.run_name}': {cfg.max_steps} steps, batch {cfg.batch_size} "
         f"({cfg.num_workers} worker(s) x {cfg.micro_batch_size} x {cfg.grad_accum_steps} accumulation), "
@@ -87,24 +149,9 @@ def train(pairs_dir, model_dir, output_dir, workers, gpus_per_worker, steps, con
         bar.refresh()
 
     try:
-        summary = run_training(cfg, pairs_dir, model_dir, output_dir, address=address, on_step=on_step, log=bar.write)
+        return run_training(cfg, pairs_dir, model_dir, output_dir, address=address, on_step=on_step, log=bar.write)
     finally:
         bar.close()
-
-    m = summary["final_metrics"]
-    click.echo("")
-    click.echo(f"run            {summary['run_name']}  ({summary['steps']} steps, "
-               f"{summary['steps_this_launch']} this launch, {summary['wall_time_s']} s)")
-    click.echo(f"pairs          {summary['num_pairs']} from {summary['pairs']}")
-    for key, label in [("loss", "loss"), ("rewards/accuracies", "implicit acc"), ("rewards/margins", "reward margin"),
-                       ("err/policy_chosen", "err winners"), ("err/policy_rejected", "err losers"),
-                       ("grad_norm", "grad norm"), ("lora_rank_spread", "rank spread"),
-                       ("val/score", "val geometry E"), ("val/unscorable", "val unscorable")]:
-        if key in m and not (isinstance(m[key], float) and math.isnan(m[key])):
-            click.echo(f"{label:<14} {_fmt(m[key])}")
-    click.echo(f"LoRA           {summary['lora']}")
-    click.echo(f"checkpoint     {summary['checkpoint']}")
-    click.echo(f"load with      CogVideoXPipeline.load_lora_weights('{Path(summary['lora']).parent}')")
 
 
 @click.command(help="Encode a folder of videos + prompts (pairs.jsonl) into a pairs dataset with the model's VAE and T5.")

@@ -176,11 +176,29 @@ def test_train_command_end_to_end_image_to_video(ray_cluster, tmp_path, clips, c
     assert any("lora_A" in n for n, _ in pipe.transformer.named_parameters())
 
 
+@pytest.mark.ray
+def test_beta_list_runs_one_training_per_value(ray_cluster, tmp_path, clips, capsys):
+    model = tiny.save_tiny_cogvideox(tmp_path / "model")
+    main(["cache", "--videos", str(clips), "--model", str(model), "--output", str(tmp_path / "pairs")])
+    (tmp_path / "cfg.yaml").write_text("batch_size: 2\nlora_rank: 4\nlora_alpha: 8\nwarmup_steps: 1\n")
+    main(["train", "--pairs", str(tmp_path / "pairs"), "--model", str(model), "--output", str(tmp_path / "sweep"),
+          "--steps", "2", "--workers", "1", "--config", str(tmp_path / "cfg.yaml"), "--run-name", "sweep",
+          "--beta", "1,500"])
+    out = capsys.readouterr().out
+    assert "beta sweep" in out and "beta 1 " in out and "beta 500 " in out
+    for beta in ("1", "500"):
+        summary = json.loads((tmp_path / "sweep" / f"beta-{beta}" / "train_summary.json").read_text())
+        assert summary["run_name"] == f"sweep-beta{beta}" and summary["config"]["beta"] == float(beta)
+
+
 def test_train_command_rejects_bad_settings(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["train", "--pairs", str(tmp_path), "--model", str(tmp_path), "--output", str(tmp_path / "o"), "--workers", "3"])
     assert exc.value.code == 2
     assert "batch_size 16 must be a multiple" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--pairs", str(tmp_path), "--model", str(tmp_path), "--output", str(tmp_path / "o"), "--beta", "1,-2"])
+    assert exc.value.code == 2 and "positive values" in capsys.readouterr().err
 
 
 def test_cluster_job_files_are_valid(monkeypatch):

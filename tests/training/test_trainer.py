@@ -13,8 +13,8 @@ from common.errors import ConfigError
 from training.lora import LORA_WEIGHTS_NAME, add_lora, count_parameters
 from training.pairs import Pair, PairsDatasetError, write_pairs_dataset
 from common.cogvideox import latent_space, read_model_configs
-from training.trainer import (FAULT_MARKER, TrainConfig, deepspeed_config, lr_multiplier, micro_batch_indices,
-                              resolve_gpus_per_worker, train)
+from training.trainer import (FAULT_MARKER, TrainConfig, deepspeed_config, heldout_split, lr_multiplier,
+                              micro_batch_indices, resolve_gpus_per_worker, train)
 
 LATENT = (tiny.LATENT_FRAMES, tiny.LATENT_CHANNELS, tiny.LATENT_HEIGHT, tiny.LATENT_WIDTH)
 
@@ -88,6 +88,15 @@ def test_each_epoch_visits_every_pair_once_across_ranks_and_micro_batches():
                 seen += micro_batch_indices(12, step, micro, rank, cfg)
     assert sorted(seen[:12]) == list(range(12)) and sorted(seen[12:24]) == list(range(12))
     assert seen[:12] != seen[12:24]  # a new order every epoch
+
+
+def test_heldout_split_is_seeded_disjoint_and_rounded():
+    train_ids, held = heldout_split(100, 0.02, 42)
+    assert len(held) == 2 and sorted(train_ids + held) == list(range(100))
+    assert heldout_split(100, 0.02, 42) == (train_ids, held) != heldout_split(100, 0.02, 7)
+    assert heldout_split(16, 0.02, 42) == (list(range(16)), [])  # 0.32 pairs: none held out
+    with pytest.raises(ConfigError, match="leaves none to train on"):
+        heldout_split(2, 0.9, 0)
 
 
 def test_batch_arithmetic_is_validated():
@@ -193,6 +202,42 @@ def test_two_zero2_workers_learn_the_preference_and_stay_identical(finished_run)
     assert sum(s["loss"] for s in late) / 5 < 0.5 * math.log(2)
     assert all(s["grad_norm"] > 0 and math.isfinite(s["grad_norm"]) for s in steps)
     assert steps[1]["lr"] == pytest.approx(1e-3) and steps[-1]["lr"] < 1e-4  # warm-up, then cosine
+
+
+@pytest.mark.ray
+def test_metrics_are_written_while_training_and_heldout_loss_keeps_the_best_lora(ray_cluster, workspace):
+    from diffusers import CogVideoXPipeline
+
+    root, model, pairs = workspace
+    out = root / "heldout"
+    in_file_when_reported = []
+
+    def on_step(row: dict) -> None:  # the driver hears of a step only after rank 0 has written it
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        in_file_when_reported.append(any(json.loads(line)["step"] == row["step"] for line in lines))
+
+    cfg = small_config(run_name="heldout", heldout_fraction=0.25, eval_every=4, max_steps=12, checkpoint_every=12)
+    summary = train(cfg, pairs, model, out, on_step=on_step)
+    assert in_file_when_reported == [True] * 12
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r for r in rows if "eval/loss" in r}
+    assert sorted(evals) == [4, 8, 12] and summary["heldout_pairs"] == 4
+    assert all(r["eval/pairs"] == 4 and 0 <= r["eval/rewards/accuracies"] <= 1 for r in evals.values())
+    best_step = min(evals, key=lambda k: evals[k]["eval/loss"])
+    assert summary["best"]["step"] == best_step
+    assert summary["best"]["eval/loss"] == pytest.approx(evals[best_step]["eval/loss"])
+    CogVideoXPipeline.from_pretrained(model).load_lora_weights(out / "best")
+
+
+@pytest.mark.ray
+def test_heldout_evaluation_under_zero3_with_uneven_shards(ray_cluster, workspace):
+    """3 held-out pairs on 2 ZeRO-3 ranks: rank 1 repeats a pair with weight 0, so both run the same forwards."""
+    root, model, pairs = workspace
+    cfg = small_config(run_name="zero3-eval", zero_stage=3, heldout_fraction=0.2, eval_every=2, max_steps=2,
+                       checkpoint_every=2)
+    summary = train(cfg, pairs, model, root / "zero3-eval")
+    assert summary["final_metrics"]["eval/pairs"] == 3 and summary["best"]["step"] == 2
+    assert (root / "zero3-eval" / "best" / LORA_WEIGHTS_NAME).is_file()
 
 
 @pytest.mark.ray
