@@ -24,6 +24,7 @@ _COMMAND_MODULES = (
     "clients.commands.serve",
     "clients.commands.mine",
     "clients.commands.eval",
+    "clients.commands.compare_lora",
 )
 
 

@@ -21,7 +21,9 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Optional
+
+import numpy as np
 
 from common.errors import ConfigError
 
@@ -137,3 +139,22 @@ def check_latent_size(transformer_config: Mapping, frames: int, height: int, wid
                 f"(F x h x w) only; the pairs hold {frames}x{height}x{width}: encode them at the model's sample size")
     if model_family(transformer_config) == FAMILY_1_5 and (height > sample[0] or width > sample[1]):
         raise ConfigError(f"latent size {height}x{width} exceeds CogVideoX 1.5's rotary table of {sample[0]}x{sample[1]}")
+
+
+def sample_video(pipe, prompt: str, seed: int, steps: int, frames: int, height: int, width: int,
+                 guidance: float = 6.0, image=None, max_sequence_length: Optional[int] = None) -> np.ndarray:
+    """One video from a CogVideoX pipeline (T2V, or I2V with `image`): uint8 (T, H, W, 3).
+
+    The noise comes from a CPU generator seeded with `seed`, so a seed gives the same video on any
+    device and whatever else is sampled. Text is `max_sequence_length` tokens (default: the
+    transformer's `max_text_seq_length`).
+    """
+    import torch
+
+    kwargs = dict(prompt=prompt, num_inference_steps=steps, num_frames=frames, height=height, width=width,
+                  guidance_scale=guidance, generator=torch.Generator().manual_seed(seed), output_type="np",
+                  max_sequence_length=max_sequence_length or pipe.transformer.config.max_text_seq_length)
+    if image is not None:
+        kwargs["image"] = image
+    video = pipe(**kwargs).frames[0]  # (T, H, W, 3) float in [0, 1]
+    return (np.clip(video, 0, 1) * 255).round().astype(np.uint8)

@@ -42,7 +42,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from common.cogvideox import (VAE_SPATIAL, VAE_TEMPORAL, check_latent_size, latent_space, latent_space_differences,
-                              read_model_configs)
+                              read_model_configs, sample_video)
 from common.errors import ConfigError, VideoGPAError
 from training.dpo import LossType, dpo_step
 from common.lora import adapter_metadata, read_lora, save_lora
@@ -576,22 +576,15 @@ def run_validation(model, model_dir: str, cfg: TrainConfig, step: int, out_dir: 
     paths = []
     try:
         for i, prompt in enumerate(cfg.validation_prompts):
-            kwargs = dict(
-                prompt=prompt,
-                num_inference_steps=cfg.validation_inference_steps,
-                num_frames=(frames - 1) * VAE_TEMPORAL + 1,
-                height=latent_height * VAE_SPATIAL,
-                width=latent_width * VAE_SPATIAL,
-                max_sequence_length=model.config.max_text_seq_length,
-                generator=torch.Generator().manual_seed(cfg.validation_seed + i),
-                output_type="np",
-            )
+            image = None
             if i2v:
                 from PIL import Image
 
-                kwargs["image"] = Image.open(cfg.validation_images[i]).convert("RGB")
-            frames = pipe(**kwargs).frames[0]  # (T, H, W, 3) float in [0, 1]
-            paths.append(write_video(folder / f"{i:02d}.mp4", (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)))
+                image = Image.open(cfg.validation_images[i]).convert("RGB")
+            video = sample_video(pipe, prompt, cfg.validation_seed + i, cfg.validation_inference_steps,
+                                 (frames - 1) * VAE_TEMPORAL + 1, latent_height * VAE_SPATIAL,
+                                 latent_width * VAE_SPATIAL, image=image)
+            paths.append(write_video(folder / f"{i:02d}.mp4", video))
     finally:
         model.train(was_training)
 
