@@ -8,6 +8,13 @@ reference forward, AdamW on the LoRA. Reports, for each approach and model size:
   - on CUDA, also peak allocated memory over the steps.
 Targets (issue 4): parameter memory <= 1.1x a single model, step time <= 1.0x the copy approach.
 
+Also, for the trained LoRA of each size (rank r, alpha 2r, after the benchmark's steps): the export
+round trip (issue 10). The LoRA is exported with `training.lora.export_lora`, loaded into a fresh
+base transformer through `CogVideoXPipeline.load_lora_weights(folder)`, and the transformer's
+output on the benchmark's inputs is compared with the trained policy's: max |difference| (must be
+~0), next to the adapter's own effect (max |policy - base|) and, for contrast, the error of an
+export without the adapter metadata (diffusers then applies scale 1 instead of alpha / r = 2).
+
     .venv/bin/python benchmarks/bench_trainer.py [--steps 20] [--device cpu|cuda]
 """
 
@@ -17,13 +24,15 @@ import argparse
 import copy
 import platform
 import statistics
+import tempfile
 import time
 
 import torch
 
 from common import tiny_cogvideox as tiny
-from training.dpo import dpo_step
-from training.lora import add_lora, lora_parameters
+from common.lora import LORA_WEIGHTS_NAME
+from training.dpo import adapters_disabled, dpo_step, rotary_embeddings
+from training.lora import add_lora, export_lora, lora_parameters, lora_state_dict
 
 SIZES = {
     # name: (transformer kwargs, latent (F, C, h, w), text (L, D), lora rank)
@@ -49,13 +58,18 @@ def param_bytes(*modules: torch.nn.Module) -> int:
     return total
 
 
-def build(size: str, device: str, seed: int = 0, frozen_copy: bool = False):
-    """(policy with LoRA, inputs, bytes of one base model, frozen copy of the base or None)."""
+def base_transformer(size: str, seed: int = 0):
+    """The benchmark's base transformer of `size` (the same weights for the same seed)."""
     from diffusers import CogVideoXTransformer3DModel
 
-    kwargs, latent, text, rank = SIZES[size]
     torch.manual_seed(seed)
-    base = CogVideoXTransformer3DModel(patch_size=2, use_rotary_positional_embeddings=True, **kwargs)
+    return CogVideoXTransformer3DModel(patch_size=2, use_rotary_positional_embeddings=True, **SIZES[size][0])
+
+
+def build(size: str, device: str, seed: int = 0, frozen_copy: bool = False):
+    """(policy with LoRA, inputs, bytes of one base model, frozen copy of the base or None)."""
+    _, latent, text, rank = SIZES[size]
+    base = base_transformer(size, seed)
     single = param_bytes(base)
     # The paper's code: a second full transformer, frozen, copied before LoRA exists (no adapter layers).
     reference = copy.deepcopy(base).requires_grad_(False).eval().to(device) if frozen_copy else None
@@ -97,6 +111,38 @@ class Setup:
 
     def held_mb(self) -> float:
         return param_bytes(self.policy, *([self.reference] if self.reference is not None else [])) / 2**20
+
+
+@torch.no_grad()
+def export_roundtrip(setup: Setup, size: str) -> dict[str, float]:
+    """Export the trained LoRA, load it into a fresh pipeline, compare transformer outputs (see the module doc)."""
+    from diffusers import CogVideoXPipeline
+
+    policy = setup.policy.eval()
+    config = policy.config
+    latents = setup.batch["winner_latents"].to(setup.device)
+    inputs = dict(hidden_states=latents, encoder_hidden_states=setup.batch["prompt_embeds"].to(setup.device),
+                  timestep=torch.tensor([500, 500], device=setup.device), return_dict=False,
+                  image_rotary_emb=rotary_embeddings(config, latents.shape[1], *latents.shape[3:], device=setup.device))
+    trained = policy(**inputs)[0]
+    with adapters_disabled(policy):
+        base = policy(**inputs)[0]
+
+    def loaded_output(write) -> torch.Tensor:
+        with tempfile.TemporaryDirectory() as folder:
+            write(folder)
+            pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=setup.scheduler,
+                                     transformer=base_transformer(size).to(setup.device))
+            pipe.load_lora_weights(folder)
+            return pipe.transformer(**inputs)[0]
+
+    exact = loaded_output(lambda folder: export_lora(folder, policy))
+    no_metadata = loaded_output(lambda folder: CogVideoXPipeline.save_lora_weights(
+        folder, transformer_lora_layers=lora_state_dict(policy), weight_name=LORA_WEIGHTS_NAME))
+    policy.train()
+    return {"roundtrip_max_abs": float((exact - trained).abs().max()),
+            "adapter_effect_max_abs": float((trained - base).abs().max()),
+            "without_metadata_max_abs": float((no_metadata - trained).abs().max())}
 
 
 def peak_cuda_mb(setup: Setup, steps: int) -> float:
@@ -157,6 +203,12 @@ def main() -> None:
         time_verdict = "met" if ratio <= 1.0 else f"missed by {100 * (ratio - 1):.1f}%"
         print(f"  targets: parameters <= 1.1x single: {'met' if ok_mem else 'MISSED'}; "
               f"step time (fastest step) {ratio:.3f}x copy, <= 1.0x: {time_verdict}")
+        rank = SIZES[size][3]
+        trip = export_roundtrip(ours, size)
+        print(f"  export round trip (r {rank}, alpha {2 * rank}, load_lora_weights into a fresh pipeline): "
+              f"max |loaded - trained| = {trip['roundtrip_max_abs']:.2e} "
+              f"(adapter effect max |trained - base| = {trip['adapter_effect_max_abs']:.2e}; "
+              f"an export without adapter metadata: {trip['without_metadata_max_abs']:.2e})")
 
 if __name__ == "__main__":
     main()
