@@ -29,8 +29,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from common.cogvideox import (check_latent_size, condition_scale, default_video_size, latent_frames, latent_space,
-                              read_model_configs, VAE_SPATIAL)
+from common.cogvideox import (VAE_SPATIAL, check_latent_size, condition_scale, default_video_size, latent_frames,
+                              latent_space, read_model_configs)
 from common.errors import ConfigError, TooFewFramesError
 from training.pairs import SUMMARY_NAME, Pair, PairsDatasetError, write_pairs_dataset
 
