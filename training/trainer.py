@@ -43,6 +43,7 @@ from common.errors import ConfigError, VideoGPAError
 from training.dpo import LossType, dpo_step
 from training.lora import DEFAULT_TARGETS, LORA_WEIGHTS_NAME, add_lora, export_lora, lora_parameters, lora_state_dict
 from training.pairs import PairsDataset, PairsIndex, collate_pairs, load_pairs_index
+from training.ray_session import ensure_ray
 
 CHECKPOINT_STATE = "train_state.json"
 DEEPSPEED_TAG = "deepspeed"
@@ -559,16 +560,8 @@ def train(
     check_resume_compatible(cfg, Path(storage_path) / cfg.run_name)
 
     # 2. Ray and the progress relay.
-    if not ray.is_initialized():
-        if address or os.environ.get("RAY_ADDRESS"):
-            ray.init(address=address, log_to_driver=False)  # a cluster (`ray job submit` sets RAY_ADDRESS)
-        else:
-            # Embedded local Ray. Token auth would write a token file under $HOME; the dashboard costs ~1 GB.
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-            needed = math.ceil(cfg.num_workers * cfg.cpus_per_worker) + 1
-            ray.init(address="local", num_cpus=max(needed, os.cpu_count() or 1), include_dashboard=False,
-                     configure_logging=False, log_to_driver=False)
+    # A cluster when one is named (`ray job submit` sets RAY_ADDRESS), else an embedded Ray on loopback.
+    ensure_ray(address, min_cpus=math.ceil(cfg.num_workers * cfg.cpus_per_worker) + 1)
     relay = _progress_actor_class().remote()
 
     # 3. The run. The same run_name + storage_path picks up the last checkpoint.
