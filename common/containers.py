@@ -2,13 +2,15 @@
 
 The service answers "not a video" from this alone (no FFmpeg demuxer probes an arbitrary upload),
 and a file that starts like a video container but does not open is reported as truncated or
-damaged (422), not as "not a video" (415). Only the standard library: the HTTP ingress uses it.
+damaged (422), not as "not a video" (415). Light (standard library only): the HTTP ingress uses it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Optional
+
+from common.errors import NotAVideoError, TooFewFramesError
 
 #: Bytes to read from the start of a file for `sniff_container` (two MPEG-TS packets and a byte).
 HEAD_BYTES = 2 * 188 + 1
@@ -58,3 +60,18 @@ def sniff_file(path: str | Path) -> Optional[str]:
     """`sniff_container` of a file's first bytes."""
     with open(path, "rb") as f:
         return sniff_container(f.read(HEAD_BYTES))
+
+
+def require_frames_source(kind: Optional[str], name: str) -> str:
+    """`kind` when it can hold several frames (a video container or a zip), else the error to answer.
+
+    Raises:
+        NotAVideoError: an unknown file type.
+        TooFewFramesError: a single image.
+    """
+    if kind is None:
+        raise NotAVideoError(f"{name} is not a video, a zip of images or an image that can be read (unknown file type)")
+    if kind not in VIDEO_KINDS and kind != "zip":
+        raise TooFewFramesError(f"{name} is a single {kind} image; at least 2 frames are needed "
+                                "(send a video or a zip of ordered images)")
+    return kind

@@ -23,7 +23,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from common.containers import VIDEO_KINDS, sniff_file
+from common.containers import require_frames_source, sniff_file
 from common.deadline import check_deadline
 from common.errors import (
     CorruptVideoError,
@@ -132,15 +132,9 @@ def load_video(
         names = sorted((p.name for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=_natural_key)
         return _from_images(names, lambda n: _read_image_file(path / n, max_image_bytes), f"folder {path.name}",
                             wanted, **limits)
-    kind = sniff_file(path)
+    kind = require_frames_source(sniff_file(path), path.name)
     if kind == "zip":
         return _from_zip(path, wanted, max_image_bytes=max_image_bytes, **limits)
-    if kind is None:
-        raise NotAVideoError(f"{path.name} is not a video, a zip of images or an image that can be read "
-                             "(unknown file type)")
-    if kind not in VIDEO_KINDS:
-        raise TooFewFramesError(f"{path.name} is a single {kind} image; at least 2 frames are needed "
-                                "(send a video or a zip of ordered images)")
     return _from_video_file(path, kind, wanted, **limits)
 
 

@@ -196,11 +196,11 @@ class TestStreamedUploads:
             asyncio.run(parse_multipart("application/json", _chunks(b"{}"), tmp_path, max_bytes=10**6, max_files=1))
         assert err.value.status == 415
 
-    def test_too_many_files_is_413(self, tmp_path):
+    def test_too_many_files_is_422(self, tmp_path):
         ctype, body = _multipart([("videos", "a.mp4", b"1"), ("videos", "b.mp4", b"2")])
         with pytest.raises(UploadError) as err:
             asyncio.run(parse_multipart(ctype, _chunks(body), tmp_path, max_bytes=10**6, max_files=1))
-        assert err.value.status == 413
+        assert err.value.status == 422 and "one file" in str(err.value)
 
     def test_unknown_suffix_becomes_bin(self, tmp_path):
         ctype, body = _multipart([("video", "evil.sh", b"#!/bin/sh")])
