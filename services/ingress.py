@@ -416,7 +416,10 @@ class Ingress:
         if "error" in answer:
             if preview_dir is not None:
                 shutil.rmtree(preview_dir, ignore_errors=True)
-            return answer["error"]["status"], answer
+            error = answer["error"]
+            # The scorer names the file as stored here (upload-000.mp4); the client knows its own name.
+            error["message"] = error["message"].replace(upload.path.name, upload.filename or "the uploaded file")
+            return error["status"], answer
         return 200, self._previews_to_urls(answer["result"], request_id)
 
     async def _readiness_now(self) -> tuple[int, dict]:
