@@ -254,7 +254,8 @@ def sample_request(fields: dict[str, Any]) -> dict:
 
 
 def _upload_api_error(err: UploadError) -> ApiError:
-    kind = {413: "InputTooLargeError", 408: "UploadTimeout", 422: "ValidationError"}.get(err.status, "BadRequest")
+    kind = {408: "UploadTimeout", 413: "InputTooLargeError", 415: "UnsupportedMediaType",
+            422: "ValidationError"}.get(err.status, "BadRequest")
     return ApiError(err.status, kind, str(err))
 
 
