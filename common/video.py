@@ -240,20 +240,24 @@ def _from_zip(path: Path, wanted, *, max_image_bytes: int, max_input_frames: int
                    if Path(info.filename).suffix.lower() in IMAGE_SUFFIXES and not info.is_dir()}
         names = sorted(members, key=_natural_key)
 
-        def read(name: str) -> bytes:
+        def read(name: str) -> bytearray:
             info = members[name]
             if info.file_size > max_image_bytes:
                 raise InputTooLargeError(f"{what}: member {name} declares {info.file_size} bytes, over the limit "
                                          f"of {max_image_bytes // 2**20} MiB per image")
+            data = bytearray()
             try:
                 with archive.open(info) as member:
-                    data = member.read(max_image_bytes + 1)  # zipfile inflates in chunks up to the size asked
+                    # In 1 MiB steps: zipfile inflates as much as one read asks for, whatever the
+                    # member declared, so one large read would hold the whole inflated block.
+                    while chunk := member.read(1 << 20):
+                        data += chunk
+                        if len(data) > max_image_bytes:
+                            raise InputTooLargeError(f"{what}: member {name} inflates beyond the limit of "
+                                                     f"{max_image_bytes // 2**20} MiB per image")
             except _ZIP_ERRORS:
                 raise CorruptVideoError(f"{what}: member {name} is damaged") from None
-            if len(data) > max_image_bytes:
-                raise InputTooLargeError(f"{what}: member {name} inflates beyond the limit of "
-                                         f"{max_image_bytes // 2**20} MiB per image")
-            return data
+            return data  # bytes-like; no copy
 
         return _from_images(names, read, what, wanted, max_input_frames=max_input_frames, **limits)
 
