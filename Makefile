@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_score.py
 	$(PY) benchmarks/bench_service.py
 	$(PY) benchmarks/bench_trainer.py
+	$(PY) benchmarks/bench_hostile.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -48,6 +48,8 @@ def main() -> None:
     import torch
     from PIL import Image
 
+    from services.local_ray import start_local_ray
+
     from common.synthetic import render_video
     from common.tiny_cogvideox import save_tiny_cogvideox
     from services.sampler import SamplerServer
@@ -62,7 +64,7 @@ def main() -> None:
         Image.fromarray(render_video("boxes", "orbit", frames=2, size=(64, 64), seed=i).frames[0].numpy()).save(root / "frames" / f"f{i}.png")
     prompt_file = write_prompt_file(root / "prompts.jsonl", image_prompts(root / "frames"))
     prompts = [json.loads(line) for line in prompt_file.read_text().splitlines()]
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    start_local_ray(4, log_to_driver=False)
     print(f"torch threads {torch.get_num_threads()}, {os.cpu_count()} cores; {args.prompts} prompts x {args.seeds} seeds, "
           f"{args.frames} frames {args.size}x{args.size}, tiny I2V CogVideoX on CPU, scorer {SCORE}")
     header = f"{'steps':>5} {'videos':>6} {'sample alone s':>14} {'score alone s':>13} {'scorer share':>12} " \

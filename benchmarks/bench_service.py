@@ -104,11 +104,11 @@ def bench_overhead_and_throughput(video: Path, runs: int, throughput: bool = Tru
     from common.config import ScoreConfig
     from common.scoring import score_video
     from services.app import build_app
+    from services.local_ray import start_local_ray
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=512 * 1024**2, log_to_driver=False,
-             configure_logging=False)
+    start_local_ray(4, object_store_memory=512 * 1024**2, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         def deploy(replicas: int, cpus_per_replica: float) -> None:

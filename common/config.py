@@ -13,14 +13,15 @@ PerceptualChoice = Literal["auto", "lpips-vgg", "lpips-alex", "dssim"]
 class ScoreConfig(BaseModel):
     """Every setting of `score_video`. Fields that change the number are part of `metric_id`."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+    # allow_inf_nan=False: every float setting is finite (nan passes every `ge`/`le` comparison).
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True, allow_inf_nan=False)
 
     # --- what is scored (all part of metric_id) ---
     frames: int = Field(10, ge=2, le=256, description="T: frames sampled uniformly over the whole video and scored.")
     max_side: int = Field(720, ge=32, le=4096, description="Frames are resized so that their long side is at most this (px).")
     backend: str = Field("colmap-flow", description="Geometry backend name (see common.geometry.available_backends()).")
     weights: Optional[Path] = Field(None, description="Local weights for learned backends; never downloaded.")
-    lambda_: float = Field(1.0, alias="lambda", ge=0.0, description="Weight of the perceptual term: E = MSE + lambda * P.")
+    lambda_: float = Field(1.0, alias="lambda", ge=0.0, le=1000.0, description="Weight of the perceptual term: E = MSE + lambda * P.")
     perceptual: PerceptualChoice = Field(
         "auto", description="'auto' uses LPIPS-VGG when its weights are on disk, otherwise DSSIM (weight-free)."
     )
@@ -43,14 +44,14 @@ class ScoreConfig(BaseModel):
     min_ok_fraction: float = Field(
         0.7, ge=0.0, le=1.0, description="Unscorable when fewer than this fraction of frames are registered and covered."
     )
-    min_motion: float = Field(0.001, ge=0.0, description="Unscorable (static camera) below this camera motion value.")
+    min_motion: float = Field(0.001, ge=0.0, le=1000.0, description="Unscorable (static camera) below this camera motion value.")
     min_parallax_px: float = Field(
-        1.0, ge=0.0, description="Unscorable (no parallax) when the median flow between first and last frame is below this."
+        1.0, ge=0.0, le=10_000.0, description="Unscorable (no parallax) when the median flow between first and last frame is below this."
     )
 
     # --- input limits ---
-    max_input_side: int = Field(8192, ge=64, description="Reject inputs whose long side exceeds this (px).")
-    max_input_frames: int = Field(3600, ge=2, description="Reject inputs with more frames than this.")
+    max_input_side: int = Field(8192, ge=64, le=16384, description="Reject inputs whose long side exceeds this (px).")
+    max_input_frames: int = Field(3600, ge=2, le=100_000, description="Reject inputs with more frames than this.")
 
     device: str = Field("auto", description="'auto' (CUDA when available), 'cpu' or 'cuda[:N]'.")
 

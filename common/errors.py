@@ -34,6 +34,12 @@ class InputTooLargeError(VideoGPAError):
     http_status = 413
 
 
+class DeadlineExceededError(VideoGPAError):
+    """The request's deadline passed (or its caller gave up) before the work finished."""
+
+    http_status = 504
+
+
 class ConfigError(VideoGPAError):
     """A setting is invalid or names something that is not available (unknown backend, missing weights)."""
 

@@ -6,8 +6,12 @@ float32 in [0, 1] made by `to_float` (x / 255). No range is ever guessed from th
 
 from __future__ import annotations
 
+import io
+import lzma
 import re
+import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence, Union
@@ -16,8 +20,11 @@ import av
 import cv2
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
+from common.containers import require_frames_source, sniff_file
+from common.deadline import check_deadline
 from common.errors import (
     CorruptVideoError,
     InputNotFoundError,
@@ -28,6 +35,13 @@ from common.errors import (
 
 VIDEO_SUFFIXES = {".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif", ".m4v", ".mpg", ".mpeg"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+
+#: Largest image file (one frame of a folder or a zip) that is read into memory to be decoded.
+#: A zip member is checked by its declared size and again while it is inflated.
+MAX_IMAGE_FILE_BYTES = 64 * 1024**2
+#: What zipfile can raise on a damaged or hostile archive (bad CRC, unsupported or encrypted member...).
+_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, NotImplementedError, RuntimeError,
+               ValueError, OSError, struct.error)
 
 VideoSource = Union[str, Path, np.ndarray, Tensor]
 
@@ -84,8 +98,16 @@ def load_video(
     max_side: int = 720,
     max_input_side: int = 8192,
     max_input_frames: int = 3600,
+    max_image_bytes: int = MAX_IMAGE_FILE_BYTES,
 ) -> DecodedVideo:
     """Decode a video, an image folder, a zip of images, or take an array of frames.
+
+    Every limit is checked before the pixels it guards are decoded: the container is recognised
+    from its first bytes (`common.containers`), a video's frame size and packet count before
+    decoding, each image's size from its header (and OpenCV's own pixel limit, set in
+    `common/__init__.py`, as a second line), zip members by declared and inflated size.
+    Decoder failures become CorruptVideoError. Within a `common.deadline.deadline_scope`, decoding
+    stops once the deadline passes.
 
     Args:
         source: path (video file, folder of ordered images, .zip of ordered images), or frames as
@@ -94,9 +116,11 @@ def load_video(
             what is needed bounds memory on long videos.
         max_side: long side of the returned frames, in pixels.
         max_input_side, max_input_frames: inputs beyond these are rejected.
+        max_image_bytes: largest image file of a folder or zip.
 
     Raises:
-        InputNotFoundError, NotAVideoError, CorruptVideoError, TooFewFramesError, InputTooLargeError.
+        InputNotFoundError, NotAVideoError, CorruptVideoError, TooFewFramesError, InputTooLargeError,
+        DeadlineExceededError.
     """
     limits = dict(max_side=max_side, max_input_side=max_input_side, max_input_frames=max_input_frames)
     if isinstance(source, (np.ndarray, Tensor)):
@@ -106,19 +130,12 @@ def load_video(
         raise InputNotFoundError(f"no such file or folder: {path}")
     if path.is_dir():
         names = sorted((p.name for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=_natural_key)
-        return _from_images(names, lambda n: (path / n).read_bytes(), f"folder {path}", wanted, **limits)
-    if path.suffix.lower() == ".zip" or zipfile.is_zipfile(path):
-        try:
-            archive = zipfile.ZipFile(path)
-        except (zipfile.BadZipFile, OSError) as err:
-            raise CorruptVideoError(f"{path.name}: damaged zip archive ({err})") from None
-        with archive:
-            names = sorted(
-                (n for n in archive.namelist() if Path(n).suffix.lower() in IMAGE_SUFFIXES and not n.endswith("/")),
-                key=_natural_key,
-            )
-            return _from_images(names, archive.read, f"zip {path.name}", wanted, **limits)
-    return _from_video_file(path, wanted, **limits)
+        return _from_images(names, lambda n: _read_image_file(path / n, max_image_bytes), f"folder {path.name}",
+                            wanted, **limits)
+    kind = require_frames_source(sniff_file(path), path.name)
+    if kind == "zip":
+        return _from_zip(path, wanted, max_image_bytes=max_image_bytes, **limits)
+    return _from_video_file(path, kind, wanted, **limits)
 
 
 def _check_size(height: int, width: int, what: str, max_input_side: int) -> None:
@@ -157,33 +174,127 @@ def _from_array(array, wanted, *, max_side, max_input_side, max_input_frames) ->
 
 
 def _from_images(names, read, what, wanted, *, max_side, max_input_side, max_input_frames) -> DecodedVideo:
+    """Frames from image files; `read(name)` returns a file's bytes (bounded by the caller)."""
     if not names:
         raise NotAVideoError(f"{what} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     _check_count(len(names), what, max_input_frames)
     indices = _select(len(names), wanted)
     kept, source_size, size = [], None, None
     for i in indices:
-        image = cv2.imdecode(np.frombuffer(read(names[i]), np.uint8), cv2.IMREAD_COLOR)
-        if image is None:
-            raise CorruptVideoError(f"{what}: cannot read image {names[i]}")
+        check_deadline()
+        data = read(names[i])
+        header_size = _image_header_size(data, f"{what}: image {names[i]}")
         if source_size is None:
-            source_size = image.shape[:2]
+            source_size = header_size
             _check_size(*source_size, what, max_input_side)
             size = resized_size(*source_size, max_side)
-        elif image.shape[:2] != source_size:
+        elif header_size != source_size:
             raise NotAVideoError(
-                f"{what}: image {names[i]} is {image.shape[1]}x{image.shape[0]}, "
+                f"{what}: image {names[i]} is {header_size[1]}x{header_size[0]}, "
                 f"the first is {source_size[1]}x{source_size[0]}; all frames must share one size"
             )
-        kept.append(torch.from_numpy(_resize(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), size)))
+        try:
+            image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+            if image is None or image.shape[:2] != source_size:
+                raise CorruptVideoError(f"{what}: cannot read image {names[i]}")
+            kept.append(torch.from_numpy(_resize(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), size)))
+        except cv2.error:
+            raise CorruptVideoError(f"{what}: cannot decode image {names[i]}") from None
     return DecodedVideo(torch.stack(kept), indices, len(names), source_size)
 
 
-def _open(path: Path):
+def _image_header_size(data: bytes, what: str) -> tuple[int, int]:
+    """(height, width) from an image's header; nothing is decoded (PIL opens lazily)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+    except Image.DecompressionBombError:  # PIL's own limit (about 179 Mpx) is far above ours
+        raise InputTooLargeError(f"{what}: resolution over the limit") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, struct.error):
+        raise CorruptVideoError(f"{what} cannot be read as an image") from None
+    if width < 1 or height < 1:
+        raise CorruptVideoError(f"{what} has no pixels")
+    return height, width
+
+
+def _read_image_file(path: Path, max_bytes: int) -> bytes:
+    if path.stat().st_size > max_bytes:
+        raise InputTooLargeError(f"image {path.name} is over the limit of {max_bytes // 2**20} MiB per image")
+    return path.read_bytes()
+
+
+def _from_zip(path: Path, wanted, *, max_image_bytes: int, max_input_frames: int, **limits) -> DecodedVideo:
+    """Frames from a zip of images: members are counted before the directory is parsed, and each
+    member is checked by its declared size, then inflated in chunks with a running cap."""
+    what = f"zip {path.name}"
+    entries = _zip_entry_count(path)
+    max_entries = 2 * max_input_frames + 64  # room for folders and stray files beside the frames
+    if entries is not None and entries > max_entries:
+        raise InputTooLargeError(f"{what}: {entries} entries is over the limit of {max_entries}")
+    try:
+        archive = zipfile.ZipFile(path)
+    except _ZIP_ERRORS:
+        raise CorruptVideoError(f"{what}: damaged or truncated zip archive") from None
+    with archive:
+        members = {info.filename: info for info in archive.infolist()
+                   if Path(info.filename).suffix.lower() in IMAGE_SUFFIXES and not info.is_dir()}
+        names = sorted(members, key=_natural_key)
+
+        def read(name: str) -> bytearray:
+            info = members[name]
+            if info.file_size > max_image_bytes:
+                raise InputTooLargeError(f"{what}: member {name} declares {info.file_size} bytes, over the limit "
+                                         f"of {max_image_bytes // 2**20} MiB per image")
+            data = bytearray()
+            try:
+                with archive.open(info) as member:
+                    # In 1 MiB steps: zipfile inflates as much as one read asks for, whatever the
+                    # member declared, so one large read would hold the whole inflated block.
+                    while chunk := member.read(1 << 20):
+                        data += chunk
+                        if len(data) > max_image_bytes:
+                            raise InputTooLargeError(f"{what}: member {name} inflates beyond the limit of "
+                                                     f"{max_image_bytes // 2**20} MiB per image")
+            except _ZIP_ERRORS:
+                raise CorruptVideoError(f"{what}: member {name} is damaged") from None
+            return data  # bytes-like; no copy
+
+        return _from_images(names, read, what, wanted, max_input_frames=max_input_frames, **limits)
+
+
+def _zip_entry_count(path: Path) -> int | None:
+    """Entries a zip declares, from its end-of-central-directory record (zip64 too), before zipfile
+    builds one object per entry. None where the record is not found (zipfile then reports it)."""
+    with open(path, "rb") as f:
+        f.seek(0, 2)
+        size = f.tell()
+        tail_start = max(0, size - (22 + 65535 + 20))  # the record, the longest comment, the zip64 locator
+        f.seek(tail_start)
+        tail = f.read()
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or len(tail) < at + 22:
+        return None
+    entries = struct.unpack("<H", tail[at + 10 : at + 12])[0]
+    locator = at - 20
+    if entries == 0xFFFF and locator >= 0 and tail[locator : locator + 4] == b"PK\x06\x07":
+        record_offset = struct.unpack("<Q", tail[locator + 8 : locator + 16])[0]
+        with open(path, "rb") as f:
+            f.seek(min(record_offset, size))
+            record = f.read(56)
+        if record[:4] == b"PK\x06\x06" and len(record) >= 40:
+            entries = struct.unpack("<Q", record[32:40])[0]
+    return entries
+
+
+def _open(path: Path, kind: str):
+    """Open a file whose first bytes say it is a `kind` video container."""
     try:
         container = av.open(str(path))
     except (av.error.FFmpegError, UnicodeDecodeError, ValueError) as err:
-        raise NotAVideoError(f"{path.name} is not a video that can be read ({_reason(err)})") from None
+        # It starts like a video container but does not open: its index or headers are missing
+        # (an mp4 cut before its index at the end) or damaged. Not "not a video".
+        raise CorruptVideoError(f"{path.name}: truncated or damaged {kind} file, it cannot be opened "
+                                f"({_reason(err)})") from None
     if not container.streams.video:
         container.close()
         raise NotAVideoError(f"{path.name} has no video stream")
@@ -194,51 +305,87 @@ def _reason(err: Exception) -> str:
     return getattr(err, "strerror", None) or str(err) or type(err).__name__
 
 
-def _count_frames(path: Path) -> int:
-    """Frames in the first video stream, from the packets (no decoding)."""
-    with _open(path) as container:
-        stream = container.streams.video[0]
+def _count_frames(path: Path, kind: str) -> int:
+    """Frames in the first video stream, from the packets (no decoding); a truncated file is an error.
+
+    A file cut short whose index survived (an mp4 with its index at the front, an mkv, an avi)
+    opens and demuxes without any error, only with fewer packets: it is caught by comparing what
+    the headers declare (the video stream's frame count; the container's duration for Matroska,
+    which declares no count) with the packets that are actually there, and by a cut packet.
+    """
+    with _open(path, kind) as container:
+        video = container.streams.video[0]
+        declared_frames = video.frames
+        count, cut, end_s = 0, False, None
         try:
-            return sum(1 for packet in container.demux(stream) if packet.size > 0)
+            for packet in container.demux():  # every stream: a video may be shorter than its audio
+                if packet.size <= 0:
+                    continue
+                cut = cut or packet.is_corrupt
+                if packet.pts is not None and packet.time_base is not None:
+                    end = float((packet.pts + (packet.duration or 0)) * packet.time_base)
+                    end_s = end if end_s is None else max(end_s, end)
+                if packet.stream.index == video.index:
+                    count += 1
         except av.error.FFmpegError as err:
             raise CorruptVideoError(f"{path.name}: damaged or truncated video ({_reason(err)})") from None
+        missing = None
+        if cut:
+            missing = "its last packet is cut"
+        elif declared_frames > 0 and count < declared_frames:
+            missing = f"{count} of the {declared_frames} frames its header declares are present"
+        elif kind == "matroska" and container.duration and end_s is not None:
+            declared_s = container.duration / av.time_base
+            start_s = (container.start_time or 0) / av.time_base
+            rate = float(video.average_rate or 0) or 25.0
+            if end_s - start_s < declared_s - max(2.0 / rate, 0.02 * declared_s):
+                missing = f"{end_s - start_s:.2f} s of the {declared_s:.2f} s its header declares are present"
+        if missing is not None:
+            raise CorruptVideoError(f"{path.name}: truncated video ({missing})")
+        return count
 
 
-def _from_video_file(path: Path, wanted, *, max_side, max_input_side, max_input_frames) -> DecodedVideo:
-    with _open(path) as container:
+def _from_video_file(path: Path, kind: str, wanted, *, max_side, max_input_side, max_input_frames) -> DecodedVideo:
+    with _open(path, kind) as container:
         stream = container.streams.video[0]
         _check_size(stream.codec_context.height, stream.codec_context.width, path.name, max_input_side)
-    estimate = _count_frames(path)
+    estimate = _count_frames(path, kind)
     if estimate > max_input_frames:
         _check_count(estimate, path.name, max_input_frames)
+    limits = dict(max_side=max_side, max_input_side=max_input_side)
     keep = set(_select(max(estimate, 1), wanted))
-    frames, indices, total, source_size, fps = _decode(path, keep, max_side)
+    frames, indices, total, source_size, fps = _decode(path, kind, keep, **limits)
     if total != estimate:  # packet count was off (B-frames, broken index): select again from the truth
         _check_count(total, path.name, max_input_frames)
         keep = set(_select(total, wanted))
         if keep != set(indices):
-            frames, indices, total, source_size, fps = _decode(path, keep, max_side)
+            frames, indices, total, source_size, fps = _decode(path, kind, keep, **limits)
     _check_count(total, path.name, max_input_frames)
     return DecodedVideo(torch.stack(frames), indices, total, source_size, fps)
 
 
-def _decode(path: Path, keep: set[int], max_side: int):
+def _decode(path: Path, kind: str, keep: set[int], *, max_side: int, max_input_side: int):
     frames, indices, total, size, source_size = [], [], 0, None, (0, 0)
-    with _open(path) as container:
+    with _open(path, kind) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         fps = float(stream.average_rate) if stream.average_rate else None
         try:
             for frame in container.decode(stream):
+                check_deadline()
+                # The bitstream, not the container header, decides the real size of each frame.
+                _check_size(frame.height, frame.width, path.name, max_input_side)
                 if total in keep:
                     image = frame.to_ndarray(format="rgb24")
                     if size is None:
                         source_size = image.shape[:2]
                         size = resized_size(*source_size, max_side)
+                    elif image.shape[:2] != source_size:
+                        raise CorruptVideoError(f"{path.name}: the frame size changes within the video")
                     frames.append(torch.from_numpy(_resize(image, size)))
                     indices.append(total)
                 total += 1
-        except av.error.FFmpegError as err:
+        except (av.error.FFmpegError, ValueError, cv2.error) as err:
             raise CorruptVideoError(
                 f"{path.name}: damaged or truncated video, decoding failed after {total} frames ({_reason(err)})"
             ) from None

@@ -20,12 +20,18 @@ from services.ingress import Ingress
 from services.scorer import build_scorer
 
 
+#: Requests without a body (probes, the page, /info, downloads) an ingress replica takes beside its
+#: `ingress_max_ongoing_requests` body slots, so that uploads, however slow, never hold them back.
+UNMETERED_INGRESS_REQUESTS = 32
+
+
 def ingress_deployment_options(cfg: ServiceArgs) -> dict:
     from ray.serve.config import BackpressureConfig
 
     return {
         "num_replicas": cfg.ingress_replicas,
-        "max_ongoing_requests": cfg.ingress_max_ongoing_requests,
+        # The body slots themselves are counted by the ingress (services.ingress: 503 when full).
+        "max_ongoing_requests": cfg.ingress_max_ongoing_requests + UNMETERED_INGRESS_REQUESTS,
         "max_queued_requests": cfg.ingress_max_queued_requests,
         # The proxy answers 503 with Retry-After itself when the ingress queue is full.
         "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=cfg.retry_after_s),

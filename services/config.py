@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -21,19 +21,27 @@ REQUEST_SCORE_FIELDS = {"frames": "frames", "backend": "backend", "max_side": "m
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # allow_inf_nan=False: every float setting is finite (nan passes every `ge`/`le` comparison).
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
+
+#: Upper bounds shared by several settings.
+DAY_S = 86_400.0
+WEEK_S = 7 * DAY_S
+MAX_SEEDS_PER_REQUEST = 64
+MAX_SAMPLE_STEPS = 1000
+MAX_GUIDANCE = 100.0
 
 
 class AutoscalingArgs(_Strict):
     """The subset of Serve's `autoscaling_config` we expose (Serve's own names)."""
 
-    min_replicas: int = Field(1, ge=0, description="Replicas kept running when idle (0 allows scale to zero).")
-    max_replicas: int = Field(2, ge=1, description="Upper bound on replicas; each holds its own models.")
+    min_replicas: int = Field(1, ge=0, le=1000, description="Replicas kept running when idle (0 allows scale to zero).")
+    max_replicas: int = Field(2, ge=1, le=1000, description="Upper bound on replicas; each holds its own models.")
     target_ongoing_requests: float = Field(
-        1.0, gt=0, description="Ongoing requests per replica that the autoscaler aims for."
+        1.0, gt=0, le=1000, description="Ongoing requests per replica that the autoscaler aims for."
     )
-    upscale_delay_s: float = Field(10.0, ge=0, description="How long demand must stay high before adding a replica.")
-    downscale_delay_s: float = Field(300.0, ge=0, description="How long demand must stay low before removing one.")
+    upscale_delay_s: float = Field(10.0, ge=0, le=DAY_S, description="How long demand must stay high before adding a replica.")
+    downscale_delay_s: float = Field(300.0, ge=0, le=DAY_S, description="How long demand must stay low before removing one.")
 
     @model_validator(mode="after")
     def _bounds(self) -> "AutoscalingArgs":
@@ -50,28 +58,28 @@ class ScorerArgs(_Strict):
         description="Default scorer settings; requests may override frames, backend, max_side and lambda only.",
     )
     num_replicas: Optional[int] = Field(
-        None, ge=1, description="A fixed number of replicas; when set, `autoscaling` is ignored."
+        None, ge=1, le=1000, description="A fixed number of replicas; when set, `autoscaling` is ignored."
     )
     autoscaling: AutoscalingArgs = Field(default_factory=AutoscalingArgs, description="Replica autoscaling.")
     max_ongoing_requests: int = Field(
-        1, ge=1, description="Requests a replica works on at once (scoring is compute-bound: keep 1 per replica)."
+        1, ge=1, le=1000, description="Requests a replica works on at once (scoring is compute-bound: keep 1 per replica)."
     )
     max_queued_requests: int = Field(
-        8, ge=1, description="Requests waiting for a scorer replica per ingress replica; beyond it: 503 + Retry-After."
+        8, ge=1, le=10_000, description="Requests waiting for a scorer replica per ingress replica; beyond it: 503 + Retry-After."
     )
-    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica.")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica; fractions share one GPU between replicas.")
-    memory_gb: Optional[float] = Field(None, gt=0, description="Memory reserved per replica (GiB) for scheduling.")
+    num_cpus: float = Field(1.0, ge=0, le=1024, description="CPUs reserved per replica.")
+    num_gpus: float = Field(0.0, ge=0, le=64, description="GPUs per replica; fractions share one GPU between replicas.")
+    memory_gb: Optional[float] = Field(None, gt=0, le=4096, description="Memory reserved per replica (GiB) for scheduling.")
     warmup: bool = Field(
         True, description="Score a tiny synthetic video when a replica starts, so models are loaded before traffic."
     )
-    max_request_frames: int = Field(64, ge=2, description="Upper bound on the `frames` a request may ask for.")
-    max_request_side: int = Field(1280, ge=32, description="Upper bound on the `max_side` a request may ask for.")
+    max_request_frames: int = Field(64, ge=2, le=256, description="Upper bound on the `frames` a request may ask for.")
+    max_request_side: int = Field(1280, ge=32, le=4096, description="Upper bound on the `max_side` a request may ask for.")
     unhealthy_after_errors: int = Field(
-        3, ge=1, description="Consecutive internal (non-input) errors after which check_health fails and Serve replaces the replica."
+        3, ge=1, le=1000, description="Consecutive internal (non-input) errors after which check_health fails and Serve replaces the replica."
     )
-    health_check_period_s: float = Field(10.0, gt=0, description="Seconds between Serve health checks.")
-    health_check_timeout_s: float = Field(30.0, gt=0, description="A health check slower than this fails.")
+    health_check_period_s: float = Field(10.0, gt=0, le=3600, description="Seconds between Serve health checks.")
+    health_check_timeout_s: float = Field(30.0, gt=0, le=3600, description="A health check slower than this fails.")
 
 
 class SamplerArgs(_Strict):
@@ -88,20 +96,27 @@ class SamplerArgs(_Strict):
     dtype: str = Field("auto", description="'auto' (bfloat16 on CUDA, float32 on CPU), 'float32', 'float16' or 'bfloat16'.")
     device: str = Field("auto", description="'auto' (CUDA when available), 'cpu' or 'cuda[:N]'.")
     max_sequence_length: Optional[int] = Field(
-        None, ge=1, description="Prompt tokens; default: the tokenizer's model_max_length capped at 226 (CogVideoX)."
+        None, ge=1, le=4096, description="Prompt tokens; default: the tokenizer's model_max_length capped at 226 (CogVideoX)."
     )
-    default_steps: int = Field(50, ge=1, description="Denoising steps when the request gives none.")
-    default_guidance: float = Field(6.0, ge=0, description="Classifier-free guidance scale when the request gives none.")
-    max_seeds: int = Field(8, ge=1, description="Most seeds one request may ask for.")
-    max_steps: int = Field(100, ge=1, description="Most denoising steps one request may ask for.")
-    fps: int = Field(8, ge=1, description="Frame rate of the written mp4 files.")
-    num_replicas: int = Field(1, ge=1, description="Sampler replicas (each holds the whole pipeline).")
-    max_ongoing_requests: int = Field(1, ge=1, description="Requests a sampler replica works on at once.")
-    max_queued_requests: int = Field(4, ge=1, description="Requests waiting per caller; beyond it: 503 + Retry-After.")
-    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica.")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (fractional allowed).")
+    default_steps: int = Field(50, ge=1, le=MAX_SAMPLE_STEPS, description="Denoising steps when the request gives none.")
+    default_guidance: float = Field(
+        6.0, ge=0, le=MAX_GUIDANCE, description="Classifier-free guidance scale when the request gives none."
+    )
+    max_seeds: int = Field(8, ge=1, le=MAX_SEEDS_PER_REQUEST, description="Most seeds one request may ask for.")
+    max_steps: int = Field(100, ge=1, le=MAX_SAMPLE_STEPS, description="Most denoising steps one request may ask for.")
+    fps: int = Field(8, ge=1, le=240, description="Frame rate of the written mp4 files.")
+    num_replicas: int = Field(1, ge=1, le=1000, description="Sampler replicas (each holds the whole pipeline).")
+    max_ongoing_requests: int = Field(1, ge=1, le=1000, description="Requests a sampler replica works on at once.")
+    max_queued_requests: int = Field(4, ge=1, le=10_000, description="Requests waiting per caller; beyond it: 503 + Retry-After.")
+    num_cpus: float = Field(1.0, ge=0, le=1024, description="CPUs reserved per replica.")
+    num_gpus: float = Field(0.0, ge=0, le=64, description="GPUs per replica (fractional allowed).")
     graceful_shutdown_timeout_s: float = Field(
-        1800.0, gt=0, description="Time a stopping replica gets to finish sampling; keep above the longest request."
+        1800.0, gt=0, le=DAY_S, description="Time a stopping replica gets to finish sampling; keep above the longest request."
+    )
+    output_ttl_s: Optional[float] = Field(
+        WEEK_S, gt=0, le=365 * DAY_S,
+        description="Sample folders older than this are deleted by the ingress's sweep, like previews; keep it above "
+        "the longest mining run that reads them (None: never deleted).",
     )
 
     @field_validator("dtype")
@@ -112,29 +127,107 @@ class SamplerArgs(_Strict):
         return v
 
 
+class SampleRequest(_Strict):
+    """One sampling request (POST /sample, or the mining job's handle call), with absolute bounds.
+
+    Limits of the running sampler (its `max_seeds`, `max_steps`, adapters, model kind) are checked
+    by the sampler against its `SamplerArgs`; what is here holds for any sampler, so that nothing is
+    built from a field before it is bounded (a `num_seeds` of ten million is refused, not listed).
+    Form fields arrive as strings: `seeds` may be "0,1,2".
+    """
+
+    prompt: str = Field(min_length=1, max_length=10_000, description="What to sample.")
+    negative_prompt: str = Field("", max_length=10_000, description="What classifier-free guidance steers away from.")
+    seeds: Optional[list[Annotated[int, Field(ge=0, le=2**63 - 1)]]] = Field(
+        None, min_length=1, max_length=MAX_SEEDS_PER_REQUEST,
+        description="One video per seed (distinct); default: seeds 0..num_seeds-1.",
+    )
+    num_seeds: Optional[int] = Field(
+        None, ge=1, le=MAX_SEEDS_PER_REQUEST, description="Seeds 0..N-1 when `seeds` is not given (default 1)."
+    )
+    steps: Optional[int] = Field(None, ge=1, le=MAX_SAMPLE_STEPS, description="Denoising steps (default: the sampler's).")
+    guidance: Optional[float] = Field(None, ge=0, le=MAX_GUIDANCE, description="Guidance scale (default: the sampler's).")
+    frames: Optional[int] = Field(None, ge=1, le=4096, description="Frames, 4k+1 (CogVideoX's temporal compression is 4).")
+    height: Optional[int] = Field(None, ge=8, le=4096, description="Pixel height, a multiple of 8.")
+    width: Optional[int] = Field(None, ge=8, le=4096, description="Pixel width, a multiple of 8.")
+    adapter: Optional[str] = Field(None, max_length=200, description="A configured LoRA adapter's name; empty: the base model.")
+
+    @field_validator("prompt", "negative_prompt", mode="before")
+    @classmethod
+    def _strip(cls, v: Any) -> Any:
+        return v.strip() if isinstance(v, str) else v
+
+    @field_validator("adapter", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v: Any) -> Any:
+        return (v.strip() or None) if isinstance(v, str) else v
+
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _split_seeds(cls, v: Any) -> Any:
+        if isinstance(v, str):  # "0,1,2" or "[0, 1, 2]" from a form; counted before any int is made
+            parts = [p for p in v.strip().strip("[]").split(",") if p.strip()]
+            if len(parts) > MAX_SEEDS_PER_REQUEST:
+                raise ValueError(f"at most {MAX_SEEDS_PER_REQUEST} seeds")
+            return [p.strip() for p in parts]
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SampleRequest":
+        if self.seeds is not None and len(set(self.seeds)) != len(self.seeds):
+            raise ValueError("seeds must be distinct")
+        if self.frames is not None and (self.frames - 1) % 4 != 0:
+            raise ValueError("frames must be 4k+1 (CogVideoX's temporal compression is 4)")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and value % 8 != 0:
+                raise ValueError(f"{name} must be a multiple of 8")
+        return self
+
+    def seed_list(self) -> list[int]:
+        return list(self.seeds) if self.seeds is not None else list(range(self.num_seeds or 1))
+
+
 class ServiceArgs(_Strict):
     """Everything `build_app` needs. `ServiceArgs.model_validate(args)` is the only entry point."""
 
     scorer: ScorerArgs = Field(default_factory=ScorerArgs, description="The scorer deployment.")
     sampler: Optional[SamplerArgs] = Field(None, description="The sampler deployment; absent: the app serves the scorer only.")
-    max_upload_mb: float = Field(512.0, gt=0, description="Largest request body (MB); larger uploads get 413 while streaming.")
-    max_batch_files: int = Field(16, ge=1, description="Most videos in one POST /score/batch request.")
-    request_timeout_s: float = Field(
-        600.0, gt=0, description="Deadline for scoring one request (queueing included); past it: 504. Requests may ask for less."
+    max_upload_mb: float = Field(
+        512.0, gt=0, le=100_000, description="Largest request body (MB); larger uploads get 413 while streaming."
     )
-    retry_after_s: int = Field(5, ge=1, description="Retry-After (s) sent with 503 answers when the service is overloaded.")
+    max_batch_files: int = Field(16, ge=1, le=1000, description="Most videos in one POST /score/batch request.")
+    request_timeout_s: float = Field(
+        600.0, gt=0, le=DAY_S,
+        description="Deadline of one request, counted from its arrival (upload, queueing and scoring); past it: 504. "
+        "Requests may ask for less.",
+    )
+    upload_timeout_s: float = Field(
+        300.0, gt=0, le=DAY_S,
+        description="Longest time to receive a request body; a slower upload gets 408 and its slot is freed.",
+    )
+    upload_idle_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="Longest wait for the next chunk of a request body; past it: 408."
+    )
+    retry_after_s: int = Field(5, ge=1, le=3600, description="Retry-After (s) sent with 503 answers when the service is overloaded.")
     work_dir: Optional[Path] = Field(
         None,
         description="Uploads, previews and samples go here; on a multi-node cluster it must be storage all nodes share. Default: a temp folder.",
     )
-    preview_ttl_s: float = Field(3600.0, gt=0, description="Previews are deleted this long after they were written.")
+    preview_ttl_s: float = Field(3600.0, gt=0, le=WEEK_S, description="Previews are deleted this long after they were written.")
     auth_token_env: Optional[str] = Field(
         "VGPA_API_TOKEN", description="Environment variable holding a bearer token; when set and non-empty, requests need it."
     )
     auth_token_file: Optional[Path] = Field(None, description="A file holding the bearer token (wins over the env variable).")
-    ingress_replicas: int = Field(1, ge=1, description="Ingress (HTTP) replicas.")
-    ingress_max_ongoing_requests: int = Field(32, ge=1, description="Uploads one ingress replica handles at once.")
-    ingress_max_queued_requests: int = Field(64, ge=1, description="Requests waiting for an ingress replica; beyond it: 503.")
+    ingress_replicas: int = Field(1, ge=1, le=1000, description="Ingress (HTTP) replicas.")
+    ingress_max_ongoing_requests: int = Field(
+        32, ge=1, le=10_000,
+        description="Requests with a body (uploads, sampling) one ingress replica handles at once; beyond it: 503 + "
+        "Retry-After. Probes and file downloads never wait for these slots.",
+    )
+    ingress_max_queued_requests: int = Field(
+        64, ge=1, le=100_000, description="Requests waiting for an ingress replica; beyond it: 503."
+    )
 
     @field_validator("scorer", mode="before")
     @classmethod

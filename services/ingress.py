@@ -1,9 +1,15 @@
 """The HTTP ingress: FastAPI routes in front of the scorer and sampler deployments.
 
-The ingress does I/O only: it streams uploads to disk (size cap while streaming), hands the
-file's path to a scorer replica through a `DeploymentHandle`, maps every outcome to an HTTP
-answer, and removes the upload whatever happens. Paths only travel between deployments; no
-request can name a path on the server. OpenAPI: /docs and /openapi.json.
+The ingress does I/O only: it streams uploads to disk (size cap and receive time limits while
+streaming), checks from its first bytes that an upload is a video or a zip of images before it
+takes a place in the scorer's queue, hands the file's path to a scorer replica through a
+`DeploymentHandle`, maps every outcome to an HTTP answer in one JSON shape, and removes the
+upload whatever happens. Paths only travel between deployments; no request can name a path on
+the server, and no answer carries one (or an exception's text). OpenAPI: /docs and /openapi.json.
+
+Requests with a body hold one of `ingress_max_ongoing_requests` body slots (503 + Retry-After
+when all are taken); probes, the page and downloads never wait for one, and /readyz answers from
+Serve's own view of the deployments, so probes stay fast whatever the uploads do.
 
 No `from __future__ import annotations` here: FastAPI must resolve the route methods'
 `Request` annotations at class creation, which postponed annotations break under @serve.ingress.
@@ -11,24 +17,29 @@ No `from __future__ import annotations` here: FastAPI must resolve the route met
 
 import asyncio
 import hmac
-import json
 import logging
+import math
 import re
 import shutil
 import time
 import uuid
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, AsyncIterator, Optional
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from common.containers import HEAD_BYTES, require_frames_source, sniff_container
+from common.errors import VideoGPAError, invalid_settings
 from common.result import ScoreResult
-from services.config import REQUEST_SCORE_FIELDS, ServiceArgs
-from services.uploads import ParsedForm, UploadError, parse_multipart
+from services.config import REQUEST_SCORE_FIELDS, SampleRequest, ServiceArgs
+from services.uploads import ParsedForm, UploadedFile, UploadError, parse_multipart, read_json_object, timed_chunks
 
 logger = logging.getLogger("ray.serve")
 
@@ -37,6 +48,9 @@ _ID = re.compile(r"^[0-9a-f]{32}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
+MAX_JSON_BYTES = 1_000_000
+#: /readyz answers from a view of the deployments at most this old (refreshed in the background).
+READINESS_REFRESH_S = 2.0
 
 
 # ---- OpenAPI documentation of the bodies we parse by hand (streamed) ----------------------------
@@ -122,7 +136,7 @@ def _multipart_doc(schema: dict) -> dict:
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
 
 
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 422, 500, 503, 504)}
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 408, 413, 415, 422, 500, 503, 504)}
 
 app = FastAPI(
     title="videogpa",
@@ -137,15 +151,38 @@ class ApiError(Exception):
         self.status, self.kind, self.message, self.retry_after = status, kind, message, retry_after
 
 
+def _error_body(status: int, kind: str, message: str) -> dict:
+    """The error object every failure carries (deployments return it; the ingress answers it)."""
+    return {"error": {"status": status, "type": kind, "message": message}}
+
+
 def error_response(status: int, kind: str, message: str, retry_after: Optional[int] = None) -> JSONResponse:
     headers = {"Retry-After": str(retry_after)} if retry_after else None
-    body = {"detail": message, "error": {"status": status, "type": kind, "message": message}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse({"detail": message, **_error_body(status, kind, message)}, status_code=status, headers=headers)
 
 
 @app.exception_handler(ApiError)
 async def _api_error(_: Request, err: ApiError) -> JSONResponse:
     return error_response(err.status, err.kind, err.message, err.retry_after)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own answers (unknown route 404, wrong method 405) in the same JSON shape."""
+    kind = {404: "NotFound", 405: "MethodNotAllowed"}.get(err.status_code, "HTTPError")
+    return error_response(err.status_code, kind, f"{err.detail}." if isinstance(err.detail, str) else "HTTP error.")
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
+    return error_response(422, "ValidationError", "The request's parameters are not valid.")
+
+
+@app.exception_handler(Exception)
+async def _internal_error(_: Request, err: Exception) -> JSONResponse:
+    """Anything unexpected: the documented shape, the class name only (never its text or a path)."""
+    logger.exception("unhandled error in the ingress")
+    return error_response(500, "InternalError", f"Internal error ({type(err).__name__}).")
 
 
 _MEDIA_TYPES = {".png": "image/png", ".mp4": "video/mp4"}
@@ -155,14 +192,20 @@ def _stored_file(root: Optional[Path], folder_id: str, name: str, what: str) -> 
     """A file this service wrote under root/folder_id/name; 404 for anything else.
 
     Both parts are checked against strict patterns first, so a request can never name a path
-    outside `root` (no separators, no "..").
+    outside `root` (no separators, no ".."); then the resolved path must be exactly that file, so
+    a symbolic link planted in the folder (to /etc/passwd, or to another request's file) is not
+    followed.
     """
     if root is None or not _ID.match(folder_id) or not _NAME.match(name):
         raise ApiError(404, "NotFound", f"No such {what}.")
-    path = root / folder_id / name
-    if not path.is_file():
+    expected = root.resolve() / folder_id / name
+    try:
+        resolved = expected.resolve(strict=True)
+    except (OSError, RuntimeError):  # missing, or a link loop
+        raise ApiError(404, "NotFound", f"No such {what}.") from None
+    if resolved != expected or not resolved.is_file():
         raise ApiError(404, "NotFound", f"No such {what}.")
-    return FileResponse(path, media_type=_MEDIA_TYPES.get(path.suffix, "application/octet-stream"))
+    return FileResponse(resolved, media_type=_MEDIA_TYPES.get(resolved.suffix, "application/octet-stream"))
 
 
 def _parse_bool(name: str, value: Optional[str]) -> bool:
@@ -200,27 +243,23 @@ def score_overrides(fields: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-def sample_request(fields: dict[str, str]) -> dict:
-    """Typed sampler request from form/JSON fields (the sampler validates ranges against its config)."""
-    prompt = (fields.get("prompt") or "").strip()
-    if not prompt:
-        raise ApiError(422, "ValidationError", "Field 'prompt' is required.")
-    req: dict[str, Any] = {"prompt": prompt, "negative_prompt": fields.get("negative_prompt") or ""}
-    seeds_raw = (fields.get("seeds") or "").strip()
-    if seeds_raw:
-        text = seeds_raw.strip("[]")
-        req["seeds"] = [_parse_number("seeds", s, int) for s in text.split(",") if s.strip()]
-    elif fields.get("num_seeds"):
-        req["seeds"] = list(range(_parse_number("num_seeds", fields["num_seeds"], int)))
-    for name, kind in (("steps", int), ("frames", int), ("height", int), ("width", int), ("guidance", float)):
-        raw = fields.get(name)
-        if raw is not None and str(raw).strip():
-            req[name] = _parse_number(name, str(raw), kind)
-    adapter = (fields.get("adapter") or "").strip()
-    req["adapter"] = adapter or None
-    return req
+def sample_request(fields: dict[str, Any]) -> dict:
+    """The sampler's request from form or JSON fields, validated as `SampleRequest` (absolute bounds;
+    the sampler checks its own limits). Empty form fields count as absent."""
+    given = {k: v for k, v in fields.items() if k != "timeout_s" and v is not None and v != ""}
+    try:
+        return SampleRequest.model_validate(given).model_dump(exclude_none=True)
+    except ValidationError as err:
+        raise ApiError(422, "ValidationError", str(invalid_settings(err, "field"))) from None
 
 
+def _upload_api_error(err: UploadError) -> ApiError:
+    kind = {408: "UploadTimeout", 413: "InputTooLargeError", 415: "UnsupportedMediaType",
+            422: "ValidationError"}.get(err.status, "BadRequest")
+    return ApiError(err.status, kind, str(err))
+
+
+# Everything the class uses is defined above it: Serve serialises the class when it is decorated.
 @serve.deployment(name="Ingress")
 @serve.ingress(app)
 class Ingress:
@@ -237,21 +276,27 @@ class Ingress:
         self._samples_dir: Optional[Path] = None
         if self._args.sampler is not None:
             self._samples_dir = Path(self._args.sampler.output_dir or work / "samples")
+        self._body_slots = asyncio.Semaphore(self._args.ingress_max_ongoing_requests)
+        self._readiness: Optional[tuple[int, dict]] = None  # (status, body) of the last refresh
+        self._readiness_at = 0.0
+        self._readiness_task: Optional[asyncio.Task] = None
         self._last_sweep = 0.0
         self._sweep(force=True)
 
     # ---- housekeeping ---------------------------------------------------------------------------
     def _sweep(self, force: bool = False) -> None:
-        """Remove previews past their TTL and uploads left by a replica that died mid-request."""
+        """Remove previews and samples past their TTL, and uploads left by a replica that died mid-request."""
         now = time.time()
         if not force and now - self._last_sweep < 60:
             return
         self._last_sweep = now
-        limits = ((self._previews, self._args.preview_ttl_s), (self._uploads, 2 * self._args.request_timeout_s + 3600))
+        limits = [(self._previews, self._args.preview_ttl_s), (self._uploads, 2 * self._args.request_timeout_s + 3600)]
+        if self._samples_dir is not None and self._args.sampler.output_ttl_s is not None:
+            limits.append((self._samples_dir, self._args.sampler.output_ttl_s))
         for folder, ttl in limits:
             for entry in folder.iterdir() if folder.is_dir() else ():
                 try:
-                    if now - entry.stat().st_mtime > ttl:
+                    if _ID.match(entry.name) and now - entry.stat().st_mtime > ttl:  # only folders we named
                         shutil.rmtree(entry, ignore_errors=True)
                 except FileNotFoundError:
                     pass
@@ -264,38 +309,66 @@ class Ingress:
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token.encode()):
             raise ApiError(401, "Unauthorized", "This service needs 'Authorization: Bearer <token>'.")
 
-    async def _read_form(self, request: Request, folder: Path, max_files: int) -> ParsedForm:
+    @asynccontextmanager
+    async def _body_slot(self) -> AsyncIterator[None]:
+        """One of the replica's slots for requests with a body; 503 at once when none is free.
+
+        Serve's own limit for this replica is larger (see services.app), so that the requests
+        without a body (probes, the page, downloads) always find room beside the uploads.
+        """
+        if self._body_slots.locked():
+            raise ApiError(503, "Overloaded", "Every upload slot of the service is busy; retry later.",
+                           self._args.retry_after_s)
+        async with self._body_slots:
+            yield
+
+    @asynccontextmanager
+    async def _request_folder(self) -> AsyncIterator[Path]:
+        """work_dir/uploads/<uuid>/ for this request's files, removed whatever happens."""
+        folder = self._uploads / uuid.uuid4().hex
+        folder.mkdir(parents=True)
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _body(self, request: Request, arrived: float) -> AsyncIterator[bytes]:
+        """The request body's chunks, within the idle and total receive limits (408)."""
+        total = self._args.upload_timeout_s - (time.time() - arrived)
+        return timed_chunks(request.stream(), self._args.upload_idle_timeout_s, max(total, 0.001))
+
+    async def _read_form(self, request: Request, arrived: float, folder: Path, max_files: int) -> ParsedForm:
         max_bytes = int(self._args.max_upload_mb * 1e6)
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > max_bytes:
             raise ApiError(413, "InputTooLargeError", f"The upload is over this service's limit of {self._args.max_upload_mb:g} MB.")
         try:
-            return await parse_multipart(request.headers.get("content-type", ""), request.stream(), folder, max_bytes, max_files)
+            return await parse_multipart(request.headers.get("content-type", ""), self._body(request, arrived), folder,
+                                         max_bytes, max_files)
         except UploadError as err:
-            kind = "InputTooLargeError" if err.status == 413 else "BadRequest"
-            raise ApiError(err.status, kind, str(err)) from None
+            raise _upload_api_error(err) from None
 
-    def _timeout(self, fields: dict[str, str]) -> float:
+    def _deadline(self, arrived: float, raw: Any) -> float:
+        """The request's deadline, counted from its arrival: the service's, or less when `timeout_s` asks."""
         limit = self._args.request_timeout_s
-        raw = fields.get("timeout_s")
-        if raw is None or not raw.strip():
-            return limit
-        value = _parse_number("timeout_s", raw, float)
-        if value <= 0:
-            raise ApiError(422, "ValidationError", "Form field 'timeout_s' must be positive.")
-        return min(value, limit)
+        if raw is None or (isinstance(raw, str) and not raw.strip()):
+            return arrived + limit
+        value = _parse_number("timeout_s", str(raw), float)
+        if not math.isfinite(value) or value <= 0:
+            raise ApiError(422, "ValidationError", "Form field 'timeout_s' must be a positive number of seconds.")
+        return arrived + min(value, limit)
 
-    async def _call(self, response, timeout: float, what: str) -> dict:
-        """Await a handle call with a deadline; map Serve/Ray failures to ApiError."""
+    async def _call(self, response, deadline: float, what: str) -> dict:
+        """Await a handle call until `deadline`; map Serve/Ray failures to ApiError."""
         from ray.exceptions import RayActorError
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
 
         retry = self._args.retry_after_s
         try:
-            return await asyncio.wait_for(response, timeout=timeout)
+            return await asyncio.wait_for(response, timeout=max(0.0, deadline - time.time()))
         except asyncio.TimeoutError:
-            response.cancel()
-            raise ApiError(504, "DeadlineExceeded", f"{what} did not finish within the {timeout:g} s deadline.") from None
+            response.cancel()  # the replica stops the work at its next check (services.scorer)
+            raise ApiError(504, "DeadlineExceededError", f"{what} did not finish within the request's deadline.") from None
         except BackPressureError:
             raise ApiError(503, "Overloaded", f"The {what.lower()} queue is full; retry later.", retry) from None
         except DeploymentUnavailableError:
@@ -317,17 +390,26 @@ class Ingress:
         result["previews"] = urls
         return result
 
-    async def _score_one(self, path: Path, overrides: dict, preview: bool, deadline: float) -> tuple[int, dict]:
+    async def _score_one(self, upload: UploadedFile, overrides: dict, preview: bool, deadline: float) -> tuple[int, dict]:
+        """(200, ScoreResult JSON) or (status, {"error": ...}) for one uploaded file."""
+        if upload.size == 0:
+            return 422, _error_body(422, "NotAVideoError", "The uploaded file is empty.")
+        # A cheap look at the first bytes before the file takes a place in the scorer's queue.
+        with open(upload.path, "rb") as f:
+            head = f.read(HEAD_BYTES)
+        try:
+            require_frames_source(sniff_container(head), "The uploaded file")
+        except VideoGPAError as err:
+            return err.http_status, _error_body(err.http_status, type(err).__name__, str(err))
         request_id = uuid.uuid4().hex
         preview_dir = None
         if preview:
             preview_dir = self._previews / request_id
             preview_dir.mkdir(parents=True)
         try:
-            timeout = max(0.0, deadline - time.time())
             answer = await self._call(
-                self._scorer.score.remote(str(path), overrides, str(preview_dir) if preview_dir else None, deadline),
-                timeout, "Scoring")
+                self._scorer.score.remote(str(upload.path), overrides, str(preview_dir) if preview_dir else None, deadline),
+                deadline, "Scoring")
         except ApiError:
             if preview_dir is not None:
                 shutil.rmtree(preview_dir, ignore_errors=True)
@@ -335,31 +417,70 @@ class Ingress:
         if "error" in answer:
             if preview_dir is not None:
                 shutil.rmtree(preview_dir, ignore_errors=True)
-            return answer["error"]["status"], answer
+            error = answer["error"]
+            # The scorer names the file as stored here (upload-000.mp4); the client knows its own name.
+            error["message"] = error["message"].replace(upload.path.name, upload.filename or "the uploaded file")
+            return error["status"], answer
         return 200, self._previews_to_urls(answer["result"], request_id)
+
+    async def _readiness_now(self) -> tuple[int, dict]:
+        """Readiness from Serve's own view (the controller's), never through a replica's request queue.
+
+        A scorer replica is RUNNING once its constructor has loaded the models and run the warm-up,
+        and stops being so when its health check fails; asking the replica itself would wait
+        behind the video it is scoring. The view is refreshed in the background, at most every
+        READINESS_REFRESH_S, so a probe only waits for the very first one.
+        """
+        stale = time.monotonic() - self._readiness_at >= READINESS_REFRESH_S
+        if self._readiness_task is None or (self._readiness_task.done() and stale):
+            self._readiness_task = asyncio.create_task(self._refresh_readiness())
+        if self._readiness is None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._readiness_task), timeout=10)
+            except asyncio.TimeoutError:
+                return 503, _error_body(503, "NotReady", "Not ready (Serve's status did not answer).")
+        return self._readiness
+
+    async def _refresh_readiness(self) -> None:
+        def running(deployments: dict, name: str) -> int:
+            overview = deployments.get(name)
+            if overview is None:
+                return 0
+            return sum(n for state, n in overview.replica_states.items() if getattr(state, "value", state) == "RUNNING")
+
+        try:
+            status = await asyncio.to_thread(serve.status)  # a controller call; blocking, so off the event loop
+            app_status = status.applications.get(serve.get_replica_context().app_name)
+            deployments = app_status.deployments if app_status is not None else {}
+            scorers = running(deployments, "Scorer")
+            body: dict[str, Any] = {"scorer": {"ready": scorers > 0, "replicas": scorers,
+                                               "backend": self._args.scorer.score.backend}, "sampler": None}
+            if self._sampler is not None:
+                samplers = running(deployments, "Sampler")
+                body["sampler"] = {"ready": samplers > 0, "replicas": samplers,
+                                   "adapters": sorted(self._args.sampler.adapters)}
+            body["ready"] = body["scorer"]["ready"] and (body["sampler"] is None or body["sampler"]["ready"])
+            self._readiness = (200 if body["ready"] else 503, body)
+        except Exception as err:  # not ready for whatever reason: the probe's answer is 503
+            logger.warning("readiness check failed: %s", type(err).__name__)
+            self._readiness = (503, _error_body(503, "NotReady", f"Not ready ({type(err).__name__})."))
+        self._readiness_at = time.monotonic()
 
     # ---- routes ---------------------------------------------------------------------------------
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index(self) -> HTMLResponse:
         return HTMLResponse((STATIC_DIR / "index.html").read_text(encoding="utf-8"))
 
-    @app.get("/healthz", summary="Liveness: the ingress answers.")
+    @app.get("/healthz", summary="Liveness: the ingress answers (outside the upload slots).")
     async def healthz(self) -> dict:
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="Readiness: scorer (and sampler) replicas have their models loaded.",
+    @app.get("/readyz", summary="Readiness: scorer (and sampler) replicas are running, models loaded.",
              responses={503: {"model": ErrorResponse}})
     async def readyz(self):
-        try:
-            scorer = await asyncio.wait_for(self._scorer.ready.remote(), timeout=10)
-            sampler = None
-            if self._sampler is not None:
-                sampler = await asyncio.wait_for(self._sampler.ready.remote(), timeout=10)
-        except Exception as err:  # not ready for whatever reason: the probe's answer is 503
-            return error_response(503, "NotReady", f"Not ready ({type(err).__name__}).", self._args.retry_after_s)
-        ready = bool(scorer.get("ready")) and (sampler is None or bool(sampler.get("ready")))
-        body = {"ready": ready, "scorer": scorer, "sampler": sampler}
-        return JSONResponse(body, status_code=200 if ready else 503)
+        status, body = await self._readiness_now()
+        headers = {"Retry-After": str(self._args.retry_after_s)} if status != 200 else None
+        return JSONResponse(body, status_code=status, headers=headers)
 
     @app.get("/info", summary="What this service offers: limits, default scorer settings, sampler, auth.")
     async def info(self, request: Request) -> dict:
@@ -369,6 +490,7 @@ class Ingress:
             "max_upload_mb": self._args.max_upload_mb,
             "max_batch_files": self._args.max_batch_files,
             "request_timeout_s": self._args.request_timeout_s,
+            "upload_timeout_s": self._args.upload_timeout_s,
             "score_defaults": scorer.score.model_dump(mode="json", by_alias=True, include={"frames", "backend", "max_side", "lambda_"}),
             "max_request_frames": scorer.max_request_frames,
             "max_request_side": scorer.max_request_side,
@@ -379,42 +501,36 @@ class Ingress:
     @app.post("/score", summary="Score one uploaded video.", openapi_extra=_multipart_doc(_SCORE_FORM_SCHEMA),
               responses={200: {"model": ScoreResult}, **_ERRORS})
     async def score(self, request: Request):
+        arrived = time.time()
         self._check_auth(request)
         self._sweep()
-        folder = self._uploads / uuid.uuid4().hex
-        folder.mkdir(parents=True)
-        try:
-            form = await self._read_form(request, folder, max_files=1)
+        async with self._body_slot(), self._request_folder() as folder:
+            form = await self._read_form(request, arrived, folder, max_files=1)
             video = next((f for f in form.files if f.field == "video"), form.files[0] if form.files else None)
             if video is None:
                 raise ApiError(422, "ValidationError", "Upload the video as the multipart file field 'video'.")
-            if video.size == 0:
-                raise ApiError(422, "NotAVideoError", f"The uploaded file '{video.filename}' is empty.")
             overrides = score_overrides(form.fields)
             preview = _parse_bool("preview", form.fields.get("preview"))
-            deadline = time.time() + self._timeout(form.fields)
-            status, body = await self._score_one(video.path, overrides, preview, deadline)
+            deadline = self._deadline(arrived, form.fields.get("timeout_s"))
+            status, body = await self._score_one(video, overrides, preview, deadline)
             if status != 200:
                 e = body["error"]
                 return error_response(e["status"], e["type"], e["message"])
             return JSONResponse(body)
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
 
     @app.post("/score/batch", summary="Score several uploaded videos; one result or error per file, in order.",
               openapi_extra=_multipart_doc(_BATCH_FORM_SCHEMA), response_model=BatchResponse, responses=_ERRORS)
     async def score_batch(self, request: Request):
+        arrived = time.time()
         self._check_auth(request)
         self._sweep()
-        folder = self._uploads / uuid.uuid4().hex
-        folder.mkdir(parents=True)
-        try:
-            form = await self._read_form(request, folder, max_files=self._args.max_batch_files)
+        async with self._body_slot(), self._request_folder() as folder:
+            form = await self._read_form(request, arrived, folder, max_files=self._args.max_batch_files)
             if not form.files:
                 raise ApiError(422, "ValidationError", "Upload the videos as multipart file fields named 'videos'.")
             overrides = score_overrides(form.fields)
             preview = _parse_bool("preview", form.fields.get("preview"))
-            deadline = time.time() + self._timeout(form.fields)
+            deadline = self._deadline(arrived, form.fields.get("timeout_s"))
 
             # At most a few of the batch's videos wait in the scorer's queue at once, so a batch
             # does not fill the queue and turn its own tail into 503s.
@@ -425,11 +541,8 @@ class Ingress:
                     return await score_file(f)
 
             async def score_file(f) -> dict:
-                if f.size == 0:
-                    return {"filename": f.filename, "status_code": 422,
-                            "error": {"status": 422, "type": "NotAVideoError", "message": "The uploaded file is empty."}}
                 try:
-                    status, body = await self._score_one(f.path, overrides, preview, deadline)
+                    status, body = await self._score_one(f, overrides, preview, deadline)
                 except ApiError as err:
                     return {"filename": f.filename, "status_code": err.status,
                             "error": {"status": err.status, "type": err.kind, "message": err.message}}
@@ -439,8 +552,6 @@ class Ingress:
 
             results = await asyncio.gather(*(one(f) for f in form.files))
             return JSONResponse({"results": results})
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
 
     @app.get("/previews/{request_id}/{name}", summary="A preview PNG written for a POST /score with preview=true.",
              response_class=FileResponse, responses={404: {"model": ErrorResponse}})
@@ -451,30 +562,26 @@ class Ingress:
     @app.post("/sample", summary="Sample videos for one prompt (N seeds) from the configured CogVideoX model.",
               openapi_extra=_multipart_doc(_SAMPLE_FORM_SCHEMA), response_model=SampleResponse, responses=_ERRORS)
     async def sample(self, request: Request):
+        arrived = time.time()
         self._check_auth(request)
         if self._sampler is None:
             raise ApiError(404, "NotConfigured", "This service has no sampler (no model_dir configured).")
-        folder = self._uploads / uuid.uuid4().hex
-        folder.mkdir(parents=True)
-        try:
-            ctype = request.headers.get("content-type", "")
+        self._sweep()
+        async with self._body_slot(), self._request_folder() as folder:
             image_path = None
-            if ctype.startswith("application/json"):
-                body = await request.body()
-                if len(body) > 1_000_000:
-                    raise ApiError(413, "InputTooLargeError", "JSON body over 1 MB.")
+            if request.headers.get("content-type", "").startswith("application/json"):
                 try:
-                    fields = {k: (json.dumps(v) if isinstance(v, list) else str(v))
-                              for k, v in json.loads(body).items() if v is not None}
-                except (ValueError, AttributeError):
-                    raise ApiError(400, "BadRequest", "The body is not a JSON object.") from None
+                    fields = await read_json_object(self._body(request, arrived), MAX_JSON_BYTES)
+                except UploadError as err:
+                    raise _upload_api_error(err) from None
             else:
-                form = await self._read_form(request, folder, max_files=1)
+                form = await self._read_form(request, arrived, folder, max_files=1)
                 fields = form.fields
                 image = next((f for f in form.files if f.field == "image" and f.size > 0), None)
                 image_path = str(image.path) if image is not None else None
             req = sample_request(fields)
-            answer = await self._call(self._sampler.sample.remote(req, image_path), self._timeout(fields), "Sampling")
+            deadline = self._deadline(arrived, fields.get("timeout_s"))
+            answer = await self._call(self._sampler.sample.remote(req, image_path), deadline, "Sampling")
             if "error" in answer:
                 e = answer["error"]
                 return error_response(e["status"], e["type"], e["message"])
@@ -486,11 +593,10 @@ class Ingress:
                 item.pop("latents", None)
                 item.pop("prompt_embeds", None)
             return JSONResponse(answer)
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
 
     @app.get("/samples/{sample_id}/{name}", summary="A file written by POST /sample (mp4 or torch .pt).",
              response_class=FileResponse, responses={404: {"model": ErrorResponse}})
     async def sample_file(self, sample_id: str, name: str, request: Request):
         self._check_auth(request)
         return _stored_file(self._samples_dir, sample_id, name, "sample file")
+

@@ -7,7 +7,8 @@ writes, under `<output_dir>/<sample_id>/`:
     seed-<s>.latents.pt      the final latents [F, C, h, w] in the transformer's space
                              (already multiplied by the VAE scaling factor), float32
     prompt_embeds.pt         the prompt's T5 embeddings [L, D], float32 (shared by all seeds)
-    request.json             the request, the model folder and the adapter (provenance)
+    request.json             the request, the model folder's name, the pipeline and sizes (provenance;
+                             no server path: HTTP clients can download it)
 
 and returns those paths, never video bytes: callers inside the cluster (the mining job) read
 them from storage all nodes share; HTTP clients get URLs from the ingress. LoRA adapters are
@@ -19,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import threading
 import time
 import uuid
@@ -30,9 +30,10 @@ from typing import Any, Optional
 from ray import serve
 
 from common.cogvideox import default_video_size, latent_frames
+from common.errors import invalid_settings
 from common.lora import load_lora, select_adapter
 from common.video import write_video
-from services.config import SamplerArgs
+from services.config import SampleRequest, SamplerArgs
 
 logger = logging.getLogger("ray.serve")
 
@@ -108,46 +109,38 @@ class SamplerServer:
         return await loop.run_in_executor(self._pool, self._sample_guarded, request, image_path)
 
     def _sample_guarded(self, request: dict, image_path: Optional[str]) -> dict:
+        from pydantic import ValidationError
+
         try:
-            return self._sample_sync(request, image_path)
+            req = SampleRequest.model_validate(request)
+        except ValidationError as err:
+            return _error(422, "ValidationError", str(invalid_settings(err, "sample request field")))
+        try:
+            return self._sample_sync(req, image_path)
         except MemoryError:
             return _error(413, "InputTooLargeError", "The request needs more memory than this replica has.")
         except Exception as err:  # a bug or a broken replica: the request fails, the replica lives
+            # The log has the details; the answer names the error class only (no text, no paths).
             logger.exception("internal error while sampling")
-            return _error(500, "InternalError", f"Internal error while sampling ({type(err).__name__}: {err}).")
+            return _error(500, "InternalError", f"Internal error while sampling ({type(err).__name__}).")
 
-    def _check(self, req: dict, image_path: Optional[str]) -> Optional[dict]:
+    def _check(self, req: SampleRequest, image_path: Optional[str]) -> Optional[dict]:
+        """This sampler's own limits (absolute bounds were checked by SampleRequest)."""
         a = self._args
-        seeds = [0] if req.get("seeds") is None else list(req["seeds"])
-        if not seeds:
-            return _error(422, "ValidationError", "Give at least one seed.")
-        if len(seeds) > a.max_seeds:
+        if len(req.seed_list()) > a.max_seeds:
             return _error(422, "ValidationError", f"At most {a.max_seeds} seeds per request.")
-        if len(set(seeds)) != len(seeds):
-            return _error(422, "ValidationError", "Seeds must be distinct.")
-        steps = a.default_steps if req.get("steps") is None else int(req["steps"])
-        if not 1 <= steps <= a.max_steps:
+        if req.steps is not None and req.steps > a.max_steps:
             return _error(422, "ValidationError", f"steps must be between 1 and {a.max_steps}.")
-        adapter = req.get("adapter")
-        if adapter is not None and adapter not in a.adapters:
+        if req.adapter is not None and req.adapter not in a.adapters:
             known = ", ".join(sorted(a.adapters)) or "none"
-            return _error(422, "ValidationError", f"Unknown adapter {adapter!r} (configured: {known}).")
+            return _error(422, "ValidationError", f"Unknown adapter {req.adapter!r} (configured: {known}).")
         if self._i2v and image_path is None:
             return _error(422, "ValidationError", "This is an image-to-video model: upload the first frame as 'image'.")
         if not self._i2v and image_path is not None:
             return _error(422, "ValidationError", "This is a text-to-video model: it takes no image.")
-        for key in ("frames", "height", "width"):
-            v = req.get(key)
-            if v is not None and not 1 <= int(v) <= 4096:
-                return _error(422, "ValidationError", f"{key} must be between 1 and 4096.")
-        if req.get("frames") is not None and (int(req["frames"]) - 1) % 4 != 0:
-            return _error(422, "ValidationError", "frames must be 4k+1 (CogVideoX's temporal compression is 4).")
-        for key in ("height", "width"):
-            if req.get(key) is not None and int(req[key]) % 8 != 0:
-                return _error(422, "ValidationError", f"{key} must be a multiple of 8.")
         return None
 
-    def _sample_sync(self, req: dict, image_path: Optional[str]) -> dict:
+    def _sample_sync(self, req: SampleRequest, image_path: Optional[str]) -> dict:
         import torch
 
         bad = self._check(req, image_path)
@@ -158,18 +151,23 @@ class SamplerServer:
             from PIL import Image, UnidentifiedImageError
 
             try:
-                image = Image.open(image_path).convert("RGB")
-            except (UnidentifiedImageError, OSError):
+                with Image.open(image_path) as opened:
+                    # Header first: a first frame is resized to the sample size, so anything larger
+                    # than the largest sample is refused before its pixels are decoded.
+                    if max(opened.size) > 4096:
+                        return _error(413, "InputTooLargeError", "The uploaded 'image' is over 4096 px on its long side.")
+                    image = opened.convert("RGB")
+            except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
                 return _error(415, "NotAnImageError", "The uploaded 'image' is not an image this server can read.")
         a = self._args
-        seeds = [int(s) for s in (req.get("seeds") or [0])]
-        steps = a.default_steps if req.get("steps") is None else int(req["steps"])
-        guidance = float(req["guidance"]) if req.get("guidance") is not None else a.default_guidance
+        seeds = req.seed_list()
+        steps = a.default_steps if req.steps is None else req.steps
+        guidance = a.default_guidance if req.guidance is None else req.guidance
         default_frames, default_height, default_width = default_video_size(self._pipe.transformer.config)
-        height = int(req.get("height") or default_height)
-        width = int(req.get("width") or default_width)
-        frames = int(req.get("frames") or default_frames)
-        adapter = req.get("adapter")
+        height = req.height or default_height
+        width = req.width or default_width
+        frames = req.frames or default_frames
+        adapter = req.adapter
         sample_id = uuid.uuid4().hex
         folder = self._out / sample_id
         folder.mkdir(parents=True)
@@ -180,7 +178,7 @@ class SamplerServer:
                 select_adapter(self._pipe, adapter)
             do_cfg = guidance > 1.0
             prompt_embeds, negative_embeds = self._pipe.encode_prompt(
-                req["prompt"], req.get("negative_prompt") or "", do_classifier_free_guidance=do_cfg,
+                req.prompt, req.negative_prompt, do_classifier_free_guidance=do_cfg,
                 num_videos_per_prompt=1, max_sequence_length=self._max_seq, device=self._device,
             )
             torch.save(prompt_embeds[0].float().cpu(), folder / "prompt_embeds.pt")
@@ -209,9 +207,9 @@ class SamplerServer:
                 samples.append({"seed": seed, "video": str(mp4), "latents": str(lat),
                                 "prompt_embeds": str(folder / "prompt_embeds.pt")})
                 timings[f"seed_{seed}"] = time.perf_counter() - t1
-        meta = {"request": req, "model_dir": self._model_dir, "pipeline": type(self._pipe).__name__,
-                "height": height, "width": width, "frames": frames, "steps": steps, "guidance": guidance,
-                "pid": os.getpid()}
+        meta = {"request": req.model_dump(mode="json", exclude_none=True), "model": Path(self._model_dir).name,
+                "pipeline": type(self._pipe).__name__, "height": height, "width": width, "frames": frames,
+                "steps": steps, "guidance": guidance}
         (folder / "request.json").write_text(json.dumps(meta, indent=2))
         return {"sample_id": sample_id, "adapter": adapter, "samples": samples, "timings_s": timings}
 

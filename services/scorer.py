@@ -4,7 +4,9 @@ One replica loads the geometry backend and the perceptual metric once (the warm-
 start-up), then scores one video at a time in a single worker thread, so the replica's event
 loop stays free for Serve's health checks and cancellations. Input errors never escape as
 exceptions: they come back as `{"error": {...}}` with the HTTP status the ingress answers with,
-so a replica never dies on bad input.
+so a replica never dies on bad input, and only internal errors count towards its health.
+A request past its deadline, or cancelled by the ingress, stops at the next frame or stage and
+leaves no previews behind.
 """
 
 from __future__ import annotations
@@ -12,13 +14,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Optional
 
 from ray import serve
 
 from common.config import ScoreConfig
+from common.deadline import check_deadline, deadline_passed, deadline_scope
 from common.errors import VideoGPAError, invalid_settings
 from services.config import ScorerArgs
 
@@ -139,38 +145,51 @@ class ScorerServer:
         `deadline` is a `time.time()` after which nobody waits for the answer (work is skipped).
         """
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self._score_sync, path, overrides or {}, preview_dir, deadline)
+        cancelled = threading.Event()
+        try:
+            return await loop.run_in_executor(
+                self._pool, self._score_sync, path, overrides or {}, preview_dir, deadline, cancelled)
+        except asyncio.CancelledError:
+            # The ingress gave up (its deadline, or the client left): the worker thread stops at
+            # its next check, and work still queued behind another request never starts.
+            cancelled.set()
+            raise
 
-    def _score_sync(self, path: str, overrides: dict, preview_dir: Optional[str], deadline: Optional[float]) -> dict:
+    def _score_sync(self, path: str, overrides: dict, preview_dir: Optional[str], deadline: Optional[float],
+                    cancelled: threading.Event) -> dict:
         t0 = time.perf_counter()
-        answer = self._score_checked(path, overrides, preview_dir, deadline)
+        with deadline_scope(deadline, cancelled):
+            answer = self._score_checked(path, overrides, preview_dir)
+        if preview_dir is not None and "result" not in answer:
+            shutil.rmtree(preview_dir, ignore_errors=True)  # nothing will ever reference them
         outcome = answer["result"]["status"] if "result" in answer else str(answer["error"]["status"])
         self._m_results.inc(tags={"outcome": outcome})
         if "result" in answer:
             self._m_seconds.observe(time.perf_counter() - t0)
         return answer
 
-    def _score_checked(self, path: str, overrides: dict, preview_dir: Optional[str], deadline: Optional[float]) -> dict:
-        if deadline is not None and time.time() > deadline:
-            return _error(504, "DeadlineExceeded", "The request's deadline passed before scoring started.")
+    def _score_checked(self, path: str, overrides: dict, preview_dir: Optional[str]) -> dict:
         try:
+            check_deadline()
             config = self._config_for(overrides)
             backend = self._load(config)
         except VideoGPAError as err:
-            return _error(err.http_status, type(err).__name__, str(err))
+            return _error(err.http_status, type(err).__name__, _without_paths(str(err), path))
         try:
-            result = self._score_video(path, config, backend=backend, preview_dir=preview_dir)
-        except VideoGPAError as err:
-            self._consecutive_internal_errors = 0
-            return _error(err.http_status, type(err).__name__, str(err))
-        except MemoryError:
-            self._consecutive_internal_errors += 1
+            # The deadline is checked as each stage starts (and by the decoder for every frame).
+            result = self._score_video(path, config, backend=backend, preview_dir=preview_dir,
+                                       progress=lambda _stage: check_deadline())
+        except VideoGPAError as err:  # the input's fault (or its deadline): says nothing about the replica
+            return _error(err.http_status, type(err).__name__, _without_paths(str(err), path))
+        except MemoryError:  # an input too large for this replica; the allocation failed, the replica is fine
             return _error(413, "InputTooLargeError", "The video is too large to score with the memory this replica has.")
         except Exception as err:  # a bug or a broken replica: answer 500, let check_health decide
             self._consecutive_internal_errors += 1
             logger.exception("internal error while scoring")
             return _error(500, "InternalError", f"Internal error while scoring ({type(err).__name__}).")
         self._consecutive_internal_errors = 0
+        if deadline_passed():  # finished, but nobody waits for it any more: its previews go too
+            return _error(504, "DeadlineExceededError", "The request's deadline passed; its work was stopped.")
         return {"result": result.to_json_dict()}
 
     def _config_for(self, overrides: dict) -> ScoreConfig:
@@ -195,7 +214,7 @@ class ScorerServer:
     # -- probes -----------------------------------------------------------------------------------
     def ready(self) -> dict:
         """Models are loaded (the constructor finished); used by GET /readyz."""
-        return {"ready": self._ready, "backend": self._default.backend, "pid": os.getpid()}
+        return {"ready": self._ready, "backend": self._default.backend}
 
     def replica_info(self) -> dict:
         """Which replica answered (actor name and pid): for operators and the fault test."""
@@ -218,6 +237,12 @@ class ScorerServer:
 
 def _error(status: int, kind: str, message: str) -> dict:
     return {"error": {"status": status, "type": kind, "message": message}}
+
+
+def _without_paths(message: str, upload: str) -> str:
+    """An input error's sentence without the server's folders (the upload's own name stays)."""
+    folder = str(Path(upload).parent)
+    return message.replace(folder + os.sep, "").replace(folder, "the upload folder")
 
 
 def build_scorer(args: ScorerArgs):

@@ -1,13 +1,18 @@
-"""Streamed multipart uploads: file parts go to disk chunk by chunk, with a cap on the whole body.
+"""Streamed request bodies: file parts go to disk chunk by chunk, with a cap on the whole body and
+time limits on receiving it.
 
 Starlette's `request.form()` spools files but has no size cap, so a 10 GB upload would fill the
 disk before anyone said no. Here the body is read from `request.stream()` and fed to
 python-multipart's streaming parser; the running byte count is checked on every chunk, and the
-request folder is removed by the caller (`finally`) whatever happens.
+request folder is removed by the caller (`finally`) whatever happens. `timed_chunks` bounds the
+wait for each chunk and for the whole body, so a client sending one byte a second cannot hold an
+ingress slot for longer than `upload_timeout_s` (408).
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator, Optional
@@ -39,6 +44,43 @@ class UploadedFile:
 class ParsedForm:
     fields: dict[str, str] = field(default_factory=dict)
     files: list[UploadedFile] = field(default_factory=list)
+
+
+async def timed_chunks(stream: AsyncIterator[bytes], idle_timeout_s: float, total_timeout_s: float) -> AsyncIterator[bytes]:
+    """The chunks of `stream`, or UploadError(408) when one takes longer than `idle_timeout_s` to come
+    or the whole body takes longer than `total_timeout_s` (counted from this call)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + total_timeout_s
+    chunks = stream.__aiter__()
+    while True:
+        left = end - loop.time()
+        if left <= 0:
+            raise UploadError(408, f"The request body was not received within {total_timeout_s:g} s.")
+        try:
+            chunk = await asyncio.wait_for(chunks.__anext__(), timeout=min(idle_timeout_s, left))
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            if loop.time() >= end:
+                raise UploadError(408, f"The request body was not received within {total_timeout_s:g} s.") from None
+            raise UploadError(408, f"No part of the request body arrived for {idle_timeout_s:g} s.") from None
+        yield chunk
+
+
+async def read_json_object(stream: AsyncIterator[bytes], max_bytes: int) -> dict:
+    """A JSON object body, refused (413) as soon as more than `max_bytes` have arrived."""
+    body = bytearray()
+    async for chunk in stream:
+        body += chunk
+        if len(body) > max_bytes:
+            raise UploadError(413, f"The JSON body is over {max_bytes // 1000} kB.")
+    try:
+        value = json.loads(bytes(body))
+    except ValueError:
+        raise UploadError(400, "The body is not valid JSON.") from None
+    if not isinstance(value, dict):
+        raise UploadError(400, "The body is not a JSON object.")
+    return value
 
 
 def safe_suffix(filename: str) -> str:
@@ -91,7 +133,9 @@ async def parse_multipart(
         state["name"] = name or ""
         if filename is not None:
             if len(form.files) >= max_files:
-                problems.append(UploadError(413, f"At most {max_files} files per request."))
+                # A count, not a size: the request is malformed for this route (422), not too large.
+                many = "one file" if max_files == 1 else f"at most {max_files} files"
+                problems.append(UploadError(422, f"Send {many} per request."))
                 return
             path = folder / f"upload-{len(form.files):03d}{safe_suffix(filename)}"
             upload = UploadedFile(field=state["name"], filename=Path(filename).name, path=path)

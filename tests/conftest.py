@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-# Ray 2.60 switches token auth on by default and writes a token under $HOME; tests run local only.
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+from services.local_ray import set_local_ray_env, start_local_ray
+
+# Before anything imports ray: the tests' Ray is local, on loopback only, with no token file.
+set_local_ray_env()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -33,13 +34,7 @@ def ray_cluster():
     """
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
-        ray.init(
-            num_cpus=8,
-            include_dashboard=False,
-            object_store_memory=512 * 1024 * 1024,
-            log_to_driver=False,
-            configure_logging=False,
-        )
+        start_local_ray(8, object_store_memory=512 * 1024 * 1024, log_to_driver=False)
     yield ray
     try:
         from ray import serve

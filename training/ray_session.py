@@ -7,7 +7,7 @@ from typing import Optional
 
 
 def ensure_ray(address: Optional[str] = None, min_cpus: int = 1) -> None:
-    """Connect to `address` (or RAY_ADDRESS); without one, start a local Ray with no dashboard.
+    """Connect to `address` (or RAY_ADDRESS); without one, start a local Ray on loopback, with no dashboard.
 
     min_cpus: logical CPUs of the local cluster at least; jobs whose stages hold a CPU token while
     mostly waiting (actor pools calling Serve) set more than the machine has.
@@ -19,8 +19,7 @@ def ensure_ray(address: Optional[str] = None, min_cpus: int = 1) -> None:
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, log_to_driver=False)
         return
-    # Ray 2.60 switches token auth on by default and writes a token under $HOME; a local one needs none.
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address="local", num_cpus=max(min_cpus, os.cpu_count() or 1), include_dashboard=False,
-             configure_logging=False, log_to_driver=False)
+    from services.local_ray import start_local_ray
+
+    # No token auth (it would write a token under $HOME); nothing listens beyond loopback instead.
+    start_local_ray(max(min_cpus, os.cpu_count() or 1), log_to_driver=False)

@@ -49,6 +49,7 @@ from common.lora import adapter_metadata, read_lora, save_lora
 from training.lora import (DEFAULT_TARGETS, LORA_WEIGHTS_NAME, add_lora, export_lora, lora_config, lora_parameters,
                            lora_state_dict)
 from training.pairs import PairsDataset, PairsIndex, collate_pairs, load_pairs_index
+from training.ray_session import ensure_ray
 
 logger = logging.getLogger(__name__)
 
@@ -770,16 +771,8 @@ def train(
     storage_path = cfg.storage_path or str(output_dir / "ray")
 
     # 2. Ray, where the workers run, and the progress relay.
-    if not ray.is_initialized():
-        if address or os.environ.get("RAY_ADDRESS"):
-            ray.init(address=address, log_to_driver=False)  # a cluster (`ray job submit` sets RAY_ADDRESS)
-        else:
-            # Embedded local Ray. Token auth would write a token file under $HOME; the dashboard costs ~1 GB.
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-            needed = math.ceil(cfg.num_workers * cfg.cpus_per_worker) + 1
-            ray.init(address="local", num_cpus=max(needed, os.cpu_count() or 1), include_dashboard=False,
-                     configure_logging=False, log_to_driver=False)
+    # A cluster when one is named (`ray job submit` sets RAY_ADDRESS), else an embedded Ray on loopback.
+    ensure_ray(address, min_cpus=math.ceil(cfg.num_workers * cfg.cpus_per_worker) + 1)
     gpus, where = resolve_gpus_per_worker(cfg.gpus_per_worker, ray.cluster_resources().get("GPU", 0), cfg.num_workers)
     cfg = cfg.model_copy(update={"gpus_per_worker": gpus})
     log(where)

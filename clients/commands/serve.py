@@ -1,9 +1,11 @@
 """`vgpa serve`: run the HTTP API on Ray Serve until Ctrl-C.
 
-With no cluster address it starts an embedded local Ray (no dashboard), deploys
-`services.app:build_app`, prints the URL once the scorer is ready, and on Ctrl-C (or SIGTERM)
-shuts Serve and Ray down. With `--address` it deploys onto that cluster and, on Ctrl-C, deletes
-the application it deployed.
+With no cluster address it starts an embedded local Ray (no dashboard) bound to loopback only
+(`services.local_ray`), deploys `services.app:build_app`, prints the URL once the scorer is ready,
+and on Ctrl-C or SIGTERM shuts Serve and Ray down. Only the HTTP port listens on `--host`; if any
+other socket of the process tree is bound beyond loopback, it stops instead of serving. With
+`--address` it deploys onto that cluster and, on Ctrl-C or SIGTERM, deletes the application it
+deployed.
 
 `--config FILE` takes either a Serve config file (like cluster/serve_config.yaml: the `args` of
 the application whose import_path is services.app:build_app, and its `http_options`) or a plain
@@ -79,7 +81,6 @@ def run_self_check(url: str, token: Optional[str] = None, video: Optional[Path] 
 @click.option("--exit-after-check", is_flag=True, hidden=True, help="Stop after the self-check (for tests).")
 def serve(config_file: Optional[Path], host: Optional[str], port: Optional[int], address: Optional[str],
           num_cpus: Optional[int], sampler_model: Optional[Path], self_check: bool, check_video: Optional[Path], exit_after_check: bool) -> None:
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from pydantic import ValidationError
 
@@ -101,23 +102,23 @@ def serve(config_file: Optional[Path], host: Optional[str], port: Optional[int],
         click.echo(f"\nreceived {signal.Signals(signum).name}, shutting down...", err=True)
         stop.set()
 
-    # Installed explicitly: a process started in the background by a non-interactive shell
-    # inherits SIGINT as ignored, and Ctrl-C must still stop us.
-    signal.signal(signal.SIGINT, _on_signal)
-    signal.signal(signal.SIGTERM, _on_signal)
-
     import ray
     from ray import serve as ray_serve
 
     from services.app import build_app
+    from services.local_ray import exposed_listeners, is_loopback, listening_sockets, start_local_ray
 
     embedded = address is None
     t0 = time.perf_counter()
     if embedded:
-        ray.init(address="local", num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
-                 object_store_memory=512 * 1024**2, configure_logging=False)
+        start_local_ray(num_cpus or max(4, os.cpu_count() or 1), object_store_memory=512 * 1024**2)
     else:
         ray.init(address=address)
+    # Installed after ray.init, which replaces the SIGTERM handler with a bare sys.exit; and
+    # explicitly for SIGINT, which a process started in the background by a non-interactive
+    # shell inherits as ignored. Both must stop us the same graceful way.
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
     code = 0
     try:
         ray_serve.start(http_options={"host": host, "port": port})
@@ -129,6 +130,12 @@ def serve(config_file: Optional[Path], host: Optional[str], port: Optional[int],
 
         with VideoGPAClient(url) as client:
             client.wait_ready(timeout=600)
+        if embedded:
+            exposed = exposed_listeners(listening_sockets(), allowed_ports=() if is_loopback(host) else (port,))
+            if exposed:
+                raise click.ClickException(
+                    "refusing to serve: these sockets of the embedded Ray listen beyond loopback: "
+                    + ", ".join(f"{s.process}[{s.pid}] {s.host}:{s.port}" for s in exposed))
         click.echo(f"videogpa is serving at {url}  (docs: {url}/docs, ready after {time.perf_counter() - t0:.1f} s)")
         if self_check:
             try:

@@ -108,3 +108,103 @@ def test_truncated_video_is_an_error_not_a_crash(tmp_path):
     with pytest.raises((CorruptVideoError, NotAVideoError)) as err:
         load_video(cut)
     assert "cut.mp4" in str(err.value)
+
+
+# ---- hostile input: every limit holds before the pixels it guards are decoded -----------------------
+from tests.services.hostile import (  # noqa: E402
+    clip,
+    cut_in_half,
+    lying_zip,
+    many_entries_zip,
+    png_bomb,
+    png_with_garbage_pixels,
+    zeros_zip,
+    zip_of,
+)
+
+
+@pytest.mark.parametrize("name,options", [("end.mp4", {}), ("front.mp4", {"movflags": "faststart"}),
+                                          ("end.mkv", {}), ("front.mkv", {"reserve_index_space": "20000"})])
+def test_truncated_video_is_422_whichever_end_holds_the_index(tmp_path, name, options):
+    whole = clip(tmp_path / name, **options)
+    assert load_video(whole).total_frames == 20
+    with pytest.raises(CorruptVideoError, match="truncated") as err:
+        load_video(cut_in_half(whole, tmp_path / f"half-{name}"))
+    assert err.value.http_status == 422
+
+
+def test_image_size_is_checked_from_the_header(tmp_path):
+    bomb = png_bomb(9000, 9000)  # 243 MB of pixels in a few hundred bytes
+    with pytest.raises(InputTooLargeError, match="resolution"):
+        load_video(zip_of(tmp_path / "bombs.zip", {"0.png": bomb, "1.png": bomb}))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "0.png").write_bytes(bomb)
+    (folder / "1.png").write_bytes(bomb)
+    with pytest.raises(InputTooLargeError, match="resolution"):
+        load_video(folder)
+
+
+def test_opencv_pixel_limit_is_set_before_cv2_loads():
+    import cv2
+
+    # 20000 x 20000 is over the 2**28-pixel limit that common/__init__.py sets: refused, not decoded.
+    with pytest.raises(cv2.error):
+        cv2.imdecode(np.frombuffer(png_bomb(20000, 20000), np.uint8), cv2.IMREAD_COLOR)
+
+
+def test_zip_members_are_capped_by_declared_and_inflated_size(tmp_path):
+    with pytest.raises(InputTooLargeError, match="declares"):
+        load_video(zeros_zip(tmp_path / "bomb.zip", 100 << 20))
+    # Declares 1000 bytes, inflates to 100 MiB: reading stops at the cap (zipfile itself stops at the
+    # declared size, and the CRC then fails), nothing near 100 MiB is ever held.
+    with pytest.raises(CorruptVideoError, match="damaged"):
+        load_video(lying_zip(tmp_path / "liar.zip"))
+    with pytest.raises(InputTooLargeError, match="entries"):
+        load_video(many_entries_zip(tmp_path / "many.zip", entries=200), max_input_frames=50)
+
+
+def test_zip64_entry_count_is_read(tmp_path):
+    from common.video import _zip_entry_count
+
+    assert _zip_entry_count(zeros_zip(tmp_path / "z64.zip", 5_000_000_000, count=3)) == 3
+
+
+def test_decoder_errors_are_422(tmp_path):
+    broken = png_with_garbage_pixels()
+    with pytest.raises(CorruptVideoError):
+        load_video(zip_of(tmp_path / "broken.zip", {"0.png": broken, "1.png": broken}))
+    with pytest.raises(CorruptVideoError, match="cannot be read as an image"):
+        load_video(zip_of(tmp_path / "junk.zip", {"0.png": b"junk", "1.png": b"junk"}))
+
+
+def test_file_type_comes_from_the_first_bytes(tmp_path):
+    from common.containers import sniff_file
+
+    assert sniff_file(clip(tmp_path / "a.mp4")) == "mp4"
+    assert sniff_file(clip(tmp_path / "a.mkv")) == "matroska"
+    renamed = tmp_path / "really-an-mkv.bin"
+    renamed.write_bytes((tmp_path / "a.mkv").read_bytes())
+    assert load_video(renamed).total_frames == 20  # the name does not matter
+    image = tmp_path / "one.png"
+    image.write_bytes(png_bomb(40, 30))
+    with pytest.raises(TooFewFramesError, match="single png image"):
+        load_video(image)
+
+
+def test_deadline_scope_stops_decoding(tmp_path):
+    import threading
+
+    from common.deadline import deadline_scope
+    from common.errors import DeadlineExceededError
+
+    video = clip(tmp_path / "v.mp4")
+    with deadline_scope(None, threading.Event()):
+        assert load_video(video).total_frames == 20  # not cancelled: decodes
+    cancelled = threading.Event()
+    cancelled.set()
+    with deadline_scope(None, cancelled), pytest.raises(DeadlineExceededError):
+        load_video(video)
+    with deadline_scope(0.0), pytest.raises(DeadlineExceededError):  # long past
+        load_video(video)
+    assert load_video(video).total_frames == 20  # outside any scope: no deadline

@@ -117,6 +117,61 @@ class TestServiceArgs:
         assert ServiceArgs().auth_token() is None
 
 
+class TestNumbersAreFiniteAndBounded:
+    """Every float setting of every config type refuses nan and inf, and every number has an upper bound."""
+
+    @staticmethod
+    def _models():
+        from common.config import ScoreConfig
+        from services.config import AutoscalingArgs, SampleRequest, SamplerArgs, ScorerArgs
+
+        return (ServiceArgs, ScorerArgs, SamplerArgs, AutoscalingArgs, SampleRequest, ScoreConfig)
+
+    def test_nan_and_inf_refused_everywhere(self):
+        from pydantic import ValidationError
+
+        required = {"SamplerArgs": {"model_dir": "/m"}, "SampleRequest": {"prompt": "x"}}
+        checked = 0
+        for model in self._models():
+            for name, field in model.model_fields.items():
+                if float not in (field.annotation, *getattr(field.annotation, "__args__", ())):
+                    continue
+                key = field.alias or name
+                for bad in (float("nan"), float("inf"), "nan", "-inf"):
+                    with pytest.raises(ValidationError):
+                        model.model_validate({**required.get(model.__name__, {}), key: bad})
+                checked += 1
+        assert checked >= 15
+
+    def test_every_number_has_an_upper_bound(self):
+        import annotated_types
+
+        unbounded, checked = [], 0
+        for model in self._models():
+            for name, field in model.model_fields.items():
+                kinds = (field.annotation, *getattr(field.annotation, "__args__", ()))
+                if not ({int, float} & set(kinds)) or bool in kinds:
+                    continue
+                checked += 1
+                if not any(isinstance(m, (annotated_types.Le, annotated_types.Lt)) for m in field.metadata):
+                    unbounded.append(f"{model.__name__}.{name}")
+        assert unbounded == [] and checked >= 40, (unbounded, checked)
+
+    def test_sample_request_bounds_seeds_before_use(self):
+        from pydantic import ValidationError
+
+        from services.config import SampleRequest
+
+        with pytest.raises(ValidationError, match="num_seeds"):
+            SampleRequest.model_validate({"prompt": "x", "num_seeds": 10_000_000})
+        with pytest.raises(ValidationError, match="at most 64 seeds"):
+            SampleRequest.model_validate({"prompt": "x", "seeds": ",".join(["1"] * 1_000_000)})
+        with pytest.raises(ValidationError):
+            SampleRequest.model_validate({"prompt": "x", "seeds": [2**70]})
+        assert SampleRequest.model_validate({"prompt": "x", "seeds": "3,7"}).seed_list() == [3, 7]
+        assert SampleRequest.model_validate({"prompt": "x", "num_seeds": "2"}).seed_list() == [0, 1]
+
+
 class TestDeploymentOptions:
     def test_autoscaling_and_fractional_gpu(self):
         cfg = ServiceArgs.model_validate({"scorer": {"num_gpus": 0.25, "autoscaling": {"max_replicas": 4}}})
@@ -161,6 +216,43 @@ async def _chunks(data: bytes, size: int = 1000):
         yield data[i : i + size]
 
 
+class TestReceiveLimits:
+    def test_idle_and_total_timeouts_are_408(self):
+        from services.uploads import timed_chunks
+
+        async def drip(gap_s: float, n: int):
+            for _ in range(n):
+                await asyncio.sleep(gap_s)
+                yield b"x"
+
+        async def drain(stream) -> int:
+            return sum([len(c) async for c in stream])
+
+        assert asyncio.run(drain(timed_chunks(drip(0.01, 5), idle_timeout_s=1, total_timeout_s=5))) == 5
+        with pytest.raises(UploadError, match="No part") as idle:
+            asyncio.run(drain(timed_chunks(drip(0.5, 2), idle_timeout_s=0.1, total_timeout_s=5)))
+        with pytest.raises(UploadError, match="not received within") as total:
+            asyncio.run(drain(timed_chunks(drip(0.05, 100), idle_timeout_s=1, total_timeout_s=0.3)))
+        assert idle.value.status == total.value.status == 408
+
+    def test_json_body_is_capped_while_reading(self):
+        from services.uploads import read_json_object
+
+        received = []
+
+        async def body():
+            for _ in range(100):
+                received.append(1)
+                yield b"x" * 1000
+
+        with pytest.raises(UploadError) as err:
+            asyncio.run(read_json_object(body(), max_bytes=10_000))
+        assert err.value.status == 413 and len(received) == 11
+        with pytest.raises(UploadError) as err:
+            asyncio.run(read_json_object(_chunks(b"[1, 2]"), max_bytes=10_000))
+        assert err.value.status == 400
+
+
 class TestStreamedUploads:
     def test_file_and_fields(self, tmp_path):
         payload = bytes(range(256)) * 40
@@ -196,11 +288,11 @@ class TestStreamedUploads:
             asyncio.run(parse_multipart("application/json", _chunks(b"{}"), tmp_path, max_bytes=10**6, max_files=1))
         assert err.value.status == 415
 
-    def test_too_many_files_is_413(self, tmp_path):
+    def test_too_many_files_is_422(self, tmp_path):
         ctype, body = _multipart([("videos", "a.mp4", b"1"), ("videos", "b.mp4", b"2")])
         with pytest.raises(UploadError) as err:
             asyncio.run(parse_multipart(ctype, _chunks(body), tmp_path, max_bytes=10**6, max_files=1))
-        assert err.value.status == 413
+        assert err.value.status == 422 and "one file" in str(err.value)
 
     def test_unknown_suffix_becomes_bin(self, tmp_path):
         ctype, body = _multipart([("video", "evil.sh", b"#!/bin/sh")])

@@ -159,11 +159,51 @@ class TestSampling:
         ({"prompt": "x", "frames": 10}, 422),
         ({"prompt": ""}, 422),
         ({"prompt": "x", "seeds": "abc"}, 422),
+        ({"prompt": "x", "num_seeds": 10_000_000}, 422),  # refused before any list is made
+        ({"prompt": "x", "seeds": [2**70]}, 422),
+        ({"prompt": "x", "guidance": float("nan")}, 422),  # Python's json writes NaN, and reads it back
+        ({"prompt": "x", "guidance": 1e308}, 422),
+        ({"prompt": "x", "timeout_s": float("nan")}, 422),
+        ({"prompt": "x", "width": 12}, 422),
+        ({"prompt": "x", "unknown_field": 1}, 422),
     ])
     def test_bad_requests(self, url, body, status):
-        r = sample(url, **body)
+        import json
+
+        # json.dumps writes NaN (httpx's json= refuses it); a client may send it all the same.
+        r = httpx.post(f"{url}/sample", content=json.dumps(body), timeout=300,
+                       headers={**AUTH, "content-type": "application/json"})
         assert r.status_code == status, r.text
-        assert r.json()["detail"]
+        assert r.json()["detail"] and r.json()["error"]["status"] == status
+
+    @pytest.mark.parametrize("field,value", [("num_seeds", "10000000"), ("seeds", str(2**70)), ("guidance", "nan")])
+    def test_bad_form_fields(self, url, field, value):
+        form = {"prompt": (None, "x"), field: (None, value)}  # multipart, as the web form and the client send
+        r = httpx.post(f"{url}/sample", headers=AUTH, files=form, timeout=60)
+        assert r.status_code == 422 and field in r.json()["detail"], r.text
+
+    def test_json_body_is_capped_while_reading(self, url):
+        def body():
+            yield b'{"prompt": "'
+            for _ in range(30):
+                yield b"x" * 100_000  # 3 MB in all, no Content-Length: refused after about 1 MB
+            yield b'"}'
+
+        r = httpx.post(f"{url}/sample", headers={**AUTH, "content-type": "application/json"}, content=body(), timeout=60)
+        assert r.status_code == 413, r.text
+
+    def test_two_images_is_422(self, url):
+        files = [("image", ("a.png", b"\x89PNG")), ("image", ("b.png", b"\x89PNG"))]
+        r = httpx.post(f"{url}/sample", headers=AUTH, data={"prompt": "x"}, files=files, timeout=60)
+        assert r.status_code == 422, r.text
+
+    def test_provenance_names_no_server_path(self, url):
+        body = sample(url, prompt="a green cone", seeds=[1], steps=1).json()
+        r = httpx.get(f"{url}/samples/{body['sample_id']}/request.json", headers=AUTH)
+        assert r.status_code == 200
+        meta = r.json()
+        assert meta["model"] == "t2v" and "model_dir" not in meta and "pid" not in meta
+        assert "/tmp/" not in r.text and "/work/" not in r.text
 
     def test_image_to_t2v_model_is_422(self, url, tmp_path):
         from PIL import Image

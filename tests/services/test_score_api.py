@@ -1,10 +1,14 @@
-"""The real Serve app (ingress + scorer) on loopback: good and bad inputs, previews, batch, client,
-web page in headless chromium, a bounded load test and a replica fault test. One deployment."""
+"""The real Serve app (ingress + scorer) on loopback: good and bad inputs, the hostile-input corpus,
+bounded numbers, slow clients, previews, batch, client, web page in headless chromium, a bounded
+load test and a replica fault test. One deployment."""
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,17 +19,29 @@ pytest.importorskip("ray.serve")
 pytest.importorskip("common.scoring")
 
 from tests.services.conftest import deployed  # noqa: E402
+from tests.services.hostile import corpus  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
 APP = "vgpa-test-score"
 FRAMES = 4
 REPLICA_BEFORE_BAD_INPUT: dict = {}
+BODY_SLOTS = 4  # the issue's slow-loris setting: ingress_max_ongoing_requests 4
+UPLOAD_TIMEOUT_S = 6.0
+UPLOAD_IDLE_TIMEOUT_S = 3.0
+#: The issue's corpus, scaled to this app's 2 MB upload cap (zip bomb members of 512 MiB, not 3 GB).
+HOSTILE = {case.name: case for case in corpus(zip_bomb_bytes=512 << 20)}
 
 
 @pytest.fixture(scope="module")
 def work_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("service-work")
+
+
+@pytest.fixture(scope="module")
+def hostile_files(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("hostile")
+    return {name: case.build(folder) for name, case in HOSTILE.items()}
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +51,9 @@ def url(serve_url, work_dir):
         "max_upload_mb": 2,
         "retry_after_s": 1,
         "auth_token_env": None,
+        "ingress_max_ongoing_requests": BODY_SLOTS,
+        "upload_timeout_s": UPLOAD_TIMEOUT_S,
+        "upload_idle_timeout_s": UPLOAD_IDLE_TIMEOUT_S,
         "scorer": {
             "score": {"frames": FRAMES, "max_side": 240, "recon_frames": 8},
             "num_replicas": 1,
@@ -55,10 +74,14 @@ def post_score(url: str, path: Path, timeout: float = 300, **fields) -> httpx.Re
 
 
 def assert_error(r: httpx.Response, *statuses: int) -> dict:
+    """The documented error shape, and no server path in it."""
     assert r.status_code in statuses, (r.status_code, r.text)
     body = r.json()
     assert body["error"]["status"] == r.status_code
     assert isinstance(body["detail"], str) and body["detail"]
+    assert body["error"]["message"] == body["detail"]
+    for server_path in ("/tmp/", "/work/", "/root/", "upload-0", "Traceback"):
+        assert server_path not in r.text, r.text
     return body
 
 
@@ -69,6 +92,20 @@ class TestProbesAndSchema:
     def test_readyz_reports_loaded_scorer(self, url):
         body = httpx.get(f"{url}/readyz").json()
         assert body["ready"] is True and body["scorer"]["ready"] is True and body["sampler"] is None
+        assert body["scorer"]["replicas"] == 1
+        assert "pid" not in str(body), "no process ids for anonymous callers"
+
+    @pytest.mark.parametrize("method,path,status", [("GET", "/no/such/route", 404), ("DELETE", "/score", 405)])
+    def test_starlette_errors_keep_the_json_shape(self, url, method, path, status):
+        assert_error(httpx.request(method, f"{url}{path}"), status)
+
+    def test_shared_cluster_listens_on_loopback_only(self, url):
+        """The tests' own Ray (GCS, raylet, workers, agents, Serve proxy and replicas) is on loopback."""
+        from services.local_ray import exposed_listeners, listening_sockets
+
+        listeners = listening_sockets()
+        assert any(s.process.startswith("ray::ServeReplica") for s in listeners), listeners
+        assert exposed_listeners(listeners) == [], listeners
 
     def test_openapi_lists_routes_and_form(self, url):
         spec = httpx.get(f"{url}/openapi.json").json()
@@ -199,6 +236,33 @@ class TestBadInput:
     def test_deadline_is_504(self, url, videos):
         assert_error(post_score(url, videos["good"], timeout_s=0.001), 504)
 
+    @pytest.mark.parametrize("name", list(HOSTILE))
+    def test_hostile_input_is_a_clear_4xx(self, url, hostile_files, name):
+        case = HOSTILE[name]
+        body = assert_error(post_score(url, hostile_files[name], timeout=120), *case.statuses)
+        assert case.says in body["detail"].lower(), body
+
+    @pytest.mark.parametrize("field,value", [("lambda", "inf"), ("lambda", "1e308"), ("lambda", "nan"),
+                                             ("timeout_s", "nan"), ("timeout_s", "inf"), ("timeout_s", "-1"),
+                                             ("frames", str(2**70)), ("max_side", "1e9")])
+    def test_numbers_must_be_finite_and_bounded(self, url, videos, field, value):
+        body = assert_error(post_score(url, videos["good"], **{field: value}), 422)
+        assert field in body["detail"]
+
+    def test_two_files_in_one_request_is_422(self, url, videos):
+        data = videos["good"].read_bytes()
+        r = httpx.post(f"{url}/score", files=[("video", ("a.mp4", data)), ("video", ("b.mp4", data))], timeout=60)
+        assert "one file" in assert_error(r, 422)["detail"]
+
+    def test_deadline_mid_scoring_stops_and_leaves_no_previews(self, url, videos, work_dir):
+        previews = work_dir / "previews"
+        before = set(previews.iterdir())
+        # Scoring the good video takes seconds: this deadline passes while the scorer works on it.
+        assert_error(post_score(url, videos["good"], timeout_s=1.0, preview="true"), 504)
+        # The scorer has one worker: once this answers, the cancelled work has stopped.
+        assert post_score(url, videos["static"]).status_code == 200
+        assert set(previews.iterdir()) <= before, "a cancelled request left previews behind"
+
     def test_replica_survived_every_bad_input(self, url, videos):
         assert scorer_replica() == REPLICA_BEFORE_BAD_INPUT, "the same scorer replica, never restarted"
         assert post_score(url, videos["good"]).status_code == 200
@@ -206,6 +270,59 @@ class TestBadInput:
     def test_preview_paths_cannot_escape(self, url):
         for p in ("/previews/..%2F..%2Fetc/passwd", "/previews/" + "0" * 32 + "/..%2Fx.png", "/previews/abc/x.png"):
             assert httpx.get(f"{url}{p}").status_code == 404
+
+    def test_symlinks_in_the_work_dir_are_not_followed(self, url, work_dir):
+        """Someone who can write into work_dir plants links; the service serves only its own files."""
+        linked_file, linked_folder = uuid.uuid4().hex, uuid.uuid4().hex
+        (work_dir / "previews" / linked_file).mkdir()
+        os.symlink("/etc/passwd", work_dir / "previews" / linked_file / "x.png")
+        os.symlink("/etc", work_dir / "previews" / linked_folder)
+        for path in (f"/previews/{linked_file}/x.png", f"/previews/{linked_folder}/passwd"):
+            assert_error(httpx.get(f"{url}{path}"), 404)
+
+
+class TestSlowClients:
+    def test_slow_uploads_are_cut_off_and_probes_stay_fast(self, url, videos):
+        """More slow-loris clients than body slots: probes answer throughout, a new upload gets 503 (not a
+        hang), the slots' holders get 408 once their upload time is up, and the service recovers."""
+        host, port = url.removeprefix("http://").split(":")
+        head = (b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                b"Content-Length: 100000\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"video\"; filename=\"v.mp4\"\r\n\r\n")
+        answers: dict[int, bytes] = {}
+
+        def slow_client(i: int, silent: bool) -> None:
+            with socket.create_connection((host, int(port)), timeout=1) as sock:
+                sock.sendall(head)
+                end = time.monotonic() + 4 * UPLOAD_TIMEOUT_S
+                while time.monotonic() < end:
+                    try:
+                        if not silent:
+                            sock.sendall(b"x")  # one byte a second
+                        data = sock.recv(4096)
+                        if data:
+                            answers[i] = data
+                        return
+                    except socket.timeout:
+                        continue
+                    except OSError:  # the server closed after answering
+                        break
+
+        clients = [threading.Thread(target=slow_client, args=(i, i == 0)) for i in range(BODY_SLOTS + 2)]
+        for t in clients:
+            t.start()
+        time.sleep(1.5)
+        probes = [httpx.get(f"{url}{path}", timeout=10).status_code for path in ("/healthz", "/readyz") * 3]
+        busy = post_score(url, videos["good"], timeout=30)
+        for t in clients:
+            t.join(timeout=6 * UPLOAD_TIMEOUT_S)
+        assert probes == [200] * 6, probes
+        assert busy.status_code in (200, 503), busy.text
+        if busy.status_code == 503:
+            assert busy.headers["retry-after"]
+        statuses = sorted(int(a.split(b" ", 2)[1]) for a in answers.values())
+        assert len(statuses) == BODY_SLOTS + 2 and set(statuses) <= {408, 503}, answers
+        assert statuses.count(408) >= BODY_SLOTS - 1, statuses  # the slots' holders (one may have lost its race)
+        assert post_score(url, videos["static"]).status_code == 200, "slots are free again"
 
 
 class TestWebPage:
