@@ -33,6 +33,11 @@ class ScoreConfig(BaseModel):
         description="Reproject into frame t only the points of the other frames (a frame trivially explains itself).",
     )
 
+    compare_scale: int = Field(
+        2, ge=1, le=8,
+        description="Frames and renders are compared after averaging blocks of this many pixels a side (1: full resolution).",
+    )
+
     # --- reconstruction of the default backend ---
     recon_frames: int = Field(
         32, ge=2, le=512, description="Frames decoded for structure-from-motion (a dense subset containing the T scored ones); the default backend uses about half in its fast pass and all in its thorough fallback."
@@ -43,6 +48,15 @@ class ScoreConfig(BaseModel):
     min_coverage: float = Field(0.2, ge=0.0, le=1.0, description="A frame with a smaller covered fraction counts as failed.")
     min_ok_fraction: float = Field(
         0.7, ge=0.0, le=1.0, description="Unscorable when fewer than this fraction of frames are registered and covered."
+    )
+    max_moving_fraction: float = Field(
+        0.5, ge=0.0, le=1.0,
+        description="Unscorable when things moving against the recovered cameras cover more than this fraction of the frames.",
+    )
+    min_fov_deg: float = Field(
+        5.0, ge=0.0, le=90.0,
+        description="Unscorable when the recovered cameras see less than this field of view (degrees, long side): a "
+        "reconstruction collapsed to a near-orthographic projection explains almost any image motion.",
     )
     min_motion: float = Field(0.001, ge=0.0, le=1000.0, description="Unscorable (static camera) below this camera motion value.")
     min_parallax_px: float = Field(
@@ -59,4 +73,4 @@ class ScoreConfig(BaseModel):
         """Everything that changes a score's scale. Scores with different ids are not comparable."""
         lam = f"{self.lambda_:g}"
         excl = "" if self.exclude_self else "+self"
-        return f"{backend}/{perceptual_metric}/lambda={lam}/T={self.frames}/side={self.max_side}{excl}"
+        return f"{backend}/{perceptual_metric}/lambda={lam}/T={self.frames}/side={self.max_side}/pairwise@{self.compare_scale}{excl}"

@@ -27,6 +27,9 @@ class ScoreResult(BaseModel):
     metric_id: str
     coverage: Optional[float] = Field(None, description="Mean covered fraction over registered frames.")
     motion: Optional[float] = Field(None, description="Mean translation + 0.1 * mean rotation (rad), normalised units.")
+    moving_fraction: Optional[float] = Field(
+        None, description="Fraction of the registered frames' pixels found moving against the cameras and left out of the error."
+    )
     backend: str
     frames: int = Field(description="Number of frames scored (T).")
     frame_indices: list[int]

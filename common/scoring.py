@@ -6,8 +6,10 @@ cloud covers. Lower is more 3D-consistent.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -121,38 +123,49 @@ def score_video(
             failed_frames=[i for i, ok in zip(plan["scored"], registered) if not ok],
         )
 
-    # 4. Lift confident pixels to a coloured world point cloud; 5. reproject with a z-buffer.
+    # 4. Lift each frame's confident static pixels to 3D; 5. z-buffer them into every other frame.
     step("reproject")
-    reprojection, covered, confident_fraction = reproject(frames, geometry, config, device)
+    errors = pairwise_errors(frames, geometry, config, metric, device)
+    moving_fraction = errors.moving_fraction
 
-    # 6. Errors on covered pixels only.
+    # 6. Errors on covered static pixels only, per frame over all the frames it was rendered from.
     step("metrics")
     per_frame = []
-    perceptual_map = metric.distance_map(torch.where(covered[..., None], reprojection, frames), frames)
-    squared = ((reprojection - frames) ** 2).mean(dim=-1)  # (T, H, W)
     for t, index in enumerate(plan["scored"]):
-        mask = covered[t]
-        coverage = float(mask.float().mean())
+        coverage = float(errors.covered[t])
         row = FrameScore(index=index, registered=bool(registered[t]), coverage=coverage)
-        if row.registered and mask.any():
-            row.mse = float(squared[t][mask].mean())
-            row.perceptual = float(perceptual_map[t][mask].mean())
+        frame_mse, frame_perceptual = errors.frame_errors(t)
+        if row.registered and frame_mse is not None:
+            row.mse, row.perceptual = frame_mse, frame_perceptual
             row.ok = coverage >= config.min_coverage
         per_frame.append(row)
     ok_rows = [r for r in per_frame if r.ok]
     failed = [r.index for r in per_frame if not r.ok]
+    confident_fraction = errors.confident_fraction
 
     # 7. Camera motion (translation in units of the scene's median depth) and the verdict.
     reg = registered.nonzero().squeeze(1)
     median_depth = float(geometry.depth[reg][geometry.confidence[reg] >= config.min_confidence].median()) if confident_fraction > 0 else 1.0
     motion = camera_motion(geometry.world_to_cam[reg].cpu(), scale=max(median_depth, 1e-9))
     coverage = float(np.mean([r.coverage for r in per_frame if r.registered]))
-    extra = dict(registered_frames=n_registered, per_frame=per_frame, failed_frames=failed, coverage=coverage, motion=motion)
+    extra = dict(registered_frames=n_registered, per_frame=per_frame, failed_frames=failed, coverage=coverage,
+                 motion=motion, moving_fraction=moving_fraction)
     if preview_dir is not None:
         step("previews")
-        extra["previews"] = _write_previews(Path(preview_dir), frames, reprojection, covered, plan["scored"])
+        extra["previews"] = _write_previews(Path(preview_dir), frames, errors, plan["scored"])
     if motion < config.min_motion:
         return unscorable(f"static camera: camera motion {motion:.5f} is below {config.min_motion:g}", **extra)
+    fov = _field_of_view_deg(geometry.K[reg], H, W)
+    if fov < config.min_fov_deg:
+        return unscorable(
+            f"the cameras collapsed to a near-orthographic projection (field of view {fov:.1f} degrees, needs "
+            f"{config.min_fov_deg:g}): no consistent perspective geometry", **extra,
+        )
+    if moving_fraction > config.max_moving_fraction:
+        return unscorable(
+            f"moving things cover {100 * moving_fraction:.0f}% of the frames: the static part is too small to judge "
+            f"(at most {100 * config.max_moving_fraction:.0f}%)", **extra,
+        )
     if confident_fraction < 0.01:
         return unscorable(
             f"no parallax: depth could be triangulated for only {100 * confident_fraction:.1f}% of pixels", **extra
@@ -170,21 +183,137 @@ def score_video(
     )
 
 
-def reproject(frames: Tensor, geometry: SceneGeometry, config: ScoreConfig, device=None) -> tuple[Tensor, Tensor, float]:
-    """Lift confident pixels to 3D and z-buffer them into every frame (the scorer's reprojection path).
+@dataclass
+class PairwiseErrors:
+    """Each scored frame against renders of every other frame's points, at the comparison scale.
 
-    Public so that evaluation metrics (`common.metrics`) measure exactly what the score measures.
+    Per pair (source s, target t) (all (T, T) tensors): the sums over the covered static pixels
+    of the render of s into t of the squared error (mean over RGB) and of the perceptual distance,
+    and how many pixels were compared (0: the pair was not compared). covered (T,): the fraction
+    of t's pixels that some render covered. A frame's errors are its sums over its pixel count:
+    each source weighs by how much of t it explains. (Weighing every source the same was
+    measured too: it lets the far pairs' depth noise dominate, and ranked fewer pairs right.)
+    preview: (T, H, W, 3) render of t from its nearest scored frame in time, preview_mask its
+    covered pixels, moving the (T, H, W) moving-pixel mask (all at full resolution).
+    """
+
+    squared: Tensor
+    perceptual: Tensor
+    pixels: Tensor
+    covered: Tensor
+    confident_fraction: float
+    moving_fraction: float
+    preview: Tensor
+    preview_mask: Tensor
+    moving: Tensor
+
+    def frame_errors(self, t: int) -> tuple[Optional[float], Optional[float]]:
+        """(MSE, perceptual) of target frame t over the pairs that rendered into it; None when none did."""
+        pixels = float(self.pixels[:, t].sum())
+        if pixels == 0:
+            return None, None
+        return float(self.squared[:, t].sum()) / pixels, float(self.perceptual[:, t].sum()) / pixels
+
+
+def pairwise_errors(
+    frames: Tensor, geometry: SceneGeometry, config: ScoreConfig, metric, device=None
+) -> PairwiseErrors:
+    """Render every registered frame's confident static pixels into every other frame, and compare.
+
     frames: (T, H, W, 3) float in [0, 1], the scored frames of `geometry`.
-
-    Returns reprojection (T, H, W, 3), covered (T, H, W) bool, and the fraction of confident pixels.
-    With config.exclude_self, frame t is rendered from the other frames' points only.
+    One source at a time, not all sources in one z-buffer: with all of them, whichever frame's
+    point lies nearest wins each pixel, and the render mixes many frames, blurring the image and
+    hiding errors that grow with the distance in time (drift). Pairwise, a far frame's points land
+    where the geometry puts them, and the comparison sees it. The cost is the same: T renders of
+    one frame's points into T frames instead of one render of all of them.
+    Comparison at 1 / config.compare_scale: blocks of covered pixels are averaged first, so the
+    1-pixel splats' nearest-neighbour resampling does not dominate the error.
     """
     T, H, W, _ = frames.shape
     device = frames.device if device is None else device
     depth = geometry.depth.to(device).float()
     K = geometry.K.to(device).float()
     world_to_cam = geometry.world_to_cam.to(device).float()
-    confident = (geometry.confidence.to(device) >= config.min_confidence) & (depth > 0)
+    registered = geometry.registered.to(device)
+    moving = geometry.moving.to(device) if geometry.moving is not None else torch.zeros(T, H, W, dtype=torch.bool, device=device)
+    confident = (geometry.confidence.to(device) >= config.min_confidence) & (depth > 0) & ~moving
+    confident &= registered.view(T, 1, 1)
+    world = unproject_depth(depth, K, world_to_cam)  # (T, H, W, 3)
+    scale = config.compare_scale
+    small_frames, _ = _pool(frames, torch.ones(T, H, W, dtype=torch.bool, device=device), scale)
+    static_small = ~(F.max_pool2d(moving[:, None].float(), scale, scale)[:, 0] > 0) if scale > 1 else ~moving
+
+    squared = torch.zeros(T, T, dtype=torch.float64)
+    perceptual = torch.zeros(T, T, dtype=torch.float64)
+    pixels = torch.zeros(T, T, dtype=torch.float64)
+    covered_any = torch.zeros(T, H, W, dtype=torch.bool, device=device)
+    preview = torch.zeros_like(frames)
+    preview_mask = torch.zeros(T, H, W, dtype=torch.bool, device=device)
+    nearest = torch.full((T,), 10**9)
+    for s in range(T):
+        if not bool(registered[s]) or not bool(confident[s].any()):
+            continue
+        image, zbuffer, mask = rasterize_points(world[s][confident[s]], frames[s][confident[s]], K, world_to_cam, H, W)
+        mask &= registered.view(T, 1, 1) & ~moving
+        mask &= ~_shows_through(zbuffer, mask)
+        if config.exclude_self:
+            mask[s] = False
+        covered_any |= mask
+        for t in range(T):  # keep the render from the nearest frame in time for the previews
+            if t != s and mask[t].any() and abs(t - s) < nearest[t]:
+                nearest[t] = abs(t - s)
+                preview[t], preview_mask[t] = image[t], mask[t]
+        small_image, small_mask = _pool(image, mask, scale)
+        small_mask &= static_small
+        targets = small_mask.flatten(1).any(dim=1).nonzero().squeeze(1)
+        if len(targets) == 0:
+            continue
+        reference, rendered, valid = small_frames[targets], small_image[targets], small_mask[targets]
+        filled = torch.where(valid[..., None], rendered, reference)
+        error = ((filled - reference) ** 2).mean(dim=-1)  # (n, h, w), 0 outside valid
+        distance = metric.distance_map(filled, reference)
+        for k, t in enumerate(targets.tolist()):
+            squared[s, t] = error[k][valid[k]].double().sum()
+            perceptual[s, t] = distance[k][valid[k]].double().sum()
+            pixels[s, t] = int(valid[k].sum())
+    lifted = confident.float().mean()
+    return PairwiseErrors(
+        squared=squared, perceptual=perceptual, pixels=pixels,
+        covered=covered_any.flatten(1).float().mean(dim=1).cpu(),
+        confident_fraction=float(lifted),
+        moving_fraction=float(moving[registered].float().mean()) if bool(registered.any()) else 0.0,
+        preview=preview, preview_mask=preview_mask, moving=moving,
+    )
+
+
+def _pool(image: Tensor, mask: Tensor, scale: int) -> tuple[Tensor, Tensor]:
+    """(T, H, W, C) colours and (T, H, W) coverage -> block means over fully covered scale x scale blocks."""
+    if scale == 1:
+        return image, mask
+    T, H, W, C = image.shape
+    h, w = H // scale * scale, W // scale * scale
+    weight = mask[:, :h, :w].float()
+    total = F.avg_pool2d((image[:, :h, :w] * weight[..., None]).permute(0, 3, 1, 2), scale, scale)
+    count = F.avg_pool2d(weight[:, None], scale, scale)
+    full = count[:, 0] > 0.999
+    return (total / count.clamp_min(1e-6)).permute(0, 2, 3, 1), full
+
+
+def reproject(frames: Tensor, geometry: SceneGeometry, config: ScoreConfig, device=None) -> tuple[Tensor, Tensor, float]:
+    """Lift confident pixels to 3D and z-buffer all of them into every frame at once (evaluation metrics).
+
+    frames: (T, H, W, 3) float in [0, 1], the scored frames of `geometry`.
+    Returns reprojection (T, H, W, 3), covered (T, H, W) bool, and the fraction of confident pixels.
+    With config.exclude_self, frame t is rendered from the other frames' points only. Moving
+    pixels (geometry.moving) are neither lifted nor covered.
+    """
+    T, H, W, _ = frames.shape
+    device = frames.device if device is None else device
+    depth = geometry.depth.to(device).float()
+    K = geometry.K.to(device).float()
+    world_to_cam = geometry.world_to_cam.to(device).float()
+    moving = geometry.moving.to(device) if geometry.moving is not None else torch.zeros(T, H, W, dtype=torch.bool, device=device)
+    confident = (geometry.confidence.to(device) >= config.min_confidence) & (depth > 0) & ~moving
     confident &= geometry.registered.to(device).view(T, 1, 1)
     world = unproject_depth(depth, K, world_to_cam)  # (T, H, W, 3)
     points, colors = world[confident], frames[confident]
@@ -192,7 +321,7 @@ def reproject(frames: Tensor, geometry: SceneGeometry, config: ScoreConfig, devi
     image, zbuffer, mask = rasterize_points(
         points, colors, K, world_to_cam, H, W, origin_frame=origin if config.exclude_self else None
     )
-    mask &= geometry.registered.to(device).view(T, 1, 1)
+    mask &= geometry.registered.to(device).view(T, 1, 1) & ~moving
     mask &= ~_shows_through(zbuffer, mask)
     return image, mask, float(confident.float().mean())
 
@@ -204,8 +333,18 @@ def _shows_through(depth: Tensor, mask: Tensor, window: int = 5, ratio: float = 
     to a surface that the nearer one would hide. depth, mask: (T, H, W).
     """
     far = torch.where(mask, depth, torch.full_like(depth, float("inf")))
-    nearest = -F.max_pool2d(-far[:, None], window, stride=1, padding=window // 2)[:, 0]
+    if far.device.type == "cpu":  # OpenCV's min filter is about 10x faster than max_pool2d here
+        kernel = np.ones((window, window), np.uint8)
+        nearest = torch.from_numpy(np.stack([cv2.erode(f, kernel, borderType=cv2.BORDER_REPLICATE) for f in far.numpy()]))
+    else:
+        nearest = -F.max_pool2d(-far[:, None], window, stride=1, padding=window // 2)[:, 0]
     return mask & (depth > ratio * nearest)
+
+
+def _field_of_view_deg(K: Tensor, height: int, width: int) -> float:
+    """Median field of view (degrees) over the long side of the frames, from intrinsics K (n, 3, 3)."""
+    focal = float(K[:, 0, 0].median() if width >= height else K[:, 1, 1].median())
+    return math.degrees(2 * math.atan(max(height, width) / 2 / max(focal, 1e-9)))
 
 
 def _image_motion_px(frames_uint8: Tensor) -> float:
@@ -228,8 +367,9 @@ def _frame_rows(indices: list[int], registered: Optional[Tensor] = None) -> list
             for t, i in enumerate(indices)]
 
 
-def _write_previews(folder: Path, frames: Tensor, reprojection: Tensor, covered: Tensor, indices: list[int]) -> list[str]:
-    """One PNG per frame: original | reprojection (holes checkered) | error heatmap (holes grey)."""
+def _write_previews(folder: Path, frames: Tensor, errors: PairwiseErrors, indices: list[int]) -> list[str]:
+    """One PNG per frame: original (moving things tinted red) | render from the nearest frame (holes
+    checkered) | error heatmap (holes grey, moving things blue): what was compared and what was left out."""
     folder.mkdir(parents=True, exist_ok=True)
     H, W = frames.shape[1:3]
     v, u = np.mgrid[0:H, 0:W]
@@ -237,12 +377,15 @@ def _write_previews(folder: Path, frames: Tensor, reprojection: Tensor, covered:
     paths = []
     for t, index in enumerate(indices):
         original = (frames[t].cpu().numpy() * 255).round().astype(np.uint8)
-        mask = covered[t].cpu().numpy()
-        reproj = np.where(mask[..., None], (reprojection[t].cpu().numpy() * 255).round().astype(np.uint8), checker)
-        error = (reprojection[t] - frames[t]).abs().mean(-1).cpu().numpy()
+        mask = errors.preview_mask[t].cpu().numpy()
+        moving = errors.moving[t].cpu().numpy()
+        tinted = np.where(moving[..., None], (0.5 * original + [127, 0, 0]).astype(np.uint8), original)
+        reproj = np.where(mask[..., None], (errors.preview[t].cpu().numpy() * 255).round().astype(np.uint8), checker)
+        error = (errors.preview[t] - frames[t]).abs().mean(-1).cpu().numpy()
         heat = cv2.applyColorMap(np.clip(error / 0.25 * 255, 0, 255).astype(np.uint8), cv2.COLORMAP_INFERNO)
         heat = np.where(mask[..., None], cv2.cvtColor(heat, cv2.COLOR_BGR2RGB), 128).astype(np.uint8)
-        panel = np.concatenate([original, reproj, heat], axis=1)
+        heat[moving] = (40, 60, 200)
+        panel = np.concatenate([tinted, reproj, heat], axis=1)
         path = folder / f"frame_{index:05d}.png"
         cv2.imwrite(str(path), cv2.cvtColor(panel, cv2.COLOR_RGB2BGR))
         paths.append(str(path))

@@ -9,6 +9,14 @@ Geometric corruptions make videos with no valid 3D interpretation:
     - "warp": an independent smooth random image warp per frame (wobble);
     - "drift": one smooth warp whose strength grows over time (progressive drift);
     - "deform": one object grows over time, its texture stretching with it (non-rigid scene).
+`corrupt_frames` applies the image-space ones to any frames (real footage too), in pixels:
+    - "warp" A px: an independent smooth field per frame, each component within about +-A;
+    - "drift" A px: one smooth field growing linearly from 0 to about A at the last frame;
+    - "bulge" A px: a local radial swelling around one point growing to A px (a deforming region).
+
+Scenes may hold moving objects (`movers=`): rigid boxes that slide across the scene while the
+camera moves, like the animals, people and vehicles of real generated videos. The "slow"
+trajectory is a generated-style camera: a slow, slightly curved pan-and-push over the clip.
 
 World frame: y points down (like the image rows), so "up" is -y; the ground is at y = +1.
 """
@@ -30,8 +38,9 @@ from torch import Tensor
 from common.camera import intrinsics_from_fov, look_at
 
 SceneKind = Literal["boxes", "room"]
-Trajectory = Literal["orbit", "dolly", "truck", "static"]
+Trajectory = Literal["orbit", "dolly", "truck", "slow", "static"]
 Corruption = Literal["warp", "drift", "deform"]
+ImageCorruption = Literal["warp", "drift", "bulge"]
 
 _TEXTURE_SIZE = 384
 _TEXTURE_PERIOD = 12.0  # world units per texture repeat: no repeats in view
@@ -135,10 +144,15 @@ def camera_path(scene: Scene, trajectory: Trajectory, frames: int, amount: float
         elif trajectory == "truck":  # slide sideways, looking straight ahead
             shift = torch.tensor([1.6 * s, 0.0, 0.0], dtype=torch.float64)
             poses.append(look_at(eye0 + shift, target + shift))
+        elif trajectory == "slow":  # generated-style: a slow push-in with a gentle sideways arc
+            direction = (target - eye0) / (target - eye0).norm()
+            side = torch.tensor([0.45 * s, 0.04 * math.sin(math.pi * (s + 0.5)), 0.0], dtype=torch.float64)
+            eye = eye0 + direction * (s + 0.5) * 0.5 + side
+            poses.append(look_at(eye, target + side * 0.5))
         elif trajectory == "static":
             poses.append(look_at(eye0, target))
         else:
-            raise ValueError(f"unknown trajectory {trajectory!r} (orbit, dolly, truck, static)")
+            raise ValueError(f"unknown trajectory {trajectory!r} (orbit, dolly, truck, slow, static)")
     return torch.stack(poses)
 
 
@@ -230,19 +244,41 @@ def warp_frames(frames: Tensor, fields: list[Tensor]) -> Tensor:
     return torch.from_numpy(np.stack(out))
 
 
-def corrupt_frames(frames: Tensor, kind: Literal["warp", "drift"], seed: int = 0, strength: float = 0.03) -> Tensor:
-    """Image-space corruptions. strength: displacement amplitude as a fraction of the image width."""
+def corrupt_frames(
+    frames: Tensor, kind: ImageCorruption, seed: int = 0, strength: float = 0.03, amplitude_px: Optional[float] = None
+) -> Tensor:
+    """Image-space corruptions of uint8 frames (N, H, W, 3).
+
+    amplitude_px: displacement in pixels (see the module docstring); default strength * width.
+    """
     n, height, width, _ = frames.shape
     generator = torch.Generator().manual_seed(10_000 + seed)
-    amplitude = strength * width
+    amplitude = amplitude_px if amplitude_px is not None else strength * width
+    growth = [i / max(n - 1, 1) for i in range(n)]
     if kind == "warp":
         fields = [smooth_field(generator, height, width, amplitude) for _ in range(n)]
     elif kind == "drift":
-        base = smooth_field(generator, height, width, 2.0 * amplitude)
-        fields = [base * (i / max(n - 1, 1)) for i in range(n)]
+        base = smooth_field(generator, height, width, amplitude)
+        fields = [base * g for g in growth]
+    elif kind == "bulge":
+        base = bulge_field(generator, height, width, amplitude)
+        fields = [base * g for g in growth]
     else:
-        raise ValueError(f"unknown corruption {kind!r} (warp, drift)")
+        raise ValueError(f"unknown corruption {kind!r} (warp, drift, bulge)")
     return warp_frames(frames, fields)
+
+
+def bulge_field(generator: torch.Generator, height: int, width: int, amplitude_px: float) -> Tensor:
+    """(H, W, 2) sampling offsets that swell a disc (radius a quarter of the short side) by up to amplitude px."""
+    cy = height * (0.3 + 0.4 * float(torch.rand(1, generator=generator)))
+    cx = width * (0.3 + 0.4 * float(torch.rand(1, generator=generator)))
+    radius = 0.25 * min(height, width)
+    v, u = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32), indexing="ij")
+    du, dv = u - cx, v - cy
+    r = torch.sqrt(du * du + dv * dv).clamp_min(1e-6)
+    # Sampling closer to the centre magnifies: displacement toward the centre, peaking mid-radius.
+    strength = amplitude_px * torch.sin(math.pi * (r / radius).clamp(max=1.0))
+    return torch.stack([-du / r * strength, -dv / r * strength], dim=-1)
 
 
 def render_video(
@@ -254,13 +290,21 @@ def render_video(
     seed: int = 0,
     fov_deg: float = 60.0,
     strength: float = 0.03,
+    movers: int = 0,
 ) -> RenderedVideo:
-    """Render a scene along a trajectory, optionally corrupted. Ground truth is that of the clean scene."""
+    """Render a scene along a trajectory, optionally corrupted. Ground truth is that of the clean scene.
+
+    movers: how many rigid boxes slide across the scene during the clip (moving subjects); the
+    ground-truth depth includes them, so only a scorer that leaves them out sees a rigid scene.
+    """
     scene = make_scene(scene, seed) if isinstance(scene, str) else scene
     height, width = size
     poses = camera_path(scene, trajectory, frames)
     K = intrinsics_from_fov(height, width, fov_deg)
     boxes_per_frame = None
+    if movers:  # textures of their own (the scene's boxes keep theirs: same generator, drawn first)
+        scene.textures = _textures(len(scene.boxes) + movers, seed)
+        boxes_per_frame = _moving_boxes(scene, frames, movers, seed)
     if corruption == "deform":  # the middle object grows 2.5x in height and width, texture stretching
         boxes_per_frame = []
         target = scene.boxes[-2]
@@ -272,10 +316,39 @@ def render_video(
             new = Box(tuple(np.r_[centre[:1] - half[:1], hi[1] - 2 * half[1], lo[2]]),
                       tuple(np.r_[centre[:1] + half[:1], hi[1], hi[2]]), rest_size=tuple(hi - lo))
             boxes_per_frame.append([b if b is not target else new for b in scene.boxes])
+        if movers:
+            boxes_per_frame = [fixed + moving[len(scene.boxes):] for fixed, moving in zip(boxes_per_frame, _moving_boxes(scene, frames, movers, seed))]
     video = render(scene, poses, K, height, width, boxes_per_frame)
     if corruption in ("warp", "drift"):
         video.frames = corrupt_frames(video.frames, corruption, seed=seed, strength=strength)
     return video
+
+
+def _moving_boxes(scene: Scene, frames: int, movers: int, seed: int) -> list[list[Box]]:
+    """Per frame: the scene's boxes plus `movers` textured boxes hopping diagonally across the scene.
+
+    They cross the view, come nearer or go farther, and hop. (A thing moving exactly along the
+    camera's epipolar lines looks like a static one at another depth: no two-view test can tell.)
+    """
+    generator = torch.Generator().manual_seed(500 + seed)
+    rand = lambda lo, hi: lo + (hi - lo) * float(torch.rand(1, generator=generator))  # noqa: E731
+    paths = []
+    for m in range(movers):
+        size, z, start = rand(0.35, 0.65), rand(1.2, 2.0) + 0.8 * m, rand(-1.4, -0.8)
+        sign = 1 if m % 2 == 0 else -1
+        paths.append((size, z, sign * start, sign * rand(1.0, 1.8), rand(-1.2, 1.2)))
+    per_frame = []
+    for i in range(frames):
+        s = i / max(frames - 1, 1)
+        moving = []
+        for size, z, start, speed_x, speed_z in paths:
+            x, zz = start + speed_x * s, z + speed_z * s
+            lift = 0.5 * abs(math.sin(2 * math.pi * s))  # world y points down: the box leaves the ground
+            # rest_size: half the texture on the box, so that it shows texture, not a flat colour
+            moving.append(Box((x - size / 2, 1 - 1.6 * size - lift, zz - size / 2), (x + size / 2, 1 - lift, zz + size / 2),
+                              rest_size=(_TEXTURE_PERIOD / 2,) * 3))
+        per_frame.append(list(scene.boxes) + moving)
+    return per_frame
 
 
 def render_demo_video(path: str | Path, corrupted: bool = False, frames: int = 24,

@@ -6,11 +6,12 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import get_args
 
 import click
 from pydantic import ValidationError
 
-from common.config import ScoreConfig
+from common.config import PerceptualChoice, ScoreConfig
 from common.errors import invalid_settings
 
 
@@ -74,7 +75,7 @@ def format_result(name: str, result: dict) -> str:
 @click.option("--weights", type=click.Path(path_type=Path), help="Local weights for a learned backend.")
 @click.option("--max-side", type=int, help="Resize so the long side is at most this many pixels (default 720).")
 @click.option("--lambda", "lambda_", type=float, help="Weight of the perceptual term (default 1.0).")
-@click.option("--perceptual", type=click.Choice(["auto", "lpips-vgg", "lpips-alex", "dssim"]), help="Perceptual metric.")
+@click.option("--perceptual", type=click.Choice(get_args(PerceptualChoice)), help="Perceptual metric.")
 @click.option("--device", help="auto, cpu or cuda.")
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
 @click.option("--preview", type=click.Path(path_type=Path), help="Write original | reprojection | error PNGs here.")

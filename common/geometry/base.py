@@ -27,6 +27,8 @@ class SceneGeometry:
     K: (T, 3, 3) intrinsics in pixels of the (H, W) frames.
     world_to_cam: (T, 4, 4) OpenCV world-to-camera.
     registered: (T,) bool; False where the backend found no camera (its depth is then all 0).
+    moving: optional (T, H, W) bool, pixels that the backend found moving against the recovered
+        cameras (people, animals, vehicles): never lifted to 3D, and left out of the error.
     timings_s: seconds per internal stage, merged into the score's timings.
     """
 
@@ -35,11 +37,14 @@ class SceneGeometry:
     K: Tensor
     world_to_cam: Tensor
     registered: Tensor
+    moving: Tensor | None = None
     timings_s: dict | None = None
 
     def __post_init__(self) -> None:
         T, H, W = self.depth.shape
         expected = {"confidence": (T, H, W), "K": (T, 3, 3), "world_to_cam": (T, 4, 4), "registered": (T,)}
+        if self.moving is not None:
+            expected["moving"] = (T, H, W)
         for name, shape in expected.items():
             got = tuple(getattr(self, name).shape)
             if got != shape:

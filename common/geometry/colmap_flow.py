@@ -40,20 +40,23 @@ pycolmap.logging.minloglevel = 2  # errors only: COLMAP's INFO lines would drown
 
 @dataclass(frozen=True)
 class SfmSettings:
-    first_octave: int | None  # -1 upsamples first: many more features, 4x slower; None: -1 for small frames
+    max_side: int  # SIFT runs on frames downscaled to this long side (px); cameras are scaled back
+    first_octave: int  # -1 upsamples first: many more features, about 4x slower
     max_features: int
-    exhaustive: bool
-    overlap: int = 10
-    camera_model: str = "SIMPLE_PINHOLE"  # SIMPLE_RADIAL also fits the lens distortion of real cameras
-    min_pose_inliers: int = 30  # 2D-3D inliers needed to register a new frame (COLMAP's default: 30)
+    overlap: int = 5  # sequential matching: each frame with its next `overlap` (plus quadratic jumps)
+    exhaustive_up_to: int = 12  # sparse captures (this many frames or fewer): match every pair
+    camera_model: str = "SIMPLE_PINHOLE"  # the scorer's raster is a pinhole: no distortion to fit
 
 
-FAST = SfmSettings(first_octave=None, max_features=4096, exhaustive=False)
-_SMALL_FRAME_SIDE = 540  # px: below this SIFT needs the upsampled octave to find enough features
-# Relaxed registration (10 inliers at 10%) is what registers every frame of hard real footage
-# (wide baselines, low texture): on the kitchen sequence at 480 px, 25 of 25 frames instead of 21.
-THOROUGH = SfmSettings(first_octave=-1, max_features=8192, exhaustive=True, min_pose_inliers=10)
-_MAX_EXHAUSTIVE_FRAMES = 64  # beyond this, exhaustive matching costs more than it brings: sequential, wider
+# Global SfM (GLOMAP in pycolmap 4) registers slow, short generated clips that incremental SfM
+# often initialises badly (a bad first pair sends the focal length to a few pixels), and its cost
+# does not grow with retries. COLMAP runs on one thread: with more, feature order, RANSAC draws and
+# bundle adjustment sums vary from run to run, and so did the cameras (a focal of 433 px in one run,
+# 133 px in the next, on the same clip). The rest of the pipeline uses the other core.
+FAST = SfmSettings(max_side=480, first_octave=0, max_features=2048)
+# When the fast pass leaves too many scored frames unregistered (wide baselines, low texture),
+# one denser pass on the same frames. Both are deterministic, so whether it runs is too.
+DENSE = SfmSettings(max_side=480, first_octave=-1, max_features=2048, overlap=8, exhaustive_up_to=16)
 
 
 @dataclass
@@ -73,26 +76,36 @@ class ColmapFlowBackend(GeometryBackend):
         fb_tolerance: forward-backward flow tolerance as a fraction of the image's long side.
         flow_max_side: optical flow runs on frames downscaled to this long side (px) and is
             upsampled for triangulation at full resolution (4x fewer pixels at 720 px).
-        fast_frames: frames that the fast SfM pass uses (plus the scored ones); the thorough
-            fallback uses all frames it is given.
-        num_threads: threads for COLMAP (-1: all cores).
+        sfm_frames: frames that structure-from-motion uses (evenly spaced, plus the scored ones).
+        min_registered: fraction of the scored frames the fast SfM pass must register; below it,
+            the denser pass runs once.
+        moving_px: a pixel whose flow misses its epipolar line by more than this (at 720 px; scaled
+            with the frame size), and by more than `moving_ratio` times the frame's median miss,
+            is moving.
+        min_blob: smallest moving blob, as a fraction of the frame.
     """
 
     name = "colmap-flow"
 
     def __init__(
         self,
-        min_angle_deg: float = 1.0,
+        min_angle_deg: float = 0.05,
         fb_tolerance: float = 0.003,
         flow_max_side: int = 360,
-        fast_frames: int = 16,
-        num_threads: int = -1,
+        sfm_frames: int = 16,
+        min_registered: float = 0.8,
+        moving_px: float = 3.0,
+        moving_ratio: float = 4.0,
+        min_blob: float = 0.005,
     ) -> None:
-        self.fast_frames = fast_frames
+        self.min_blob = min_blob
+        self.sfm_frames = sfm_frames
+        self.min_registered = min_registered
         self.min_angle_deg = min_angle_deg
         self.flow_max_side = flow_max_side
         self.fb_tolerance = fb_tolerance
-        self.num_threads = num_threads
+        self.moving_px = moving_px
+        self.moving_ratio = moving_ratio
 
     def reconstruct(self, frames: Tensor, scored: Sequence[int], video_indices: Sequence[int]) -> SceneGeometry:
         timings: dict[str, float] = {}
@@ -117,6 +130,7 @@ class ColmapFlowBackend(GeometryBackend):
         T = len(scored)
         depth = torch.zeros(T, H, W)
         confidence = torch.zeros(T, H, W)
+        moving = torch.zeros(T, H, W, dtype=torch.bool)
         registered = torch.tensor([i in registered_set for i in scored])
         poses = torch.eye(4, dtype=torch.float64).repeat(T, 1, 1)
         flows: dict[tuple[int, int], np.ndarray] = {}
@@ -126,14 +140,21 @@ class ColmapFlowBackend(GeometryBackend):
                 continue
             poses[t] = world_to_cam[i]
             neighbours = self._neighbours(i, registered_set, world_to_cam, cameras.scene_depth)
-            estimates = []
+            estimates, misses = [], []
             for j in neighbours:
                 for key in ((i, j), (j, i)):
                     if key not in flows:
                         flows[key] = _upsample_flow(dis.calc(small_gray(key[0]), small_gray(key[1]), None), H, W)
-                estimates.append(self._triangulate(flows[(i, j)], flows[(j, i)], K, world_to_cam[i], world_to_cam[j]))
+                frame_depth, miss = self._triangulate(flows[(i, j)], flows[(j, i)], K, world_to_cam[i], world_to_cam[j])
+                estimates.append(frame_depth)
+                misses.append(miss)
             if estimates:
+                # Moving only where every neighbour agrees: one pair's flow can fail on its own
+                # (wide baselines, low texture), a thing that moves misses both pairs' lines.
+                agreed = np.minimum.reduce([np.nan_to_num(m, nan=0.0) for m in misses]) if len(misses) > 1 else misses[0]
+                moving[t] = torch.from_numpy(self._moving(agreed, max(H, W)))
                 stack = torch.from_numpy(np.stack(estimates))  # (n, H, W), NaN where invalid
+                stack[:, moving[t]] = float("nan")  # a moving thing has no depth in a rigid scene
                 valid = ~torch.isnan(stack)
                 depth[t] = torch.nan_to_num(stack.nanmedian(dim=0).values, nan=0.0).float()
                 confidence[t] = valid.float().sum(0) / max(len(neighbours), 2)
@@ -144,44 +165,71 @@ class ColmapFlowBackend(GeometryBackend):
             K=torch.from_numpy(K).expand(T, 3, 3).clone(),
             world_to_cam=poses,
             registered=registered,
+            moving=moving,
             timings_s=timings,
         )
+
+    def _moving(self, miss: np.ndarray, long_side: int) -> np.ndarray:
+        """(H, W) epipolar miss in px (NaN: no flow) -> (H, W) bool mask of moving things.
+
+        A rigid scene's flow lies on its epipolar lines up to flow noise. Things that move on
+        their own miss them by far more than the frame's typical miss; a geometric corruption of
+        the whole frame (jitter, drift) raises the typical miss too, so it is not taken for
+        motion. Sizeable blobs only (at least `min_blob` of the frame; flow failures are
+        speckled), grown by a margin for their outlines.
+        """
+        known = miss[np.isfinite(miss)]
+        if known.size == 0:
+            return np.zeros(miss.shape, dtype=bool)
+        threshold = max(self.moving_px * long_side / 720, self.moving_ratio * float(np.median(known)))
+        mask = (np.nan_to_num(miss, nan=0.0) > threshold).astype(np.uint8)
+        size = max(3, round(long_side / 144)) | 1  # 5 px at 720
+        mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size)))
+        count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+        big = stats[:, cv2.CC_STAT_AREA] >= self.min_blob * mask.size
+        big[0] = False  # label 0 is the background
+        mask = big[labels].astype(np.uint8)
+        mask = cv2.dilate(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3 * size, 3 * size)))
+        return mask.astype(bool)
 
     # --- 1. cameras -----------------------------------------------------------------------------
 
     def cameras(self, frames: Tensor, scored: Sequence[int]) -> Cameras:
         """SfM cameras of `frames` (M, H, W, 3) uint8, keyed by position in `frames`.
 
-        The fast pass sees `fast_frames` of them (plus the scored ones); when it leaves a scored
-        frame unregistered, a thorough pass runs once on all of them: wide-baseline footage needs
-        every frame it has. Also used by the hybrid backend (`common.geometry.hybrid`).
+        One fast pass on `sfm_frames` of them (plus the scored ones); when it registers fewer
+        than `min_registered` of the scored frames, one denser pass on the same frames, and the
+        better of the two. Also used by the hybrid backend (`common.geometry.hybrid`).
         """
-        fast_subset = sorted(set(uniform_indices(len(frames), self.fast_frames)) | set(scored))
-        cameras = self._structure_from_motion(frames, FAST, fast_subset)
-        if not all(i in cameras.poses for i in scored):
-            thorough = self._structure_from_motion(frames, THOROUGH, range(len(frames)))
-            if sum(i in thorough.poses for i in scored) > sum(i in cameras.poses for i in scored):
-                cameras = thorough
+        subset = sorted(set(uniform_indices(len(frames), self.sfm_frames)) | set(scored))
+        cameras = self._structure_from_motion(frames, FAST, subset)
+        registered = sum(i in cameras.poses for i in scored)
+        if registered < self.min_registered * len(scored):
+            dense = self._structure_from_motion(frames, DENSE, subset)
+            if sum(i in dense.poses for i in scored) > registered:
+                cameras = dense
         return cameras
 
     def _structure_from_motion(self, frames: Tensor, settings: SfmSettings, positions: Sequence[int]) -> "Cameras":
-        pycolmap.set_random_seed(0)  # RANSAC and mapping draw random samples: the same video, the same cameras
+        pycolmap.set_random_seed(0)
+        H, W = frames.shape[1:3]
+        scale = min(1.0, settings.max_side / max(H, W))
+        size = (max(16, round(W * scale)), max(16, round(H * scale)))
         with tempfile.TemporaryDirectory(prefix="vgpa-sfm-") as tmp:
             tmp = Path(tmp)
             images = tmp / "images"
             images.mkdir()
             for i in positions:
                 frame = frames[i].numpy()
+                if size != (W, H):
+                    frame = cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
                 # BMP: no compression library involved, the fastest round trip to COLMAP's reader.
                 cv2.imwrite(str(images / f"{i:06d}.bmp"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
             database = tmp / "database.db"
             extraction = pycolmap.FeatureExtractionOptions()
-            first_octave = settings.first_octave
-            if first_octave is None:
-                first_octave = -1 if max(frames.shape[1:3]) <= _SMALL_FRAME_SIDE else 0
-            extraction.sift.first_octave = first_octave
+            extraction.sift.first_octave = settings.first_octave
             extraction.sift.max_num_features = settings.max_features
-            extraction.num_threads = self.num_threads
+            extraction.num_threads = 1
             pycolmap.extract_features(
                 database,
                 images,
@@ -191,22 +239,19 @@ class ColmapFlowBackend(GeometryBackend):
                 device=pycolmap.Device.cpu,
             )
             matching = pycolmap.FeatureMatchingOptions()
-            matching.num_threads = self.num_threads
-            if settings.exhaustive and len(positions) <= _MAX_EXHAUSTIVE_FRAMES:
+            matching.num_threads = 1
+            if len(positions) <= settings.exhaustive_up_to:
                 pycolmap.match_exhaustive(database, matching_options=matching, device=pycolmap.Device.cpu)
             else:
-                overlap = settings.overlap * (2 if settings.exhaustive else 1)
-                pairing = pycolmap.SequentialPairingOptions(overlap=overlap, quadratic_overlap=True)
+                pairing = pycolmap.SequentialPairingOptions(overlap=settings.overlap, quadratic_overlap=True)
                 pycolmap.match_sequential(database, matching_options=matching, pairing_options=pairing, device=pycolmap.Device.cpu)
-            mapping = pycolmap.IncrementalPipelineOptions()
+            mapping = pycolmap.GlobalPipelineOptions()
             mapping.min_model_size = 3
-            mapping.mapper.abs_pose_min_num_inliers = settings.min_pose_inliers
-            mapping.mapper.abs_pose_min_inlier_ratio = 0.25 if settings.min_pose_inliers >= 30 else 0.1
-            mapping.max_num_models = 3
-            mapping.random_seed = 0  # the same video gives the same cameras
-            mapping.extract_colors = False
-            mapping.num_threads = self.num_threads
-            models = pycolmap.incremental_mapping(database, images, tmp, mapping)
+            mapping.num_threads = 1
+            mapping.random_seed = 0
+            mapping.mapper.num_threads = 1
+            mapping.mapper.random_seed = 0
+            models = pycolmap.global_mapping(database, images, tmp, mapping)
         if not models:
             return Cameras(np.eye(3), {}, {})
         model = max(models.values(), key=lambda m: m.num_reg_images())
@@ -217,11 +262,12 @@ class ColmapFlowBackend(GeometryBackend):
                 continue
             pose = image.cam_from_world() if callable(image.cam_from_world) else image.cam_from_world
             poses[int(Path(image.name).stem)] = torch.from_numpy(np.vstack([pose.matrix(), [0, 0, 0, 1]]))
+        # COLMAP's pixel centres are at +0.5, ours at 0; scale the SfM frames' intrinsics to ours.
         K = camera.calibration_matrix()
-        # COLMAP puts the centre of the top-left pixel at (0.5, 0.5); our convention at (0, 0).
+        K[:2] /= scale
         K[0, 2] -= 0.5
         K[1, 2] -= 0.5
-        observations = _point_observations(model)
+        observations = _point_observations(model, scale)
         return Cameras(K, poses, {i: float(np.median(obs[:, 2])) for i, obs in observations.items()}, observations)
 
     # --- 2. depth -------------------------------------------------------------------------------
@@ -247,8 +293,12 @@ class ColmapFlowBackend(GeometryBackend):
                 chosen.append(j)
         return chosen
 
-    def _triangulate(self, flow_ij: np.ndarray, flow_ji: np.ndarray, K: np.ndarray, pose_i: Tensor, pose_j: Tensor) -> np.ndarray:
-        """Depth (H, W) of frame i from its flow to frame j; NaN where a check fails.
+    def _triangulate(
+        self, flow_ij: np.ndarray, flow_ji: np.ndarray, K: np.ndarray, pose_i: Tensor, pose_j: Tensor
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Depth (H, W) of frame i from its flow to frame j, NaN where a check fails; and the
+        epipolar miss (H, W) in pixels of each flow end point (NaN where the flow is not even roughly
+        consistent).
 
         Midpoint triangulation of the rays through pixel x in frame i and x + flow in frame j.
         Vectors are kept as planar (H, W) float32 components: numpy's reductions over a last
@@ -260,8 +310,12 @@ class ColmapFlowBackend(GeometryBackend):
         back = cv2.remap(flow_ji, u2, v2, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=np.nan)
         tolerance = self.fb_tolerance * max(H, W)
         fb_x, fb_y = flow_ij[..., 0] + back[..., 0], flow_ij[..., 1] + back[..., 1]
-        consistent = fb_x * fb_x + fb_y * fb_y < tolerance * tolerance
-        consistent &= (u2 >= 0) & (u2 <= W - 1) & (v2 >= 0) & (v2 <= H - 1)
+        inside = (u2 >= 0) & (u2 <= W - 1) & (v2 >= 0) & (v2 <= H - 1)
+        fb_squared = fb_x * fb_x + fb_y * fb_y
+        consistent = (fb_squared < tolerance * tolerance) & inside
+        # Motion is judged on a looser check: a moving thing's flow is rarely sub-pixel consistent
+        # (it deforms, it is occluded at its edges), but it is consistent to a few pixels.
+        roughly_consistent = (fb_squared < (8 * tolerance) ** 2) & inside
 
         K_inv = np.linalg.inv(K)
         Pi, Pj = pose_i.numpy(), pose_j.numpy()
@@ -285,7 +339,15 @@ class ColmapFlowBackend(GeometryBackend):
             depth_i = dot(midpoint, Ri[2].astype(np.float32))  # camera z of the midpoint in frame i
         angle_ok = cos_angle < math.cos(math.radians(self.min_angle_deg))
         valid = consistent & angle_ok & (s > 0) & (t > 0) & (depth_i > 0) & np.isfinite(depth_i)
-        return np.where(valid, depth_i, np.nan).astype(np.float32)
+        # Epipolar line of pixel (u, v) in frame j: F x with F = K^-T [t]x R K^-1 (i -> j).
+        R = Rj @ Ri.T
+        tr = Pj[:3, 3] - R @ Pi[:3, 3]
+        cross = np.array([[0, -tr[2], tr[1]], [tr[2], 0, -tr[0]], [-tr[1], tr[0], 0]])
+        F = (K_inv.T @ cross @ R @ K_inv).astype(np.float32)
+        a, b, c = (F[r, 0] * u + F[r, 1] * v + F[r, 2] for r in range(3))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            miss = np.abs(a * u2 + b * v2 + c) / np.sqrt(a * a + b * b)
+        return np.where(valid, depth_i, np.nan).astype(np.float32), np.where(roughly_consistent, miss, np.nan).astype(np.float32)
 
 
 def _flow_size(height: int, width: int, max_side: int) -> tuple[int, int]:
@@ -305,8 +367,11 @@ def _upsample_flow(flow: np.ndarray, height: int, width: int) -> np.ndarray:
     return big
 
 
-def _point_observations(model) -> dict[int, np.ndarray]:
-    """frame position -> (n, 3) rows (u, v, z) of its triangulated points: pixel in our convention, camera z."""
+def _point_observations(model, scale: float = 1.0) -> dict[int, np.ndarray]:
+    """frame position -> (n, 3) rows (u, v, z) of its triangulated points: pixel in our convention, camera z.
+
+    scale: size of the SfM frames over the frames (pixels are mapped back to the frames).
+    """
     observations = {}
     for image in model.images.values():
         if not image.has_pose:
@@ -314,7 +379,7 @@ def _point_observations(model) -> dict[int, np.ndarray]:
         pose = image.cam_from_world() if callable(image.cam_from_world) else image.cam_from_world
         seen = [(p.xy, model.points3D[p.point3D_id].xyz) for p in image.points2D if p.has_point3D()]
         if seen:
-            uv = np.asarray([xy for xy, _ in seen], dtype=np.float64) - 0.5  # COLMAP's pixel centres are at +0.5
+            uv = np.asarray([xy for xy, _ in seen], dtype=np.float64) / scale - 0.5  # COLMAP's pixel centres are at +0.5
             z = (np.asarray([xyz for _, xyz in seen]) @ pose.rotation.matrix().T + pose.translation)[:, 2]
             observations[int(Path(image.name).stem)] = np.column_stack([uv, z])
     return observations

@@ -66,7 +66,7 @@ def test_result_carries_settings_and_is_json(clean_scores):
     for key in ("status", "reason", "score", "mse", "perceptual", "perceptual_metric", "metric_id", "coverage",
                 "motion", "backend", "frames", "per_frame", "timings_s"):
         assert key in data
-    assert data["metric_id"] == "colmap-flow/dssim/lambda=1/T=10/side=240"
+    assert data["metric_id"] == "colmap-flow/dssim/lambda=1/T=10/side=240/pairwise@2"
     assert data["score"] == pytest.approx(data["mse"] + data["lambda"] * data["perceptual"])
     assert data["frame_indices"][0] == 0 and data["frame_indices"][-1] == 23
     assert data["motion"] > 0.001
@@ -77,6 +77,8 @@ def test_lambda_and_frames_change_the_metric_id():
     oracle = OracleBackend.from_render(video)
     a = score_video(video.frames, CONFIG, backend=oracle)
     b = score_video(video.frames, CONFIG.model_copy(update={"lambda_": 0.0, "frames": 6}), backend=oracle)
+    c = score_video(video.frames, CONFIG.model_copy(update={"compare_scale": 1}), backend=oracle)
+    assert c.metric_id != a.metric_id and c.metric_id.endswith("pairwise@1")
     assert a.metric_id != b.metric_id and b.frames == 6
     assert b.score == pytest.approx(b.mse)
 
@@ -98,3 +100,78 @@ def test_missing_lpips_weights_are_a_clear_error(tmp_path):
     config = ScoreConfig(max_side=80, perceptual="lpips-alex", lpips_weights=tmp_path / "nowhere.pth")
     with pytest.raises(ConfigError, match="alexnet-owt-7be5be79.pth|nowhere.pth"):
         score_video(video.frames, config, backend=OracleBackend.from_render(video))
+
+
+# --- moving things, collapse, repeatability ---------------------------------------------------------
+
+MOVERS = dict(frames=24, size=SIZE, movers=2)
+
+
+@pytest.fixture(scope="module")
+def movers_video():
+    """An orbiting camera over a static scene with two boxes sliding across it, and the same without them."""
+    return render_video("boxes", "orbit", **MOVERS), render_video("boxes", "orbit", frames=24, size=SIZE)
+
+
+def test_moving_things_are_found_where_they_are(movers_video):
+    from common.geometry.colmap_flow import ColmapFlowBackend
+    from common.video import uniform_indices
+
+    video, without = movers_video
+    scored = uniform_indices(len(video.frames), 10)
+    geometry = ColmapFlowBackend().reconstruct(video.frames, scored, list(range(len(video.frames))))
+    assert int(geometry.registered.sum()) >= 8
+    # Ground truth: the pixels where the movers change the rendered depth, grown by a few pixels
+    # (the detector pads its blobs so that their outlines are left out too).
+    truth = (video.depth[scored] - without.depth[scored]).abs() > 1e-4
+    near_truth = torch.nn.functional.max_pool2d(truth[:, None].float(), 15, 1, 7)[:, 0] > 0
+    found = geometry.moving[geometry.registered]
+    assert found.float().mean() > 0.01, "the movers were not found"
+    precision = float((found & near_truth[geometry.registered]).sum() / found.sum())
+    recall = float((found & truth[geometry.registered]).sum() / truth[geometry.registered].sum())
+    assert precision > 0.7, f"{precision:.2f} of the pixels marked moving are near a mover"
+    assert recall > 0.3, f"only {recall:.2f} of the movers' pixels were marked"
+
+
+def test_a_scene_with_moving_things_still_ranks_clean_above_corrupted(movers_video):
+    video, _ = movers_video
+    clean = score_video(video.frames, CONFIG)
+    assert clean.status == "ok", clean.reason
+    assert clean.moving_fraction > 0.005
+    warped = score_video(render_video("boxes", "orbit", corruption="warp", **MOVERS).frames, CONFIG)
+    if warped.status == "ok":
+        assert clean.score < warped.score, (clean.score, warped.score)
+
+
+def test_a_static_part_too_small_to_judge_is_unscorable(movers_video):
+    video, _ = movers_video
+    result = score_video(video.frames, CONFIG.model_copy(update={"max_moving_fraction": 0.0}))
+    assert result.status == "unscorable" and result.score is None
+    assert "moving things cover" in result.reason and result.moving_fraction > 0
+
+
+def test_cameras_collapsed_to_orthographic_are_unscorable():
+    video = render_video("boxes", "orbit", frames=12, size=SIZE)
+    oracle = OracleBackend.from_render(video)
+    oracle.K = oracle.K.clone()
+    oracle.K[:, :2, :2] *= 100  # a focal of thousands of pixels: a 0.5 degree field of view
+    result = score_video(video.frames, CONFIG, backend=oracle)
+    assert result.status == "unscorable" and "near-orthographic" in result.reason
+
+
+def test_the_same_input_scores_the_same_and_thread_counts_barely_move_it():
+    import cv2
+
+    frames = render_video("room", "truck", frames=24, size=SIZE).frames
+    first, second = score_video(frames, CONFIG), score_video(frames, CONFIG)
+    assert first.status == "ok", first.reason
+    assert first.score == second.score  # bit-identical: COLMAP runs on one thread with fixed seeds
+    threads = torch.get_num_threads(), cv2.getNumThreads()
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    try:
+        single = score_video(frames, CONFIG)
+    finally:
+        torch.set_num_threads(threads[0])
+        cv2.setNumThreads(threads[1])
+    assert single.score == pytest.approx(first.score, rel=1e-3)

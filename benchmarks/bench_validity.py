@@ -1,0 +1,233 @@
+"""Does the score rank a consistent video above its corrupted copies? Against an epipolar baseline.
+
+Builds corrupted sets from real captures (../shared/data/real: statue, kitchen, each also as 8
+evenly spaced frames), real videos with moving subjects (../shared/data/real-dynamic: bear,
+backpack) and the synthetic renderer (orbit, dolly, a slow generated-style camera at 480x720 with
+and without moving objects). Each clean video gets five corruptions: smooth per-frame jitter-warps
+of 3 and 8 px, progressive drift to 6 and 16 px, and a deforming region (a growing bulge on real
+footage, a growing object in the renderer). Every video is written as an H.264 file and scored
+from that file, by the project's default scorer and, in the same run, by the baseline: SIFT
+matches between consecutive sampled frames, a RANSAC fundamental matrix, the mean Sampson distance
+(`common.metrics.epipolar_error`).
+
+Per corruption it prints pairs right / total (a pair is right when both videos are scored and the
+clean one is strictly better), unscorable counts, the smallest margin over the clean score's
+repeat spread (the clean video scored again, and once with one thread), and the median and worst
+time per video.
+
+    python benchmarks/bench_validity.py [--sets statue,kitchen,...] [--cache DIR] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import cv2
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from common.config import ScoreConfig  # noqa: E402
+from common.metrics import epipolar_error  # noqa: E402
+from common.scoring import score_video  # noqa: E402
+from common.synthetic import corrupt_frames, render_video  # noqa: E402
+from common.video import load_video, uniform_indices, write_video  # noqa: E402
+
+SHARED = Path(os.environ.get("VGPA_SHARED_DATA", REPO.parent / "shared" / "data"))
+CORRUPTIONS = ["warp3", "warp8", "drift6", "drift16", "deform"]
+_IMAGE_CORRUPTION = {"warp3": ("warp", 3.0), "warp8": ("warp", 8.0), "drift6": ("drift", 6.0), "drift16": ("drift", 16.0)}
+
+
+@dataclass
+class VideoSet:
+    name: str
+    clean: Callable[[], torch.Tensor]  # -> (N, H, W, 3) uint8
+    deform: Callable[[torch.Tensor], torch.Tensor]  # clean frames -> deformed frames
+    fps: float = 8.0
+
+
+def _real(folder: Path, frames: Optional[int] = None, max_side: int = 720) -> Callable[[], torch.Tensor]:
+    def load() -> torch.Tensor:
+        video = load_video(folder, max_side=max_side)
+        keep = uniform_indices(len(video.frames), frames) if frames else list(range(len(video.frames)))
+        return video.frames[keep]
+
+    return load
+
+
+def _bulge(frames: torch.Tensor) -> torch.Tensor:
+    return corrupt_frames(frames, "bulge", seed=3, amplitude_px=12.0)
+
+
+def _rendered(scene: str, trajectory: str, frames: int, size: tuple[int, int], movers: int = 0):
+    clean = lambda: render_video(scene, trajectory, frames=frames, size=size, movers=movers).frames  # noqa: E731
+    deform = lambda _: render_video(scene, trajectory, frames=frames, size=size, movers=movers, corruption="deform").frames  # noqa: E731
+    return clean, deform
+
+
+def video_sets() -> list[VideoSet]:
+    sets = []
+    for name in ("statue", "kitchen"):
+        folder = SHARED / "real" / name
+        if folder.is_dir():
+            sets.append(VideoSet(name, _real(folder), _bulge))
+            sets.append(VideoSet(f"{name}-8", _real(folder, frames=8), _bulge))
+    for name in ("bear", "backpack"):
+        path = SHARED / "real-dynamic" / f"{name}.mp4"
+        if path.is_file():
+            sets.append(VideoSet(name, _real(path, frames=49), _bulge, fps=16.0))
+    for name, args in {
+        "syn-orbit": ("boxes", "orbit", 24, (240, 320)),
+        "syn-dolly": ("room", "dolly", 24, (240, 320)),
+        "syn-slow": ("boxes", "slow", 49, (480, 720)),
+        "syn-slow-movers": ("boxes", "slow", 49, (480, 720), 2),
+    }.items():
+        clean, deform = _rendered(*args)
+        sets.append(VideoSet(name, clean, deform, fps=16.0))
+    return sets
+
+
+def build_files(video_set: VideoSet, cache: Path) -> dict[str, Path]:
+    """clean + corruptions as H.264 files (reused from the cache folder when present)."""
+    folder = cache / video_set.name
+    paths = {kind: folder / f"{kind}.mp4" for kind in ["clean", *CORRUPTIONS]}
+    if all(p.is_file() for p in paths.values()):
+        return paths
+    folder.mkdir(parents=True, exist_ok=True)
+    clean = video_set.clean()
+    write_video(paths["clean"], clean, fps=video_set.fps)
+    for kind in CORRUPTIONS:
+        if kind == "deform":
+            frames = video_set.deform(clean)
+        else:
+            corruption, amplitude = _IMAGE_CORRUPTION[kind]
+            frames = corrupt_frames(clean, corruption, seed=1, amplitude_px=amplitude)
+        write_video(paths[kind], frames, fps=video_set.fps)
+    return paths
+
+
+@dataclass
+class Scored:
+    score: Optional[float]
+    reason: str = ""
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def score_project(path: Path, config: ScoreConfig) -> Scored:
+    start = time.perf_counter()
+    result = score_video(path, config)
+    seconds = time.perf_counter() - start
+    extra = {"coverage": result.coverage, "registered": result.registered_frames, "moving_fraction": getattr(result, "moving_fraction", None)}
+    return Scored(result.score if result.status == "ok" else None, result.reason or "", seconds, extra)
+
+
+def score_baseline(path: Path, frames: int) -> Scored:
+    start = time.perf_counter()
+    video = load_video(path, wanted=lambda total: uniform_indices(total, frames), max_side=720)
+    result = epipolar_error(video.frames)
+    return Scored(result.error_px, "" if result.error_px is not None else "no measurable pair", time.perf_counter() - start)
+
+
+def _with_threads(n: int, fn):
+    torch_threads, cv_threads = torch.get_num_threads(), cv2.getNumThreads()
+    torch.set_num_threads(n)
+    cv2.setNumThreads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(torch_threads)
+        cv2.setNumThreads(cv_threads)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sets", default="", help="comma-separated set names (default: all available)")
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "vgpa-validity")
+    parser.add_argument("--json", type=Path, default=None, help="write every row here")
+    parser.add_argument("--no-baseline", action="store_true")
+    args = parser.parse_args()
+    config = ScoreConfig()
+    wanted = [s for s in args.sets.split(",") if s]
+    sets = [s for s in video_sets() if not wanted or s.name in wanted]
+    if not sets:
+        sys.exit(f"no sets to run (shared data at {SHARED}?)")
+
+    rows, times = [], []
+    for video_set in sets:
+        paths = build_files(video_set, args.cache)
+        ours = {kind: score_project(path, config) for kind, path in paths.items()}
+        repeat = score_project(paths["clean"], config)
+        one_thread = _with_threads(1, lambda: score_project(paths["clean"], config))
+        times += [s.seconds for s in ours.values()] + [repeat.seconds, one_thread.seconds]
+        base = {} if args.no_baseline else {kind: score_baseline(path, config.frames) for kind, path in paths.items()}
+        clean = ours["clean"].score
+        spread = 0.0
+        if clean is not None:
+            others = [s.score for s in (repeat, one_thread)]
+            spread = max(abs(o - clean) / clean if o is not None else float("inf") for o in others)
+        for kind in CORRUPTIONS:
+            row = {"set": video_set.name, "corruption": kind, "clean": clean, "corrupted": ours[kind].score,
+                   "clean_reason": ours["clean"].reason, "corrupted_reason": ours[kind].reason,
+                   "spread": spread, "clean_extra": ours["clean"].extra, "corrupted_extra": ours[kind].extra}
+            if base:
+                row.update(baseline_clean=base["clean"].score, baseline_corrupted=base[kind].score)
+            rows.append(row)
+        print(f"{video_set.name:>16}: clean {_fmt(clean)} ({ours['clean'].reason or 'ok'}; "
+              f"repeat {_fmt(repeat.score)}, 1 thread {_fmt(one_thread.score)}) "
+              + " ".join(f"{k}={_fmt(ours[k].score)}" for k in CORRUPTIONS)
+              + (f" | baseline clean {_fmt(base['clean'].score)} " + " ".join(f"{k}={_fmt(base[k].score)}" for k in CORRUPTIONS) if base else ""),
+              flush=True)
+    _report(rows, times, with_baseline=not args.no_baseline)
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "seconds": times}, indent=1))
+
+
+def _fmt(x: Optional[float]) -> str:
+    return "unscorable" if x is None else f"{x:.4f}"
+
+
+def _right(clean: Optional[float], corrupted: Optional[float]) -> bool:
+    return clean is not None and corrupted is not None and clean < corrupted
+
+
+def _report(rows: list[dict], times: list[float], with_baseline: bool) -> None:
+    print("\nper corruption: pairs right / total (unscorable clean, corrupted); smallest margin over spread")
+    header = f"{'corruption':>10} | {'ours':>8} {'unscorable':>10} {'margin/spread':>13}"
+    print(header + (f" | {'baseline':>8} {'unscorable':>10}" if with_baseline else ""))
+    groups = {k: [r for r in rows if r["corruption"] == k] for k in CORRUPTIONS}
+    groups["all"] = rows
+    for kind, group in groups.items():
+        right = sum(_right(r["clean"], r["corrupted"]) for r in group)
+        uns = (sum(r["clean"] is None for r in group), sum(r["corrupted"] is None for r in group))
+        ratios = [((r["corrupted"] - r["clean"]) / r["clean"]) / r["spread"] if r["spread"] > 0 else float("inf")
+                  for r in group if _right(r["clean"], r["corrupted"])]
+        line = f"{kind:>10} | {right:>3} / {len(group):<3} {uns[0]:>4}, {uns[1]:<4} {min(ratios, default=float('nan')):>13.1f}"
+        if with_baseline:
+            b_right = sum(_right(r["baseline_clean"], r["baseline_corrupted"]) for r in group)
+            b_uns = (sum(r["baseline_clean"] is None for r in group), sum(r["baseline_corrupted"] is None for r in group))
+            line += f" | {b_right:>3} / {len(group):<3} {b_uns[0]:>4}, {b_uns[1]:<4}"
+        print(line)
+    print("\nper set: ours right / baseline right")
+    for name in dict.fromkeys(r["set"] for r in rows):
+        group = [r for r in rows if r["set"] == name]
+        ours = sum(_right(r["clean"], r["corrupted"]) for r in group)
+        base = sum(_right(r["baseline_clean"], r["baseline_corrupted"]) for r in group) if with_baseline else "-"
+        print(f"{name:>16}: {ours} / {base} of {len(group)}")
+    print(f"\ntime per video (ours): median {statistics.median(times):.1f} s, worst {max(times):.1f} s "
+          f"(targets: median <= 6 s, worst <= 15 s on 2 cores)")
+
+
+if __name__ == "__main__":
+    main()
