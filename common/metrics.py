@@ -1,7 +1,7 @@
 """Evaluation metrics of a video's 3D consistency, as pure functions (used by `vgpa eval`).
 
-- Reprojection PSNR / SSIM / LPIPS: each scored frame against its reprojection from the other
-  frames' points (the scorer's own path, `common.scoring.reproject`), on covered pixels only; the
+- Reprojection PSNR / SSIM / LPIPS: each scored frame against the renders of the other frames'
+  points (the scorer's own path, `common.scoring.pairwise_errors`), on covered pixels only; the
   covered fraction is reported beside them. Higher PSNR / SSIM, lower LPIPS is more consistent.
 - MVCS (multi-view consistency score): the depth of frame i moved into frame i+1 with the cameras,
   z-buffered (a point hidden behind another point of frame i is not compared), against frame
@@ -60,31 +60,29 @@ def reprojection_metrics(
 ) -> ReprojectionMetrics:
     """PSNR / SSIM / LPIPS of frames (T, H, W, 3) float in [0, 1] against their reprojections.
 
-    Uses the scorer's reprojection (same confidence threshold, exclude_self and occlusion rule).
-    LPIPS: `lpips_net`, or LPIPS-VGG when its weights are on disk (`load_lpips`); None otherwise.
+    The scorer's own comparison (`common.scoring.pairwise_errors`): every other frame's confident
+    static points rendered into the frame, compared on covered static pixels at the scorer's
+    comparison scale. LPIPS: `lpips_net`, or LPIPS-VGG when its weights are on disk (`load_lpips`);
+    None otherwise.
     """
-    from common.scoring import reproject  # scoring imports the geometry registry; keep this module light
+    from common.scoring import pairwise_errors  # scoring imports the geometry registry; keep this module light
 
     config = config or ScoreConfig()
-    reprojection, covered, _ = reproject(frames, geometry, config)
-    filled = torch.where(covered[..., None], reprojection, frames)
-    ssim_map = 1 - 2 * DSSIM().distance_map(filled, frames)  # DSSIM = (1 - SSIM) / 2
+    errors = pairwise_errors(frames, geometry, config, DSSIM())
     if lpips_net is None:
         lpips_net = load_lpips(config, str(frames.device))
-    lpips_map = lpips_net.distance_map(filled, frames) if lpips_net is not None else None
-    squared = ((reprojection - frames) ** 2).mean(dim=-1)
+    lpips_errors = pairwise_errors(frames, geometry, config, lpips_net) if lpips_net is not None else None
     psnr, ssim, lp = [], [], []
-    registered = geometry.registered.to(covered.device)
+    registered = geometry.registered.cpu()
     for t in range(frames.shape[0]):
-        mask = covered[t]
-        if not (registered[t] and mask.any()):
+        mse, dssim = errors.frame_errors(t)
+        if not registered[t] or mse is None:
             continue
-        mse = float(squared[t][mask].mean())
         psnr.append(10 * math.log10(1.0 / max(mse, 1e-10)))
-        ssim.append(float(ssim_map[t][mask].mean()))
-        if lpips_map is not None:
-            lp.append(float(lpips_map[t][mask].mean()))
-    coverage = [float(covered[t].float().mean()) for t in range(frames.shape[0]) if registered[t]]
+        ssim.append(1 - 2 * dssim)  # DSSIM = (1 - SSIM) / 2
+        if lpips_errors is not None:
+            lp.append(lpips_errors.frame_errors(t)[1])
+    coverage = [float(errors.covered[t]) for t in range(frames.shape[0]) if registered[t]]
     mean = lambda xs: float(np.mean(xs)) if xs else None  # noqa: E731
     return ReprojectionMetrics(mean(psnr), mean(ssim), mean(lp), float(np.mean(coverage)) if coverage else 0.0, len(psnr))
 

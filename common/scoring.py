@@ -299,33 +299,6 @@ def _pool(image: Tensor, mask: Tensor, scale: int) -> tuple[Tensor, Tensor]:
     return (total / count.clamp_min(1e-6)).permute(0, 2, 3, 1), full
 
 
-def reproject(frames: Tensor, geometry: SceneGeometry, config: ScoreConfig, device=None) -> tuple[Tensor, Tensor, float]:
-    """Lift confident pixels to 3D and z-buffer all of them into every frame at once (evaluation metrics).
-
-    frames: (T, H, W, 3) float in [0, 1], the scored frames of `geometry`.
-    Returns reprojection (T, H, W, 3), covered (T, H, W) bool, and the fraction of confident pixels.
-    With config.exclude_self, frame t is rendered from the other frames' points only. Moving
-    pixels (geometry.moving) are neither lifted nor covered.
-    """
-    T, H, W, _ = frames.shape
-    device = frames.device if device is None else device
-    depth = geometry.depth.to(device).float()
-    K = geometry.K.to(device).float()
-    world_to_cam = geometry.world_to_cam.to(device).float()
-    moving = geometry.moving.to(device) if geometry.moving is not None else torch.zeros(T, H, W, dtype=torch.bool, device=device)
-    confident = (geometry.confidence.to(device) >= config.min_confidence) & (depth > 0) & ~moving
-    confident &= geometry.registered.to(device).view(T, 1, 1)
-    world = unproject_depth(depth, K, world_to_cam)  # (T, H, W, 3)
-    points, colors = world[confident], frames[confident]
-    origin = torch.arange(T, device=device).view(T, 1, 1).expand(T, H, W)[confident]
-    image, zbuffer, mask = rasterize_points(
-        points, colors, K, world_to_cam, H, W, origin_frame=origin if config.exclude_self else None
-    )
-    mask &= geometry.registered.to(device).view(T, 1, 1) & ~moving
-    mask &= ~_shows_through(zbuffer, mask)
-    return image, mask, float(confident.float().mean())
-
-
 def _shows_through(depth: Tensor, mask: Tensor, window: int = 5, ratio: float = 1.1) -> Tensor:
     """Pixels of a far surface seen through the gaps of a nearer one (1-pixel splats leave gaps).
 

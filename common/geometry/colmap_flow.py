@@ -94,8 +94,8 @@ class ColmapFlowBackend(GeometryBackend):
         flow_max_side: int = 360,
         sfm_frames: int = 16,
         min_registered: float = 0.8,
-        moving_px: float = 3.0,
-        moving_ratio: float = 4.0,
+        moving_px: float = 8.0,
+        moving_ratio: float = 6.0,
         min_blob: float = 0.005,
     ) -> None:
         self.min_blob = min_blob
