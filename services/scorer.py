@@ -137,7 +137,10 @@ class ScorerServer:
         if config.backend not in self._backends:
             t0 = time.perf_counter()
             options = self._args.backend_options.get(config.backend, {})
-            self._backends[config.backend] = create_backend(config.backend, config.weights, **options)
+            backend = create_backend(config.backend, config.weights, **options)
+            if self._args.max_batch_size > 1 and not backend.thread_safe:
+                backend = _Serialized(backend)
+            self._backends[config.backend] = backend
             create_metric(config.perceptual, config.lpips_weights, resolve_device(config.device))  # cached by the core
             logger.info("scorer loaded backend %s in %.1f s", config.backend, time.perf_counter() - t0)
         return self._backends[config.backend]
@@ -308,6 +311,19 @@ class ScorerServer:
             raise RuntimeError("scorer models are not loaded")
         if self._consecutive_internal_errors >= self._args.unhealthy_after_errors:
             raise RuntimeError(f"{self._consecutive_internal_errors} consecutive internal scoring errors")
+
+
+class _Serialized:
+    """A backend that is not thread-safe, called by one scoring thread at a time (the others' decoding,
+    rasterising and metrics still overlap it)."""
+
+    def __init__(self, backend):
+        self._backend, self._lock = backend, threading.Lock()
+        self.name, self.thread_safe = backend.name, True
+
+    def reconstruct(self, *args, **kwargs):
+        with self._lock:
+            return self._backend.reconstruct(*args, **kwargs)
 
 
 def _error(status: int, kind: str, message: str) -> dict:

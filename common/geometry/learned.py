@@ -142,6 +142,7 @@ class DepthAnything3Backend(GeometryBackend):
     """
 
     name = "da3"
+    thread_safe = True  # torch inference without state between calls
 
     def __init__(self, weights: Optional[Path], process_res: int = 504, device: str = "auto") -> None:
         try:
@@ -189,6 +190,7 @@ class VGGTBackend(GeometryBackend):
     """VGGT: one forward pass over the scored frames, resized to `width` x (multiple of 14) px."""
 
     name = "vggt"
+    thread_safe = True  # torch inference without state between calls
 
     def __init__(self, weights: Optional[Path], width: int = 518, device: str = "auto") -> None:
         try:
