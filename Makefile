@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench clean
+.PHONY: run test bench gpu-check clean
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_service.py
 	$(PY) benchmarks/bench_trainer.py
 	$(PY) benchmarks/bench_hostile.py
+
+# One prepared GPU check (benchmarks/README.md): figures beside their targets, JSON to $(OUT) or ".".
+# Full size needs CUDA and well under 8 minutes; GPU_CHECK_ARGS=--tiny runs the CPU form.
+gpu-check: $(STAMP)
+	timeout 540 $(PY) benchmarks/gpu_check.py --budget-s 420 $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

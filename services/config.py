@@ -62,7 +62,24 @@ class ScorerArgs(_Strict):
     )
     autoscaling: AutoscalingArgs = Field(default_factory=AutoscalingArgs, description="Replica autoscaling.")
     max_ongoing_requests: int = Field(
-        1, ge=1, le=1000, description="Requests a replica works on at once (scoring is compute-bound: keep 1 per replica)."
+        1, ge=1, le=1000,
+        description="Requests a replica holds at once (scoring is compute-bound: 1 on a CPU replica; with max_batch_size "
+        "n > 1 at least 2n, so that the next batch is gathered while one is scored).",
+    )
+    max_batch_size: int = Field(
+        1, ge=1, le=64,
+        description="Videos a replica scores together (Serve's @serve.batch): concurrently on n worker threads, so "
+        "one video's decoding, rasterising and metrics overlap another's model forward. 1: one video at a time "
+        "(CPU replicas); a GPU replica should take several (see benchmarks/gpu_check.py).",
+    )
+    batch_wait_timeout_s: float = Field(
+        0.01, ge=0, le=10, description="How long a batch that is not full waits for more requests (s)."
+    )
+    backend_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Constructor options per geometry backend name, e.g. {'da3': {'process_res': 504}}; fixed by the "
+        "operator, never by a request. Options that change the score (process_res) appear in the backend's name "
+        "and so in metric_id.",
     )
     max_queued_requests: int = Field(
         8, ge=1, le=10_000, description="Requests waiting for a scorer replica per ingress replica; beyond it: 503 + Retry-After."
@@ -80,6 +97,14 @@ class ScorerArgs(_Strict):
     )
     health_check_period_s: float = Field(10.0, gt=0, le=3600, description="Seconds between Serve health checks.")
     health_check_timeout_s: float = Field(30.0, gt=0, le=3600, description="A health check slower than this fails.")
+
+    @model_validator(mode="after")
+    def _batch_fits(self) -> "ScorerArgs":
+        if self.max_batch_size > 1 and self.max_ongoing_requests < 2 * self.max_batch_size:
+            raise ValueError(
+                f"max_ongoing_requests ({self.max_ongoing_requests}) must be at least 2 x max_batch_size "
+                f"({self.max_batch_size}): one batch is scored while the next one is gathered")
+        return self
 
 
 class SamplerArgs(_Strict):

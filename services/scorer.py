@@ -1,8 +1,13 @@
 """The scorer deployment: a thin shim around `common.scoring.score_video`.
 
 One replica loads the geometry backend and the perceptual metric once (the warm-up call at
-start-up), then scores one video at a time in a single worker thread, so the replica's event
-loop stays free for Serve's health checks and cancellations. Input errors never escape as
+start-up), then scores videos in worker threads, so the replica's event loop stays free for
+Serve's health checks and cancellations. With `max_batch_size` 1 (CPU replicas) it scores one
+video at a time. With n > 1 (GPU replicas), Serve's `@serve.batch` gathers up to n requests and
+the replica scores them concurrently on n threads: one video's decoding, rasterising and metrics
+run while another's model forward holds the GPU, and a second batch is gathered meanwhile, so
+the GPU is not left idle between calls. (Each video still calls the model on its own: one forward
+over several videos' frames needs the core to score in stages; see benchmarks/README.md.) Input errors never escape as
 exceptions: they come back as `{"error": {...}}` with the HTTP status the ingress answers with,
 so a replica never dies on bad input, and only internal errors count towards its health.
 A request past its deadline, or cancelled by the ingress, stops at the next frame or stage and
@@ -18,6 +23,7 @@ import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -29,6 +35,9 @@ from common.errors import VideoGPAError, invalid_settings
 from services.config import ScorerArgs
 
 logger = logging.getLogger("ray.serve")
+
+#: Batches a replica holds at once when max_batch_size > 1: one being scored, the next gathering.
+BATCHES_IN_FLIGHT = 2
 
 
 def scorer_deployment_options(args: ScorerArgs) -> dict[str, Any]:
@@ -74,14 +83,29 @@ def warmup_clip(n: int = 8, height: int = 96, width: int = 128):
     return np.stack(frames)
 
 
+@dataclass
+class _Job:
+    """One scoring request as the worker threads see it."""
+
+    path: str
+    overrides: dict
+    preview_dir: Optional[str]
+    deadline: Optional[float]
+    cancelled: threading.Event
+
+
 class ScorerServer:
-    """Scores one video file (a path the ingress wrote on storage this replica can read)."""
+    """Scores video files (paths the ingress wrote on storage this replica can read)."""
 
     def __init__(self, args: dict):
         self._args = ScorerArgs.model_validate(args)
         self._default = self._args.score
-        # One worker: scoring is compute-bound; requests queue here (bounded by max_ongoing_requests).
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vgpa-score")
+        # One worker per batch slot: scoring is compute-bound; requests queue here (bounded by
+        # max_ongoing_requests).
+        self._pool = ThreadPoolExecutor(max_workers=self._args.max_batch_size, thread_name_prefix="vgpa-score")
+        self._batched = self._batch_handler()
+        self._active_lock = threading.Lock()
+        self._active = self._peak_active = 0
         self._consecutive_internal_errors = 0
         self._ready = False
         # App metrics, exported beside Serve's own (Prometheus: ray_vgpa_score_*).
@@ -112,7 +136,11 @@ class ScorerServer:
 
         if config.backend not in self._backends:
             t0 = time.perf_counter()
-            self._backends[config.backend] = create_backend(config.backend, config.weights)
+            options = self._args.backend_options.get(config.backend, {})
+            backend = create_backend(config.backend, config.weights, **options)
+            if self._args.max_batch_size > 1 and not backend.thread_safe:
+                backend = _Serialized(backend)
+            self._backends[config.backend] = backend
             create_metric(config.perceptual, config.lpips_weights, resolve_device(config.device))  # cached by the core
             logger.info("scorer loaded backend %s in %.1f s", config.backend, time.perf_counter() - t0)
         return self._backends[config.backend]
@@ -144,22 +172,51 @@ class ScorerServer:
         `overrides` are the request's form fields (already restricted to REQUEST_SCORE_FIELDS);
         `deadline` is a `time.time()` after which nobody waits for the answer (work is skipped).
         """
-        loop = asyncio.get_running_loop()
-        cancelled = threading.Event()
+        job = _Job(path, overrides or {}, preview_dir, deadline, threading.Event())
         try:
-            return await loop.run_in_executor(
-                self._pool, self._score_sync, path, overrides or {}, preview_dir, deadline, cancelled)
+            if self._batched is not None:
+                return await self._batched(job)
+            return (await self._score_jobs([job]))[0]
         except asyncio.CancelledError:
             # The ingress gave up (its deadline, or the client left): the worker thread stops at
             # its next check, and work still queued behind another request never starts.
-            cancelled.set()
+            job.cancelled.set()
             raise
 
-    def _score_sync(self, path: str, overrides: dict, preview_dir: Optional[str], deadline: Optional[float],
-                    cancelled: threading.Event) -> dict:
+    def _batch_handler(self):
+        """`_score_jobs` under `@serve.batch` in a Serve replica with max_batch_size > 1; else None.
+
+        Outside a replica (the mining job's local actor pool calls this class directly) requests
+        go straight to the worker threads.
+        """
+        from ray.serve.exceptions import RayServeException
+
+        if self._args.max_batch_size == 1:
+            return None
+        try:
+            serve.get_replica_context()
+        except RayServeException:
+            return None
+        return serve.batch(max_batch_size=self._args.max_batch_size, batch_wait_timeout_s=self._args.batch_wait_timeout_s,
+                           max_concurrent_batches=BATCHES_IN_FLIGHT)(self._score_jobs)
+
+    async def _score_jobs(self, jobs: list[_Job]) -> list[dict]:
+        """Score `jobs` (a batch, or one request) concurrently on the worker threads; answers in order."""
+        loop = asyncio.get_running_loop()
+        return list(await asyncio.gather(*(loop.run_in_executor(self._pool, self._score_sync, job) for job in jobs)))
+
+    def _score_sync(self, job: _Job) -> dict:
         t0 = time.perf_counter()
-        with deadline_scope(deadline, cancelled):
-            answer = self._score_checked(path, overrides, preview_dir)
+        with self._active_lock:
+            self._active += 1
+            self._peak_active = max(self._peak_active, self._active)
+        try:
+            with deadline_scope(job.deadline, job.cancelled):
+                answer = self._score_checked(job.path, job.overrides, job.preview_dir)
+        finally:
+            with self._active_lock:
+                self._active -= 1
+        preview_dir = job.preview_dir
         if preview_dir is not None and "result" not in answer:
             shutil.rmtree(preview_dir, ignore_errors=True)  # nothing will ever reference them
         outcome = answer["result"]["status"] if "result" in answer else str(answer["error"]["status"])
@@ -227,12 +284,46 @@ class ScorerServer:
             "pid": os.getpid(),
         }
 
+    def load_stats(self, reset: bool = False) -> dict:
+        """How hard this replica has worked since the last reset: for operators, benchmarks and tests.
+
+        `peak_concurrent_videos`: most videos scored at the same moment; on CUDA, the device's name
+        and `cuda_peak_allocated_mb` (torch's peak allocated memory in this replica). `reset`
+        starts a new measurement after reading.
+        """
+        import torch
+
+        out = {"max_batch_size": self._args.max_batch_size, "batched": self._batched is not None,
+               "peak_concurrent_videos": self._peak_active, "cuda_device": None, "cuda_peak_allocated_mb": None}
+        if torch.cuda.is_available():
+            out["cuda_device"] = torch.cuda.get_device_name()
+            out["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            if reset:
+                torch.cuda.reset_peak_memory_stats()
+        if reset:
+            with self._active_lock:
+                self._peak_active = self._active
+        return out
+
     def check_health(self) -> None:
         """Serve calls this periodically; raising replaces the replica."""
         if not self._ready:
             raise RuntimeError("scorer models are not loaded")
         if self._consecutive_internal_errors >= self._args.unhealthy_after_errors:
             raise RuntimeError(f"{self._consecutive_internal_errors} consecutive internal scoring errors")
+
+
+class _Serialized:
+    """A backend that is not thread-safe, called by one scoring thread at a time (the others' decoding,
+    rasterising and metrics still overlap it)."""
+
+    def __init__(self, backend):
+        self._backend, self._lock = backend, threading.Lock()
+        self.name, self.thread_safe = backend.name, True
+
+    def reconstruct(self, *args, **kwargs):
+        with self._lock:
+            return self._backend.reconstruct(*args, **kwargs)
 
 
 def _error(status: int, kind: str, message: str) -> dict:

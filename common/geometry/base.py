@@ -62,6 +62,10 @@ class GeometryBackend(ABC):
 
     #: Short, stable name; part of a score's metric_id.
     name: str = "abstract"
+    #: True when `reconstruct` may run in several threads at once and give what it gives alone. A
+    #: scorer replica scoring several videos at once (max_batch_size > 1) serialises the calls of a
+    #: backend that is not (pycolmap seeds one process-wide random generator per call, for example).
+    thread_safe: bool = False
 
     @abstractmethod
     def reconstruct(self, frames: Tensor, scored: Sequence[int], video_indices: Sequence[int]) -> SceneGeometry:

@@ -98,6 +98,13 @@ def to_scene_geometry(
     )
 
 
+def _device(name: str) -> torch.device:
+    """"auto" -> CUDA when available, else the CPU; anything else as torch reads it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def _require_folder(weights: Optional[Path], what: str, hint: str) -> Path:
     if weights is None:
         raise ConfigError(f"the {what} backend needs local weights: {hint}")
@@ -124,14 +131,20 @@ class DepthAnything3Backend(GeometryBackend):
     """Depth Anything 3: depth, confidence, world-to-camera poses and intrinsics for all scored frames at once.
 
     Args:
-        weights: folder for `DepthAnything3.from_pretrained`, or a model name such as "da3-small"
-            prefixed with "random:" (a randomly initialised model from the package's configs; tests only).
-        process_res: the model's processing resolution (long side, px).
+        weights: folder for `DepthAnything3.from_pretrained`, or a model name such as "da3-large"
+            prefixed with "random:" (a randomly initialised model from the package's configs: tests
+            and speed checks only, see benchmarks/gpu_check.py).
+        process_res: the model's processing resolution (long side, px). It changes the score, so a
+            resolution other than the default 504 is part of the backend's name (`da3@252`), and
+            therefore of `metric_id`.
+        device: "auto" (CUDA when available, so that a scorer replica given a GPU runs the model
+            on it), "cpu" or "cuda[:N]".
     """
 
     name = "da3"
+    thread_safe = True  # torch inference without state between calls
 
-    def __init__(self, weights: Optional[Path], process_res: int = 504, device: str = "cpu") -> None:
+    def __init__(self, weights: Optional[Path], process_res: int = 504, device: str = "auto") -> None:
         try:
             from depth_anything_3.api import DepthAnything3
         except ImportError:
@@ -144,8 +157,10 @@ class DepthAnything3Backend(GeometryBackend):
                 self.model = DepthAnything3.from_pretrained(str(folder))
             except Exception as err:  # the package raises a variety of errors for a bad folder
                 raise ConfigError(f"cannot load Depth Anything 3 from {folder} ({err}): {DA3_HINT}") from None
-        self.model = self.model.to(torch.device(device)).float().eval()
+        self.model = self.model.to(_device(device)).float().eval()
         self.process_res = process_res
+        if process_res != 504:
+            self.name = f"da3@{process_res}"
 
     def reconstruct(self, frames: Tensor, scored: Sequence[int], video_indices: Sequence[int]) -> SceneGeometry:
         start = time.perf_counter()
@@ -175,8 +190,9 @@ class VGGTBackend(GeometryBackend):
     """VGGT: one forward pass over the scored frames, resized to `width` x (multiple of 14) px."""
 
     name = "vggt"
+    thread_safe = True  # torch inference without state between calls
 
-    def __init__(self, weights: Optional[Path], width: int = 518, device: str = "cpu") -> None:
+    def __init__(self, weights: Optional[Path], width: int = 518, device: str = "auto") -> None:
         try:
             from vggt.models.vggt import VGGT
         except ImportError:
@@ -186,9 +202,11 @@ class VGGTBackend(GeometryBackend):
             self.model = VGGT.from_pretrained(str(folder))
         except Exception as err:
             raise ConfigError(f"cannot load VGGT from {folder} ({err}): {VGGT_HINT}") from None
-        self.device = torch.device(device)
+        self.device = _device(device)
         self.model = self.model.to(self.device).float().eval()
         self.width = width
+        if width != 518:
+            self.name = f"vggt@{width}"
 
     def reconstruct(self, frames: Tensor, scored: Sequence[int], video_indices: Sequence[int]) -> SceneGeometry:
         from vggt.utils.pose_enc import pose_encoding_to_extri_intri

@@ -186,3 +186,12 @@ def test_relative_models_are_read_as_inverse_depth_and_metric_ones_as_depth():
     assert predicts_depth(transformers.DepthAnythingConfig(depth_estimation_type="metric"))
     assert not predicts_depth(transformers.DPTConfig())  # DPT / MiDaS: inverse depth
     assert predicts_depth(transformers.DepthProConfig())
+
+
+def test_backend_options_reach_the_constructor_and_a_non_default_resolution_is_named():
+    pytest.importorskip("depth_anything_3.api", reason="depth-anything-3 is optional (see docs/backends.md)")
+    backend = create_backend("da3", "random:da3-small", process_res=56, device="cpu")
+    assert backend.process_res == 56 and backend.name == "da3@56" and backend.thread_safe
+    assert create_backend("da3", "random:da3-small").name == "da3"
+    with pytest.raises(ConfigError, match="does not take these options"):
+        create_backend("colmap-flow", None, process_res=56)
