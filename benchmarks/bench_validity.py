@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import cv2
-import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]

@@ -33,6 +33,16 @@ def test_json_output_is_one_object_and_previews_are_written(demo_video, tmp_path
     assert "geometry" in done.stderr  # progress went to stderr
 
 
+def test_cli_scores_what_the_library_scores_every_time(demo_video):
+    from common.config import ScoreConfig
+    from common.scoring import score_video
+
+    runs = [json.loads(run("score", demo_video, "--json", "--frames", "6", "--quiet").stdout) for _ in range(2)]
+    local = score_video(demo_video, ScoreConfig(frames=6))
+    assert runs[0]["status"] == "ok" and runs[0]["score"] == runs[1]["score"]  # bit-identical from run to run
+    assert local.score == pytest.approx(runs[0]["score"], rel=1e-3)  # another process, maybe other thread counts
+
+
 def test_human_output_is_a_short_table(demo_video):
     done = run("score", demo_video, "--frames", "4", "--quiet")
     assert done.returncode == 0, done.stderr

@@ -133,10 +133,13 @@ class TestScoring:
 
         local = score_video(videos["good"], ScoreConfig(frames=FRAMES, max_side=240, recon_frames=8)).to_json_dict()
         remote = post_score(url, videos["good"]).json()
-        # Not the verdict or the score: colmap-flow's reconstruction varies between runs (threads).
-        for key in ("frame_indices", "metric_id", "size", "backend", "perceptual_metric", "frames"):
+        for key in ("status", "frame_indices", "metric_id", "size", "backend", "perceptual_metric", "frames",
+                    "registered_frames"):
             assert remote[key] == local[key], key
         assert set(remote) == set(local), "the same JSON object as vgpa score --json"
+        # The same reconstruction (COLMAP on one thread, fixed seeds); the replica's thread count
+        # may differ from this process's, which moves float sums in the last digits only.
+        assert remote["score"] == pytest.approx(local["score"], rel=1e-3)
 
     def test_form_overrides(self, url, videos):
         body = post_score(url, videos["good"], frames=3, max_side=160, **{"lambda": 0.5}).json()
