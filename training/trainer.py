@@ -805,6 +805,8 @@ def train(
             num_workers=cfg.num_workers,
             use_gpu=gpus > 0,
             resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": gpus} if gpus else {})},
+            # Workers of one node share it (NCCL over NVLink inside a multi-GPU pod): see train-rayjob.yaml.
+            placement_strategy="PACK",
         ),
         run_config=RunConfig(
             name=cfg.run_name,
