@@ -221,7 +221,10 @@ def test_cluster_job_files_are_valid(monkeypatch):
                             {"num_workers": ctx.params["workers"], "gpus_per_worker": ctx.params["gpus_per_worker"]})
     assert cfg.num_workers == 8 and cfg.grad_accum_steps == 2 and cfg.lora_rank == 64
     gpu_group = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
-    assert gpu_group["replicas"] == cfg.num_workers
+    # One pod per 8-GPU node holds all the node's workers (NCCL over NVLink inside the pod).
+    pod_gpus = int(gpu_group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    assert gpu_group["replicas"] * pod_gpus == cfg.num_workers * ctx.params["gpus_per_worker"]
+    assert pod_gpus == 8
     assert cfg.max_steps == 10_000 and cfg.weight_decay == 0.01  # the paper's reference setup
     preset = load_train_config(root / "cluster" / "train_config_cogvideox1.5.yaml", {})
     paper = load_train_config(root / ctx.params["config_file"], {})
