@@ -260,9 +260,9 @@ class TestBadInput:
     def test_deadline_mid_scoring_stops_and_leaves_no_previews(self, url, videos, work_dir):
         previews = work_dir / "previews"
         before = set(previews.iterdir())
-        # Scoring all 20 frames of the good video takes seconds: this deadline passes while the
+        # Scoring 8 frames (the service's limit) of the good video takes seconds: this deadline passes while the
         # scorer works on it (with the service's 4 frames a quiet machine can finish inside 1 s).
-        assert_error(post_score(url, videos["good"], timeout_s=0.5, frames=20, preview="true"), 504)
+        assert_error(post_score(url, videos["good"], timeout_s=0.3, frames=8, preview="true"), 504)
         # The scorer has one worker: once this answers, the cancelled work has stopped.
         assert post_score(url, videos["static"]).status_code == 200
         assert set(previews.iterdir()) <= before, "a cancelled request left previews behind"
