@@ -128,7 +128,7 @@ def score_project(path: Path, config: ScoreConfig) -> Scored:
     start = time.perf_counter()
     result = score_video(path, config)
     seconds = time.perf_counter() - start
-    extra = {"coverage": result.coverage, "registered": result.registered_frames, "moving_fraction": getattr(result, "moving_fraction", None)}
+    extra = {"coverage": result.coverage, "registered": result.registered_frames, "moving_fraction": result.moving_fraction}
     return Scored(result.score if result.status == "ok" else None, result.reason or "", seconds, extra)
 
 

@@ -125,7 +125,7 @@ def score_video(
 
     # 4. Lift each frame's confident static pixels to 3D; 5. z-buffer them into every other frame.
     step("reproject")
-    errors = pairwise_errors(frames, geometry, config, metric, device)
+    errors = pairwise_errors(frames, geometry, config, metric, device, keep_previews=preview_dir is not None)
     moving_fraction = errors.moving_fraction
 
     # 6. Errors on covered static pixels only, per frame over all the frames it was rendered from.
@@ -216,7 +216,7 @@ class PairwiseErrors:
 
 
 def pairwise_errors(
-    frames: Tensor, geometry: SceneGeometry, config: ScoreConfig, metric, device=None
+    frames: Tensor, geometry: SceneGeometry, config: ScoreConfig, metric, device=None, keep_previews: bool = False
 ) -> PairwiseErrors:
     """Render every registered frame's confident static pixels into every other frame, and compare.
 
@@ -226,6 +226,8 @@ def pairwise_errors(
     hiding errors that grow with the distance in time (drift). Pairwise, a far frame's points land
     where the geometry puts them, and the comparison sees it. The cost is the same: T renders of
     one frame's points into T frames instead of one render of all of them.
+    keep_previews: also keep, per frame, the render from its nearest frame in time (otherwise
+    `preview` stays empty: copying renders costs time on every score).
     Comparison at 1 / config.compare_scale: blocks of covered pixels are averaged first, so the
     1-pixel splats' nearest-neighbour resampling does not dominate the error.
     """
@@ -259,7 +261,7 @@ def pairwise_errors(
         if config.exclude_self:
             mask[s] = False
         covered_any |= mask
-        for t in range(T):  # keep the render from the nearest frame in time for the previews
+        for t in range(T if keep_previews else 0):  # the render from the nearest frame in time
             if t != s and mask[t].any() and abs(t - s) < nearest[t]:
                 nearest[t] = abs(t - s)
                 preview[t], preview_mask[t] = image[t], mask[t]
