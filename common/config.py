@@ -7,7 +7,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-PerceptualChoice = Literal["auto", "lpips-vgg", "lpips-alex", "dssim"]
+PerceptualChoice = Literal["auto", "lpips-vgg", "lpips-alex", "align", "dssim"]
 
 
 class ScoreConfig(BaseModel):

@@ -74,6 +74,35 @@ class DSSIM(PerceptualMetric):
         return ((1 - ssim.mean(dim=1)) / 2).clamp(0, 1)
 
 
+class Alignment(PerceptualMetric):
+    """Misalignment between a frame and its reprojection: residual optical flow, clipped.
+
+    Per pixel min(|flow(a -> b)|, clip) / clip on luma, DIS optical flow, with clip = `clip_fraction`
+    of the images' long side (2 px at the scorer's half-scale comparison of 720 px frames, i.e. 4 px
+    of the frame). A geometric error of d pixels shows as d pixels of residual flow whatever the
+    texture, while the point cloud's splatting blur and holes move no pixel: this is what ranks
+    3D consistency where DSSIM's floor of blur hides a few pixels of drift (docs/backends.md has the
+    measurement that chose it).
+    """
+
+    name = "align"
+
+    def __init__(self, clip_fraction: float = 1 / 180) -> None:
+        self.clip_fraction = clip_fraction
+
+    def distance_map(self, a: Tensor, b: Tensor) -> Tensor:
+        H, W = a.shape[1:3]
+        clip = self.clip_fraction * max(H, W)
+        dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)  # per call: not thread-safe
+        luma = torch.tensor([0.299, 0.587, 0.114])
+        to_gray = lambda x: (x.float().cpu() @ luma).mul(255).round().clamp(0, 255).to(torch.uint8).numpy()  # noqa: E731
+        maps = []
+        for fa, fb in zip(to_gray(a), to_gray(b)):
+            flow = dis.calc(fa, fb, None)
+            maps.append(np.minimum(np.sqrt(flow[..., 0] ** 2 + flow[..., 1] ** 2), clip) / clip)
+        return torch.from_numpy(np.stack(maps)).to(a.device)
+
+
 class LPIPS(PerceptualMetric):
     """LPIPS with its published linear heads (shipped in the package) and a local backbone file."""
 
@@ -121,11 +150,13 @@ def _cached_metric(choice: str, lpips_weights: Optional[str], device: str) -> Pe
     configured = Path(lpips_weights) if lpips_weights else None
     if choice == "dssim":
         return DSSIM()
+    if choice == "align":
+        return Alignment()
     net = "alex" if choice == "lpips-alex" else "vgg"
     path = lpips_weights_path(net, configured)
     if path is None:
         if choice == "auto":
-            return DSSIM()
+            return Alignment()
         where = configured or Path(torch.hub.get_dir()) / "checkpoints" / TORCHVISION_WEIGHTS[net]
         raise ConfigError(
             f"{choice} needs torchvision's ImageNet {net} weights at {where}; copy the file "

@@ -85,6 +85,11 @@ class ColmapFlowBackend(GeometryBackend):
             with the frame size), and by more than `moving_ratio` times the frame's median miss,
             is moving.
         min_blob: smallest moving blob, as a fraction of the frame.
+        moving_fb: a pixel can only be moving where its flow is forward-backward consistent to
+            this many times `fb_tolerance` (flow that fails on wide baselines is not motion).
+        min_calibrated_fov_deg: when bundle adjustment narrows the field of view below this
+            (degrees, long side), the cameras are re-estimated with the focal length fixed at
+            COLMAP's prior (1.2 x the long side, about 45 degrees): see `_structure_from_motion`.
     """
 
     name = "colmap-flow"
@@ -99,7 +104,11 @@ class ColmapFlowBackend(GeometryBackend):
         moving_px: float = 8.0,
         moving_ratio: float = 6.0,
         min_blob: float = 0.005,
+        moving_fb: float = 3.0,
+        min_calibrated_fov_deg: float = 30.0,
     ) -> None:
+        self.min_calibrated_fov_deg = min_calibrated_fov_deg
+        self.moving_fb = moving_fb
         self.min_blob = min_blob
         self.sfm_frames = sfm_frames
         self.min_registered = min_registered
@@ -247,16 +256,17 @@ class ColmapFlowBackend(GeometryBackend):
             else:
                 pairing = pycolmap.SequentialPairingOptions(overlap=settings.overlap, quadratic_overlap=True)
                 pycolmap.match_sequential(database, matching_options=matching, pairing_options=pairing, device=pycolmap.Device.cpu)
-            mapping = pycolmap.GlobalPipelineOptions()
-            mapping.min_model_size = 3
-            mapping.num_threads = 1
-            mapping.random_seed = 0
-            mapping.mapper.num_threads = 1
-            mapping.mapper.random_seed = 0
-            models = pycolmap.global_mapping(database, images, tmp, mapping)
-        if not models:
+            model = _global_mapping(database, images, tmp / "refined", refine_focal=True)
+            # Self-calibration is ill-conditioned when the camera mostly rotates or barely moves
+            # (pans, slow generated clips): bundle adjustment then lengthens the focal towards a
+            # near-orthographic camera that explains away inconsistency (a panning clip's
+            # corrupted copies reached 2,500-7,000 px at 720 px, and scored better than the clean
+            # clip). A narrow field of view is re-estimated with the focal fixed at the prior, so
+            # such videos are judged with one camera model; the decision depends on the input only.
+            if model is not None and _fov_deg(model, size) < self.min_calibrated_fov_deg:
+                model = _global_mapping(database, images, tmp / "fixed", refine_focal=False) or model
+        if model is None:
             return Cameras(np.eye(3), {}, {})
-        model = max(models.values(), key=lambda m: m.num_reg_images())
         camera = next(iter(model.cameras.values()))
         poses = {}
         for image in model.images.values():
@@ -317,7 +327,7 @@ class ColmapFlowBackend(GeometryBackend):
         consistent = (fb_squared < tolerance * tolerance) & inside
         # Motion is judged on a looser check: a moving thing's flow is rarely sub-pixel consistent
         # (it deforms, it is occluded at its edges), but it is consistent to a few pixels.
-        roughly_consistent = (fb_squared < (8 * tolerance) ** 2) & inside
+        roughly_consistent = (fb_squared < (self.moving_fb * tolerance) ** 2) & inside
 
         K_inv = np.linalg.inv(K)
         Pi, Pj = pose_i.numpy(), pose_j.numpy()
@@ -350,6 +360,27 @@ class ColmapFlowBackend(GeometryBackend):
         with np.errstate(divide="ignore", invalid="ignore"):
             miss = np.abs(a * u2 + b * v2 + c) / np.sqrt(a * a + b * b)
         return np.where(valid, depth_i, np.nan).astype(np.float32), np.where(roughly_consistent, miss, np.nan).astype(np.float32)
+
+
+def _global_mapping(database: Path, images: Path, output: Path, refine_focal: bool):
+    """Global SfM (GLOMAP) on one thread with fixed seeds; its largest model, or None."""
+    output.mkdir()
+    mapping = pycolmap.GlobalPipelineOptions()
+    mapping.min_model_size = 3
+    mapping.num_threads = 1
+    mapping.random_seed = 0
+    mapping.mapper.num_threads = 1
+    mapping.mapper.random_seed = 0
+    mapping.mapper.bundle_adjustment.refine_focal_length = refine_focal
+    pycolmap.set_random_seed(0)
+    models = pycolmap.global_mapping(database, images, output, mapping)
+    return max(models.values(), key=lambda m: m.num_reg_images()) if models else None
+
+
+def _fov_deg(model, size: tuple[int, int]) -> float:
+    """Field of view (degrees) over the long side of the SfM images (width, height) of a model's camera."""
+    focal = float(next(iter(model.cameras.values())).calibration_matrix()[0, 0])
+    return math.degrees(2 * math.atan(max(size) / 2 / max(focal, 1e-9)))
 
 
 def _flow_size(height: int, width: int, max_side: int) -> tuple[int, int]:

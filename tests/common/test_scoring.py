@@ -29,7 +29,9 @@ def test_oracle_reprojects_clean_frames_with_near_zero_error(tmp_path):
     result = score_video(video.frames, CONFIG, backend=OracleBackend.from_render(video), preview_dir=tmp_path)
     assert result.status == "ok" and result.backend == "oracle"
     assert result.mse < 0.003  # what is left is nearest-pixel resampling of the textures
-    assert result.perceptual < 0.05
+    # The weight-free term is the residual flow over its clip (0.67 px at this size): a perfect
+    # render is misaligned by a few hundredths of a pixel on average.
+    assert result.perceptual_metric == "align" and result.perceptual < 0.1
     assert result.coverage > 0.9
     assert len(result.per_frame) == 10 and all(row.ok for row in result.per_frame)
     assert len(result.previews) == 10
@@ -66,7 +68,7 @@ def test_result_carries_settings_and_is_json(clean_scores):
     for key in ("status", "reason", "score", "mse", "perceptual", "perceptual_metric", "metric_id", "coverage",
                 "motion", "backend", "frames", "per_frame", "timings_s"):
         assert key in data
-    assert data["metric_id"] == "colmap-flow/dssim/lambda=1/T=10/side=240/pairwise@2"
+    assert data["metric_id"] == "colmap-flow/align/lambda=1/T=10/side=240/pairwise@2"
     assert data["score"] == pytest.approx(data["mse"] + data["lambda"] * data["perceptual"])
     assert data["frame_indices"][0] == 0 and data["frame_indices"][-1] == 23
     assert data["motion"] > 0.001
