@@ -23,7 +23,7 @@ class ScoreConfig(BaseModel):
     weights: Optional[Path] = Field(None, description="Local weights for learned backends; never downloaded.")
     lambda_: float = Field(1.0, alias="lambda", ge=0.0, le=1000.0, description="Weight of the perceptual term: E = MSE + lambda * P.")
     perceptual: PerceptualChoice = Field(
-        "auto", description="'auto' uses LPIPS-VGG when its weights are on disk, otherwise DSSIM (weight-free)."
+        "auto", description="'auto' uses LPIPS-VGG when its weights are on disk, otherwise 'align' (weight-free: residual optical flow between frame and reprojection, clipped at 4 px of a 720 px frame); 'dssim' is (1 - SSIM) / 2."
     )
     lpips_weights: Optional[Path] = Field(
         None, description="A torchvision VGG16/AlexNet state dict for LPIPS; default: torchvision's own cache."

@@ -2,7 +2,8 @@
 
 LPIPS (package `lpips`) needs torchvision's ImageNet backbone weights, which we never download:
 it is used when those weights are on disk (torchvision's cache, or a configured file). The
-weight-free fallback is DSSIM = (1 - SSIM) / 2 on luma with an 11x11 Gaussian window (sigma 1.5).
+weight-free default is `Alignment` (residual optical flow, in pixels, clipped); DSSIM = (1 - SSIM) / 2
+on luma with an 11x11 Gaussian window (sigma 1.5) is the other weight-free choice.
 """
 
 from __future__ import annotations

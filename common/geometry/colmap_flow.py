@@ -1,9 +1,10 @@
 """The default, weight-free backend: pycolmap structure-from-motion + depth from triangulated optical flow.
 
-1. Cameras: SIFT features, sequential matching (with quadratic overlap for longer-range pairs)
-   and incremental mapping over a dense subset of the video, one shared pinhole camera. When the
-   fast settings leave a scored frame unregistered, a thorough pass (finer SIFT, more features,
-   exhaustive matching) runs once.
+1. Cameras: SIFT features, sequential matching (with quadratic overlap for longer-range pairs;
+   every pair for short inputs) and global mapping over a dense subset of the video, one shared
+   pinhole camera. When the fast settings leave too many scored frames unregistered, a denser
+   pass (finer SIFT, more features, every pair up to 25 frames) runs once. A focal length that
+   bundle adjustment narrows below `min_calibrated_fov_deg` is fixed at the prior instead.
 2. Depth: dense DIS optical flow from each scored frame to two registered neighbours (one on
    each side in time, far enough for a usable triangulation angle), triangulated with the
    recovered cameras. A pixel's depth from one neighbour is kept when it passes a
