@@ -49,7 +49,7 @@ def build_app(args: Optional[dict] = None) -> Application:
 
         sampler = build_sampler(cfg.sampler, cfg.resolved_work_dir())
     ingress = Ingress.options(**ingress_deployment_options(cfg))
-    return ingress.bind(cfg.model_dump(mode="json", by_alias=True), scorer, sampler)
+    return ingress.bind(cfg, scorer, sampler)  # validated once, here; typed objects travel to the replicas
 
 
 #: The app with default settings, for `serve run services.app:app` and `serve build services.app:app`

@@ -36,9 +36,11 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common.containers import HEAD_BYTES, require_frames_source, sniff_container
-from common.errors import VideoGPAError, invalid_settings
+from common.errors import ErrorInfo, VideoGPAError, invalid_settings
 from common.result import ScoreResult
-from services.config import REQUEST_SCORE_FIELDS, SampleRequest, ServiceArgs
+from common.sampling import SampleAnswer, SampleRequest
+from common.scorer import REQUEST_FIELDS, ScoreAnswer, ScoreRequest
+from services.config import ServiceArgs
 from services.uploads import ParsedForm, UploadedFile, UploadError, parse_multipart, read_json_object, timed_chunks
 
 logger = logging.getLogger("ray.serve")
@@ -54,22 +56,16 @@ READINESS_REFRESH_S = 2.0
 
 
 # ---- OpenAPI documentation of the bodies we parse by hand (streamed) ----------------------------
-class ErrorBody(BaseModel):
-    status: int = Field(description="The HTTP status, repeated.")
-    type: str = Field(description="Error class, e.g. NotAVideoError, InputTooLargeError, Overloaded.")
-    message: str = Field(description="A complete sentence for a person.")
-
-
 class ErrorResponse(BaseModel):
     detail: str = Field(description="Same as error.message (FastAPI's convention).")
-    error: ErrorBody
+    error: ErrorInfo
 
 
 class BatchItem(BaseModel):
     filename: str
     status_code: int
     result: Optional[dict] = Field(None, description="The ScoreResult JSON when status_code is 200.")
-    error: Optional[ErrorBody] = None
+    error: Optional[ErrorInfo] = None
 
 
 class BatchResponse(BaseModel):
@@ -91,15 +87,22 @@ class SampleResponse(BaseModel):
     timings_s: dict[str, float]
 
 
+def _score_request_properties() -> dict:
+    """The form fields of ScoreRequest, with its (ScoreConfig's) bounds, as OpenAPI properties."""
+    properties = ScoreRequest.model_json_schema(by_alias=True)["properties"]
+    out = {}
+    for name, prop in properties.items():
+        typed = next((p for p in prop.get("anyOf", [prop]) if p.get("type") != "null"), prop)
+        out[name] = {**typed, "description": prop.get("description", "")}
+    return out
+
+
 _SCORE_FORM_SCHEMA = {
     "type": "object",
     "required": ["video"],
     "properties": {
         "video": {"type": "string", "format": "binary", "description": "mp4/webm/mov/mkv/avi/gif, or a zip of ordered frames."},
-        "frames": {"type": "integer", "minimum": 2, "description": "T: frames sampled uniformly and scored."},
-        "backend": {"type": "string", "description": "Geometry backend name."},
-        "max_side": {"type": "integer", "minimum": 32, "description": "Long side of scored frames (px)."},
-        "lambda": {"type": "number", "minimum": 0, "description": "Weight of the perceptual term."},
+        **_score_request_properties(),
         "preview": {"type": "boolean", "description": "Also write original | reprojection | error previews (URLs in `previews`)."},
         "timeout_s": {"type": "number", "description": "Deadline for this request (s), at most the service's own."},
     },
@@ -146,24 +149,31 @@ app = FastAPI(
 
 
 class ApiError(Exception):
+    """An HTTP error answer raised inside a route (the handler below sends it)."""
+
     def __init__(self, status: int, kind: str, message: str, retry_after: Optional[int] = None):
         super().__init__(message)
-        self.status, self.kind, self.message, self.retry_after = status, kind, message, retry_after
+        self.info, self.retry_after = ErrorInfo(status=status, type=kind, message=message), retry_after
 
 
 def _error_body(status: int, kind: str, message: str) -> dict:
-    """The error object every failure carries (deployments return it; the ingress answers it)."""
-    return {"error": {"status": status, "type": kind, "message": message}}
+    """`{"error": {...}}` (common.errors.ErrorInfo, the envelope every engine answers with)."""
+    return ErrorInfo(status=status, type=kind, message=message).envelope()
 
 
 def error_response(status: int, kind: str, message: str, retry_after: Optional[int] = None) -> JSONResponse:
+    return info_response(ErrorInfo(status=status, type=kind, message=message), retry_after)
+
+
+def info_response(error: ErrorInfo, retry_after: Optional[int] = None) -> JSONResponse:
+    """The HTTP answer of an error: its envelope, plus FastAPI's `detail`."""
     headers = {"Retry-After": str(retry_after)} if retry_after else None
-    return JSONResponse({"detail": message, **_error_body(status, kind, message)}, status_code=status, headers=headers)
+    return JSONResponse({"detail": error.message, **error.envelope()}, status_code=error.status, headers=headers)
 
 
 @app.exception_handler(ApiError)
 async def _api_error(_: Request, err: ApiError) -> JSONResponse:
-    return error_response(err.status, err.kind, err.message, err.retry_after)
+    return info_response(err.info, err.retry_after)
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -227,28 +237,25 @@ def _parse_number(name: str, value: str, kind: type) -> Any:
         raise ApiError(422, "ValidationError", f"Form field '{name}' must be {what}, not {value!r}.") from None
 
 
-def score_overrides(fields: dict[str, str]) -> dict[str, Any]:
-    """The request's scorer settings (only REQUEST_SCORE_FIELDS), typed; the scorer validates ranges."""
-    out: dict[str, Any] = {}
-    for form_name, config_name in REQUEST_SCORE_FIELDS.items():
-        raw = fields.get(form_name)
-        if raw is None or raw.strip() == "":
-            continue
-        if form_name in ("frames", "max_side"):
-            out[config_name] = _parse_number(form_name, raw, int)
-        elif form_name == "lambda":
-            out[config_name] = _parse_number(form_name, raw, float)
-        else:
-            out[config_name] = raw.strip()
-    return out
+_SCORE_FORM_FIELDS = [ScoreRequest.model_fields[name].alias or name for name in REQUEST_FIELDS]
 
 
-def sample_request(fields: dict[str, Any]) -> dict:
+def score_request(fields: dict[str, str]) -> ScoreRequest:
+    """The request's scorer settings from its form fields, validated as `ScoreRequest` (empty fields are absent);
+    the scorer checks its own caps."""
+    given = {name: fields[name].strip() for name in _SCORE_FORM_FIELDS if (fields.get(name) or "").strip()}
+    try:
+        return ScoreRequest.model_validate(given)
+    except ValidationError as err:
+        raise ApiError(422, "ValidationError", str(invalid_settings(err, "form field"))) from None
+
+
+def sample_request(fields: dict[str, Any]) -> SampleRequest:
     """The sampler's request from form or JSON fields, validated as `SampleRequest` (absolute bounds;
     the sampler checks its own limits). Empty form fields count as absent."""
     given = {k: v for k, v in fields.items() if k != "timeout_s" and v is not None and v != ""}
     try:
-        return SampleRequest.model_validate(given).model_dump(exclude_none=True)
+        return SampleRequest.model_validate(given)
     except ValidationError as err:
         raise ApiError(422, "ValidationError", str(invalid_settings(err, "field"))) from None
 
@@ -263,8 +270,8 @@ def _upload_api_error(err: UploadError) -> ApiError:
 @serve.deployment(name="Ingress")
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, args: dict, scorer: DeploymentHandle, sampler: Optional[DeploymentHandle] = None):
-        self._args = ServiceArgs.model_validate(args)
+    def __init__(self, args: ServiceArgs, scorer: DeploymentHandle, sampler: Optional[DeploymentHandle] = None):
+        self._args = args
         self._scorer = scorer
         self._sampler = sampler
         self._token = self._args.auth_token()
@@ -390,38 +397,38 @@ class Ingress:
         result["previews"] = urls
         return result
 
-    async def _score_one(self, upload: UploadedFile, overrides: dict, preview: bool, deadline: float) -> tuple[int, dict]:
-        """(200, ScoreResult JSON) or (status, {"error": ...}) for one uploaded file."""
+    async def _score_one(self, upload: UploadedFile, request: ScoreRequest, preview: bool,
+                         deadline: float) -> dict | ErrorInfo:
+        """The ScoreResult JSON (preview URLs) or the error for one uploaded file; ApiError when the call failed."""
         if upload.size == 0:
-            return 422, _error_body(422, "NotAVideoError", "The uploaded file is empty.")
+            return ErrorInfo(status=422, type="NotAVideoError", message="The uploaded file is empty.")
         # A cheap look at the first bytes before the file takes a place in the scorer's queue.
         with open(upload.path, "rb") as f:
             head = f.read(HEAD_BYTES)
         try:
             require_frames_source(sniff_container(head), "The uploaded file")
         except VideoGPAError as err:
-            return err.http_status, _error_body(err.http_status, type(err).__name__, str(err))
+            return ErrorInfo.of(err)
         request_id = uuid.uuid4().hex
         preview_dir = None
         if preview:
             preview_dir = self._previews / request_id
             preview_dir.mkdir(parents=True)
         try:
-            answer = await self._call(
-                self._scorer.score.remote(str(upload.path), overrides, str(preview_dir) if preview_dir else None, deadline),
+            answer: ScoreAnswer = await self._call(
+                self._scorer.score.remote(str(upload.path), request, str(preview_dir) if preview_dir else None, deadline),
                 deadline, "Scoring")
         except ApiError:
             if preview_dir is not None:
                 shutil.rmtree(preview_dir, ignore_errors=True)
             raise
-        if "error" in answer:
+        if answer.error is not None:
             if preview_dir is not None:
                 shutil.rmtree(preview_dir, ignore_errors=True)
-            error = answer["error"]
             # The scorer names the file as stored here (upload-000.mp4); the client knows its own name.
-            error["message"] = error["message"].replace(upload.path.name, upload.filename or "the uploaded file")
-            return error["status"], answer
-        return 200, self._previews_to_urls(answer["result"], request_id)
+            message = answer.error.message.replace(upload.path.name, upload.filename or "the uploaded file")
+            return answer.error.model_copy(update={"message": message})
+        return self._previews_to_urls(answer.result.to_json_dict(), request_id)
 
     async def _readiness_now(self) -> tuple[int, dict]:
         """Readiness from Serve's own view (the controller's), never through a replica's request queue.
@@ -509,14 +516,11 @@ class Ingress:
             video = next((f for f in form.files if f.field == "video"), form.files[0] if form.files else None)
             if video is None:
                 raise ApiError(422, "ValidationError", "Upload the video as the multipart file field 'video'.")
-            overrides = score_overrides(form.fields)
+            settings = score_request(form.fields)
             preview = _parse_bool("preview", form.fields.get("preview"))
             deadline = self._deadline(arrived, form.fields.get("timeout_s"))
-            status, body = await self._score_one(video, overrides, preview, deadline)
-            if status != 200:
-                e = body["error"]
-                return error_response(e["status"], e["type"], e["message"])
-            return JSONResponse(body)
+            answer = await self._score_one(video, settings, preview, deadline)
+            return info_response(answer) if isinstance(answer, ErrorInfo) else JSONResponse(answer)
 
     @app.post("/score/batch", summary="Score several uploaded videos; one result or error per file, in order.",
               openapi_extra=_multipart_doc(_BATCH_FORM_SCHEMA), response_model=BatchResponse, responses=_ERRORS)
@@ -528,7 +532,7 @@ class Ingress:
             form = await self._read_form(request, arrived, folder, max_files=self._args.max_batch_files)
             if not form.files:
                 raise ApiError(422, "ValidationError", "Upload the videos as multipart file fields named 'videos'.")
-            overrides = score_overrides(form.fields)
+            settings = score_request(form.fields)
             preview = _parse_bool("preview", form.fields.get("preview"))
             deadline = self._deadline(arrived, form.fields.get("timeout_s"))
 
@@ -542,13 +546,12 @@ class Ingress:
 
             async def score_file(f) -> dict:
                 try:
-                    status, body = await self._score_one(f, overrides, preview, deadline)
+                    answer = await self._score_one(f, settings, preview, deadline)
                 except ApiError as err:
-                    return {"filename": f.filename, "status_code": err.status,
-                            "error": {"status": err.status, "type": err.kind, "message": err.message}}
-                if status == 200:
-                    return {"filename": f.filename, "status_code": 200, "result": body}
-                return {"filename": f.filename, "status_code": status, "error": body["error"]}
+                    answer = err.info
+                if isinstance(answer, ErrorInfo):
+                    return {"filename": f.filename, "status_code": answer.status, **answer.envelope()}
+                return {"filename": f.filename, "status_code": 200, "result": answer}
 
             results = await asyncio.gather(*(one(f) for f in form.files))
             return JSONResponse({"results": results})
@@ -581,18 +584,17 @@ class Ingress:
                 image_path = str(image.path) if image is not None else None
             req = sample_request(fields)
             deadline = self._deadline(arrived, fields.get("timeout_s"))
-            answer = await self._call(self._sampler.sample.remote(req, image_path), deadline, "Sampling")
-            if "error" in answer:
-                e = answer["error"]
-                return error_response(e["status"], e["type"], e["message"])
-            sample_id = answer["sample_id"]
-            for item in answer["samples"]:
-                for key in ("video", "latents", "prompt_embeds"):
-                    item[f"{key}_url"] = f"/samples/{sample_id}/{Path(item[key]).name}"
-                item["video"] = f"{sample_id}/{Path(item['video']).name}"
-                item.pop("latents", None)
-                item.pop("prompt_embeds", None)
-            return JSONResponse(answer)
+            answer: SampleAnswer = await self._call(self._sampler.sample.remote(req, image_path), deadline, "Sampling")
+            if answer.error is not None:
+                return info_response(answer.error)
+            result = answer.result
+            sample_id = result.sample_id
+            items = [SampleItem(seed=f.seed, video=f"{sample_id}/{Path(f.video).name}",
+                                **{f"{key}_url": f"/samples/{sample_id}/{Path(getattr(f, key)).name}"
+                                   for key in ("video", "latents", "prompt_embeds")})
+                     for f in result.samples]
+            return JSONResponse(SampleResponse(sample_id=sample_id, adapter=result.adapter, samples=items,
+                                               timings_s=result.timings_s).model_dump(mode="json"))
 
     @app.get("/samples/{sample_id}/{name}", summary="A file written by POST /sample (mp4 or torch .pt).",
              response_class=FileResponse, responses={404: {"model": ErrorResponse}})
