@@ -29,13 +29,15 @@ import logging
 import threading
 import time
 import uuid
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from common.cogvideox import default_video_size, latent_frames
-from common.errors import Answer, ConfigError, invalid_settings
+from common.errors import Answer, ConfigError, ErrorInfo, VideoGPAError, invalid_settings
+from common.storage import is_uri, join, local_copy, publishing
 
 logger = logging.getLogger(__name__)
 
@@ -242,8 +244,9 @@ class Sampler:
         out = output_dir if output_dir is not None else config.output_dir
         if out is None:
             raise ConfigError("the sampler needs an output folder (SamplingConfig.output_dir)")
-        self._out = Path(out)
-        self._out.mkdir(parents=True, exist_ok=True)
+        self._out = str(out)  # a folder, or a storage URI (common.storage): each sample is written here, then copied
+        if not is_uri(self._out):
+            Path(self._out).mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         self._pipe, self.model = load_video_model(config.model_dir, device=config.device, dtype=config.dtype)
         self._device = self._pipe.device
@@ -267,7 +270,10 @@ class Sampler:
         except ValidationError as err:
             return SampleAnswer.failed(422, "ValidationError", str(invalid_settings(err, "sample request field")))
         try:
-            return self._sample(req, image_path)
+            with local_copy(image_path) if image_path is not None else nullcontext(None) as image_here:
+                return self._sample(req, image_here)
+        except VideoGPAError as err:  # a first frame that storage does not have
+            return SampleAnswer(error=ErrorInfo.of(err))
         except MemoryError:
             return SampleAnswer.failed(413, "InputTooLargeError", "The request needs more memory than this replica has.")
         except Exception as err:  # a bug or a broken process: the request fails, the caller lives
@@ -310,11 +316,6 @@ class Sampler:
             return None, SampleAnswer.failed(415, "NotAnImageError", "The uploaded 'image' is not an image this server can read.")
 
     def _sample(self, req: SampleRequest, image_path: Optional[str]) -> SampleAnswer:
-        import torch
-
-        from common.lora import select_adapter
-        from common.video import write_video
-
         bad = self._check(req, image_path)
         if bad is not None:
             return bad
@@ -324,14 +325,37 @@ class Sampler:
             if bad is not None:
                 return bad
         c = self.config
-        seeds = req.seed_list()
         steps = c.default_steps if req.steps is None else req.steps
         guidance = c.default_guidance if req.guidance is None else req.guidance
         default_frames, default_height, default_width = default_video_size(self._pipe.transformer.config)
         height, width, frames = req.height or default_height, req.width or default_width, req.frames or default_frames
         sample_id = uuid.uuid4().hex
-        folder = self._out / sample_id
-        folder.mkdir(parents=True)
+        with publishing(join(self._out, sample_id)) as (here, publish):
+            folder = Path(here)
+            folder.mkdir(parents=True, exist_ok=True)
+            result = self._denoise(req, image, folder, steps, guidance, frames, height, width)
+            # 3. Provenance.
+            meta = {"request": req.model_dump(mode="json", exclude_none=True), "model": Path(c.model_dir).name,
+                    "pipeline": self.pipeline_name, "height": height, "width": width, "frames": frames,
+                    "steps": steps, "guidance": guidance}
+            (folder / "request.json").write_text(json.dumps(meta, indent=2))
+            files = [str(p) for p in sorted(folder.iterdir())]
+            where = {Path(f).name: location for f, location in zip(files, publish(files))}
+        samples = [SampleFiles(seed=seed, **{key: where[Path(path).name] for key, path in paths.items()})
+                   for seed, paths in result["samples"]]
+        return SampleAnswer(result=SampleResult(sample_id=sample_id, adapter=req.adapter, samples=samples,
+                                                timings_s=result["timings_s"]))
+
+    def _denoise(self, req: SampleRequest, image, folder: Path, steps: int, guidance: float, frames: int,
+                 height: int, width: int) -> dict:
+        """Every seed of `req` into `folder`: {"samples": [(seed, {video, latents, prompt_embeds: path})], "timings_s"}."""
+        import torch
+
+        from common.lora import select_adapter
+        from common.video import write_video
+
+        c = self.config
+        seeds = req.seed_list()
         timings: dict[str, float] = {}
         with self._lock, torch.inference_mode():
             # 1. Adapter and prompt (encoded once for every seed).
@@ -367,12 +391,6 @@ class Sampler:
                 mp4 = write_video(folder / f"seed-{seed}.mp4", video_u8, fps=c.fps)
                 lat = folder / f"seed-{seed}.latents.pt"
                 torch.save(latents[0].float().cpu(), lat)
-                samples.append(SampleFiles(seed=seed, video=str(mp4), latents=str(lat),
-                                           prompt_embeds=str(folder / "prompt_embeds.pt")))
+                samples.append((seed, {"video": str(mp4), "latents": str(lat), "prompt_embeds": str(folder / "prompt_embeds.pt")}))
                 timings[f"seed_{seed}"] = time.perf_counter() - t1
-        # 3. Provenance.
-        meta = {"request": req.model_dump(mode="json", exclude_none=True), "model": Path(c.model_dir).name,
-                "pipeline": self.pipeline_name, "height": height, "width": width, "frames": frames,
-                "steps": steps, "guidance": guidance}
-        (folder / "request.json").write_text(json.dumps(meta, indent=2))
-        return SampleAnswer(result=SampleResult(sample_id=sample_id, adapter=req.adapter, samples=samples, timings_s=timings))
+        return {"samples": samples, "timings_s": timings}

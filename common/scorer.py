@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ from common.config import ScoreConfig
 from common.deadline import check_deadline, deadline_passed
 from common.errors import Answer, ConfigError, ErrorInfo, VideoGPAError, invalid_settings
 from common.result import ScoreResult
+from common.storage import local_copy, name_of, publishing
 from common.video import VideoSource
 
 logger = logging.getLogger(__name__)
@@ -166,11 +168,13 @@ class Scorer:
         source: VideoSource,
         request: Optional[ScoreRequest] = None,
         *,
-        preview_dir: Optional[str | Path] = None,
+        preview_dir: Optional[str] = None,
         progress: Optional[Callable[[str], None]] = None,
     ) -> ScoreAnswer:
         """Score `source` with the request's settings. Never raises for the input's sake.
 
+        `source` and `preview_dir` may be storage URIs (`common.storage`): the video is copied to this
+        node first, the previews are copied to the URI (their URIs are the result's `previews`).
         Inside a `common.deadline.deadline_scope` the work stops at the next frame or stage once
         the deadline passes (a 504 answer); error messages never name the folder of a path source.
         """
@@ -187,7 +191,11 @@ class Scorer:
             check_deadline()
             config = self.settings(request)
             backend = self.backend(config)
-            result = self._score_video(source, config, backend=backend, preview_dir=preview_dir, progress=stage)
+            # A storage URI is read into a file on this node; previews for a URI are written here, then copied there.
+            with local_copy(source) as local, publishing(preview_dir) as (previews_here, publish):
+                result = self._score_video(local, config, backend=backend, preview_dir=previews_here, progress=stage)
+                if result.previews and not deadline_passed():
+                    result = result.model_copy(update={"previews": publish(result.previews)})
         except VideoGPAError as err:  # the input's fault (or its deadline): says nothing about the scorer
             return failed(err)
         except MemoryError:  # an input too large for this process; the allocation failed, the scorer is fine
@@ -216,9 +224,12 @@ class _Serialized:
 
 
 def _without_folder(message: str, source: Any) -> str:
-    """An input error's sentence without the folder of a path source (the file's own name stays)."""
+    """An input error's sentence without the folder of a path source, or of its copy on this node (the file's own
+    name stays)."""
     if not isinstance(source, (str, Path)):
         return message
+    name = name_of(str(source))
+    message = re.sub(r"[^\s'\"]*/" + re.escape(name), name, message)
     folder = str(Path(source).parent)
     return message.replace(folder + os.sep, "").replace(folder, "the upload folder")
 

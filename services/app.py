@@ -47,7 +47,7 @@ def build_app(args: Optional[dict] = None) -> Application:
     if cfg.sampler is not None:
         from services.sampler import build_sampler
 
-        sampler = build_sampler(cfg.sampler, cfg.resolved_work_dir())
+        sampler = build_sampler(cfg.sampler, cfg.samples_location())
     ingress = Ingress.options(**ingress_deployment_options(cfg))
     return ingress.bind(cfg, scorer, sampler)  # validated once, here; typed objects travel to the replicas
 

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from common.sampling import SampleRequest, SamplingConfig
 from common.scorer import ScorerConfig
+from common.storage import is_uri, join
 
 __all__ = ["AutoscalingArgs", "SampleRequest", "SamplerArgs", "ScorerArgs", "ServiceArgs"]
 
@@ -131,9 +132,11 @@ class ServiceArgs(_Strict):
         30.0, gt=0, le=3600, description="Longest wait for the next chunk of a request body; past it: 408."
     )
     retry_after_s: int = Field(5, ge=1, le=3600, description="Retry-After (s) sent with 503 answers when the service is overloaded.")
-    work_dir: Optional[Path] = Field(
+    work_dir: Optional[str] = Field(
         None,
-        description="Uploads, previews and samples go here; on a multi-node cluster it must be storage all nodes share. Default: a temp folder.",
+        description="Uploads, previews and samples go here: a folder (on a multi-node cluster, a mount all nodes share), "
+        "or a storage URI that pyarrow.fs opens (s3://bucket/prefix, gs://bucket/prefix, file:///path): then no "
+        "folder is shared, each replica copies what it reads and writes through the URI. Default: a temp folder.",
     )
     preview_ttl_s: float = Field(3600.0, gt=0, le=WEEK_S, description="Previews are deleted this long after they were written.")
     auth_token_env: Optional[str] = Field(
@@ -155,12 +158,25 @@ class ServiceArgs(_Strict):
     def _scorer_default(cls, v: Any) -> Any:
         return {} if v is None else v
 
+    def storage_uri(self) -> Optional[str]:
+        """`work_dir` when it is a storage URI (common.storage), else None."""
+        return self.work_dir if is_uri(self.work_dir) else None
+
     def resolved_work_dir(self) -> Path:
-        if self.work_dir is not None:
+        """The folder on this node: `work_dir`, or (default, or a storage URI) a temp folder for this node's own files."""
+        if self.work_dir is not None and not is_uri(self.work_dir):
             return Path(self.work_dir)
         import tempfile
 
         return Path(tempfile.gettempdir()) / "videogpa-service"
+
+    def location(self, *parts: str) -> str:
+        """Where `work_dir/part/...` is for every replica: under the storage URI, or the shared folder."""
+        return join(self.storage_uri() or str(self.resolved_work_dir()), *parts)
+
+    def samples_location(self) -> str:
+        """Where the sampler writes: its `output_dir`, or `work_dir/samples`."""
+        return str(self.sampler.output_dir) if self.sampler and self.sampler.output_dir else self.location("samples")
 
     def auth_token(self) -> Optional[str]:
         """The bearer token requests must carry, or None when authentication is off."""

@@ -29,12 +29,13 @@ from typing import Any, AsyncIterator, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from common import storage
 from common.containers import HEAD_BYTES, require_frames_source, sniff_container
 from common.errors import ErrorInfo, VideoGPAError, invalid_settings
 from common.result import ScoreResult
@@ -198,24 +199,31 @@ async def _internal_error(_: Request, err: Exception) -> JSONResponse:
 _MEDIA_TYPES = {".png": "image/png", ".mp4": "video/mp4"}
 
 
-def _stored_file(root: Optional[Path], folder_id: str, name: str, what: str) -> FileResponse:
-    """A file this service wrote under root/folder_id/name; 404 for anything else.
+async def _stored_file(root: Optional[str], folder_id: str, name: str, what: str) -> Response:
+    """A file this service wrote under root/folder_id/name (a folder, or a storage URI); 404 for anything else.
 
     Both parts are checked against strict patterns first, so a request can never name a path
-    outside `root` (no separators, no ".."); then the resolved path must be exactly that file, so
-    a symbolic link planted in the folder (to /etc/passwd, or to another request's file) is not
-    followed.
+    outside `root` (no separators, no ".."); in a folder the resolved path must then be exactly that
+    file, so a symbolic link planted in the folder (to /etc/passwd, or to another request's file)
+    is not followed.
     """
     if root is None or not _ID.match(folder_id) or not _NAME.match(name):
         raise ApiError(404, "NotFound", f"No such {what}.")
-    expected = root.resolve() / folder_id / name
+    media_type = _MEDIA_TYPES.get(Path(name).suffix, "application/octet-stream")
+    if storage.is_uri(root):
+        try:
+            body = await asyncio.to_thread(storage.read_bytes, storage.join(root, folder_id, name))
+        except OSError:  # missing (FileNotFoundError), or the store did not answer
+            raise ApiError(404, "NotFound", f"No such {what}.") from None
+        return Response(body, media_type=media_type)
+    expected = Path(root).resolve() / folder_id / name
     try:
         resolved = expected.resolve(strict=True)
     except (OSError, RuntimeError):  # missing, or a link loop
         raise ApiError(404, "NotFound", f"No such {what}.") from None
     if resolved != expected or not resolved.is_file():
         raise ApiError(404, "NotFound", f"No such {what}.")
-    return FileResponse(resolved, media_type=_MEDIA_TYPES.get(resolved.suffix, "application/octet-stream"))
+    return FileResponse(resolved, media_type=media_type)
 
 
 def _parse_bool(name: str, value: Optional[str]) -> bool:
@@ -275,14 +283,16 @@ class Ingress:
         self._scorer = scorer
         self._sampler = sampler
         self._token = self._args.auth_token()
+        # Uploads arrive in a folder on this node; with a storage URI they are copied there for the scorer, and
+        # previews and samples are read back from it (common.storage), so no folder is shared between nodes.
+        self._store = self._args.storage_uri()
         work = self._args.resolved_work_dir()
         self._uploads = work / "uploads"
-        self._previews = work / "previews"
-        for d in (self._uploads, self._previews):
-            d.mkdir(parents=True, exist_ok=True)
-        self._samples_dir: Optional[Path] = None
-        if self._args.sampler is not None:
-            self._samples_dir = Path(self._args.sampler.output_dir or work / "samples")
+        self._uploads.mkdir(parents=True, exist_ok=True)
+        if self._store is None:
+            (work / "previews").mkdir(parents=True, exist_ok=True)
+        self._previews_at = self._args.location("previews")
+        self._samples_at = self._args.samples_location() if self._args.sampler is not None else None
         self._body_slots = asyncio.Semaphore(self._args.ingress_max_ongoing_requests)
         self._readiness: Optional[tuple[int, dict]] = None  # (status, body) of the last refresh
         self._readiness_at = 0.0
@@ -297,16 +307,17 @@ class Ingress:
         if not force and now - self._last_sweep < 60:
             return
         self._last_sweep = now
-        limits = [(self._previews, self._args.preview_ttl_s), (self._uploads, 2 * self._args.request_timeout_s + 3600)]
-        if self._samples_dir is not None and self._args.sampler.output_ttl_s is not None:
-            limits.append((self._samples_dir, self._args.sampler.output_ttl_s))
+        limits = [(self._previews_at, self._args.preview_ttl_s),
+                  (str(self._uploads), 2 * self._args.request_timeout_s + 3600)]
+        if self._store is not None:
+            limits.append((self._args.location("uploads"), 2 * self._args.request_timeout_s + 3600))
+        if self._samples_at is not None and self._args.sampler.output_ttl_s is not None:
+            limits.append((self._samples_at, self._args.sampler.output_ttl_s))
         for folder, ttl in limits:
-            for entry in folder.iterdir() if folder.is_dir() else ():
-                try:
-                    if _ID.match(entry.name) and now - entry.stat().st_mtime > ttl:  # only folders we named
-                        shutil.rmtree(entry, ignore_errors=True)
-                except FileNotFoundError:
-                    pass
+            for name, mtime in storage.entries(folder):
+                # Only folders we named; an object store's "folders" have no time: its lifecycle rules expire them.
+                if _ID.match(name) and mtime is not None and now - mtime > ttl:
+                    storage.delete(storage.join(folder, name))
 
     def _check_auth(self, request: Request) -> None:
         if self._token is None:
@@ -338,6 +349,15 @@ class Ingress:
             yield folder
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+            if self._store is not None:
+                await asyncio.to_thread(storage.delete, self._args.location("uploads", folder.name))
+
+    async def _shared(self, upload: UploadedFile) -> str:
+        """Where the replicas behind this one read `upload`: its path, or its copy under the storage URI."""
+        if self._store is None:
+            return str(upload.path)
+        return await asyncio.to_thread(storage.put_file, upload.path,
+                                       self._args.location("uploads", upload.path.parent.name, upload.path.name))
 
     def _body(self, request: Request, arrived: float) -> AsyncIterator[bytes]:
         """The request body's chunks, within the idle and total receive limits (408)."""
@@ -388,12 +408,16 @@ class Ingress:
             raise ApiError(500, "InternalError", f"{what} failed ({type(err).__name__}).") from None
 
     def _previews_to_urls(self, result: dict, request_id: str) -> dict:
-        folder = (self._previews / request_id).resolve()
+        folder = storage.join(self._previews_at, request_id)
         urls = []
         for p in result.get("previews") or []:
-            path = Path(p).resolve()
-            if path.parent == folder and _NAME.match(path.name):
-                urls.append(f"/previews/{request_id}/{path.name}")
+            name = storage.name_of(p)
+            if self._store is not None:
+                ours = p == storage.join(folder, name)
+            else:
+                ours = Path(p).resolve().parent == Path(folder).resolve()
+            if ours and _NAME.match(name):
+                urls.append(f"/previews/{request_id}/{name}")
         result["previews"] = urls
         return result
 
@@ -412,19 +436,19 @@ class Ingress:
         request_id = uuid.uuid4().hex
         preview_dir = None
         if preview:
-            preview_dir = self._previews / request_id
-            preview_dir.mkdir(parents=True)
+            preview_dir = storage.join(self._previews_at, request_id)
+            if self._store is None:
+                Path(preview_dir).mkdir(parents=True)
         try:
             answer: ScoreAnswer = await self._call(
-                self._scorer.score.remote(str(upload.path), request, str(preview_dir) if preview_dir else None, deadline),
-                deadline, "Scoring")
+                self._scorer.score.remote(await self._shared(upload), request, preview_dir, deadline), deadline, "Scoring")
         except ApiError:
             if preview_dir is not None:
-                shutil.rmtree(preview_dir, ignore_errors=True)
+                await asyncio.to_thread(storage.delete, preview_dir)
             raise
         if answer.error is not None:
             if preview_dir is not None:
-                shutil.rmtree(preview_dir, ignore_errors=True)
+                await asyncio.to_thread(storage.delete, preview_dir)
             # The scorer names the file as stored here (upload-000.mp4); the client knows its own name.
             message = answer.error.message.replace(upload.path.name, upload.filename or "the uploaded file")
             return answer.error.model_copy(update={"message": message})
@@ -498,7 +522,7 @@ class Ingress:
             "max_batch_files": self._args.max_batch_files,
             "request_timeout_s": self._args.request_timeout_s,
             "upload_timeout_s": self._args.upload_timeout_s,
-            "score_defaults": scorer.score.model_dump(mode="json", by_alias=True, include={"frames", "backend", "max_side", "lambda_"}),
+            "score_defaults": scorer.score.model_dump(mode="json", by_alias=True, include=set(REQUEST_FIELDS)),
             "max_request_frames": scorer.max_request_frames,
             "max_request_side": scorer.max_request_side,
             "sampler": self._sampler is not None,
@@ -560,7 +584,7 @@ class Ingress:
              response_class=FileResponse, responses={404: {"model": ErrorResponse}})
     async def preview(self, request_id: str, name: str, request: Request):
         self._check_auth(request)
-        return _stored_file(self._previews, request_id, name, "preview (previews expire)")
+        return await _stored_file(self._previews_at, request_id, name, "preview (previews expire)")
 
     @app.post("/sample", summary="Sample videos for one prompt (N seeds) from the configured CogVideoX model.",
               openapi_extra=_multipart_doc(_SAMPLE_FORM_SCHEMA), response_model=SampleResponse, responses=_ERRORS)
@@ -581,7 +605,7 @@ class Ingress:
                 form = await self._read_form(request, arrived, folder, max_files=1)
                 fields = form.fields
                 image = next((f for f in form.files if f.field == "image" and f.size > 0), None)
-                image_path = str(image.path) if image is not None else None
+                image_path = await self._shared(image) if image is not None else None
             req = sample_request(fields)
             deadline = self._deadline(arrived, fields.get("timeout_s"))
             answer: SampleAnswer = await self._call(self._sampler.sample.remote(req, image_path), deadline, "Sampling")
@@ -600,5 +624,5 @@ class Ingress:
              response_class=FileResponse, responses={404: {"model": ErrorResponse}})
     async def sample_file(self, sample_id: str, name: str, request: Request):
         self._check_auth(request)
-        return _stored_file(self._samples_dir, sample_id, name, "sample file")
+        return await _stored_file(self._samples_at, sample_id, name, "sample file")
 

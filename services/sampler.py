@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, Optional
 
 from ray import serve
@@ -37,9 +36,9 @@ def sampler_deployment_options(args: SamplerArgs) -> dict[str, Any]:
 class SamplerServer:
     """Forwards `sample` to its engine on a worker thread."""
 
-    def __init__(self, args: SamplerArgs, default_output_dir: str):
+    def __init__(self, args: SamplerArgs, output: str):
         self._args = args
-        self._engine = Sampler(args, args.output_dir or default_output_dir)
+        self._engine = Sampler(args, output)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vgpa-sample")
 
     def ready(self) -> dict:
@@ -55,6 +54,7 @@ class SamplerServer:
         return await loop.run_in_executor(self._pool, self._engine.sample, request, image_path)
 
 
-def build_sampler(args: SamplerArgs, work_dir: Path):
+def build_sampler(args: SamplerArgs, output: str):
+    """A bound sampler deployment writing under `output` (a folder all nodes share, or a storage URI)."""
     deployment = serve.deployment(SamplerServer).options(**sampler_deployment_options(args))
-    return deployment.bind(args, str(work_dir / "samples"))
+    return deployment.bind(args, output)

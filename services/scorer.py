@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +27,7 @@ from typing import Any, Optional
 
 from ray import serve
 
+from common import storage
 from common.deadline import deadline_scope
 from common.scorer import ScoreAnswer, Scorer, ScoreRequest
 from services.config import ScorerArgs
@@ -106,6 +106,8 @@ class ScorerServer:
     ) -> ScoreAnswer:
         """Score `path` with `request`'s overrides (validated by the caller as a `ScoreRequest`).
 
+        `path` and `preview_dir` are paths on storage this replica shares, or storage URIs (common.storage).
+
         `deadline` is a `time.time()` after which nobody waits for the answer (work is skipped).
         """
         job = _Job(path, request, preview_dir, deadline, threading.Event())
@@ -143,7 +145,7 @@ class ScorerServer:
             with self._active_lock:
                 self._active -= 1
         if job.preview_dir is not None and answer.result is None:
-            shutil.rmtree(job.preview_dir, ignore_errors=True)  # nothing will ever reference them
+            storage.delete(job.preview_dir)  # nothing will ever reference them
         outcome = answer.result.status if answer.result is not None else str(answer.error.status)
         self._m_results.inc(tags={"outcome": outcome})
         if answer.result is not None:

@@ -234,3 +234,26 @@ class TestImageToVideoEngine:
         (tmp_path / "bad.png").write_bytes(b"not an image")
         bad = engine.sample({"prompt": "a red cube"}, str(tmp_path / "bad.png"))
         assert bad.error.status == 415
+
+    def test_samples_go_to_a_storage_uri(self, models, tmp_path):
+        """With a storage URI as output (a cluster without a shared folder), every file is copied there."""
+        import io
+
+        import torch
+        from PIL import Image
+
+        from common import storage
+        from common.sampling import SampleRequest, Sampler, SamplingConfig
+        from training.fixtures.tiny_cogvideox import LATENT_CHANNELS, LATENT_FRAMES, LATENT_HEIGHT
+
+        root = (tmp_path / "store").as_uri()
+        Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "first.png")
+        first = storage.put_file(tmp_path / "first.png", storage.join(root, "uploads", "first.png"))
+        engine = Sampler(SamplingConfig(model_dir=models["i2v"], default_steps=2), storage.join(root, "samples"))
+        out = engine.sample(SampleRequest(prompt="a red cube", seeds=[0]), first).result
+        files = out.samples[0]
+        folder = storage.join(root, "samples", out.sample_id)
+        assert all(getattr(files, key).startswith(folder + "/") for key in ("video", "latents", "prompt_embeds"))
+        assert {name for name, _ in storage.entries(folder)} == {"seed-0.mp4", "seed-0.latents.pt", "prompt_embeds.pt", "request.json"}
+        latents = torch.load(io.BytesIO(storage.read_bytes(files.latents)))
+        assert latents.shape == (LATENT_FRAMES, LATENT_CHANNELS, LATENT_HEIGHT, LATENT_HEIGHT)

@@ -7,12 +7,14 @@ sampled size. Derived data: rebuilt from the records each time, never left stale
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Optional
 
 from common.errors import ConfigError
 from common.sampling import inspect_video_model
+from common.storage import read_bytes
 from training.mining.config import PairConfig
 from training.mining.pair_policy import pair_id, select_pairs
 
@@ -62,9 +64,9 @@ def build_pairs(records: list[dict], model_dir: str | Path, out_dir: str | Path,
     image_cache: dict[tuple[str, tuple], torch.Tensor] = {}
     tensors: dict[str, torch.Tensor] = {}
 
-    def load(path: str) -> torch.Tensor:
+    def load(path: str) -> torch.Tensor:  # a path, or a storage URI (samples of a sampler writing to one)
         if path not in tensors:
-            tensors[path] = torch.load(path, map_location="cpu", weights_only=True).float()
+            tensors[path] = torch.load(io.BytesIO(read_bytes(path)), map_location="cpu", weights_only=True).float()
         return tensors[path]
 
     def image_latents(path: str, latent_shape: tuple) -> torch.Tensor:
