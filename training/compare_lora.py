@@ -29,7 +29,7 @@ from common.errors import ConfigError
 ADAPTER = "candidate"
 
 
-class CompareSettings(BaseModel):
+class CompareConfig(BaseModel):
     """How to sample and judge the comparison (the geometry settings are a `ScoreConfig`)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -65,7 +65,7 @@ def scale_label(scale: float) -> str:
 
 
 def compare_lora(model_dir: str | Path, lora_dir: str | Path, prompts_file: str | Path, out_dir: str | Path,
-                 settings: CompareSettings, score: ScoreConfig, backend,
+                 settings: CompareConfig, score: ScoreConfig, backend,
                  progress: Optional[Callable[[str], None]] = None) -> dict:
     """Sample, measure and compare (see the module docstring); writes OUT/compare.json; returns its content.
 
