@@ -3,10 +3,10 @@
     python benchmarks/bench_mine.py [--prompts 3] [--seeds 2] [--steps 2 20] [--size 32]
 
 For each sampler setting (denoising steps; more steps = a slower sampler):
-  - sampling alone: the sampler class (`services.sampler.SamplerServer`) in this process, every
+  - sampling alone: the sampler engine (`common.sampling.Sampler`) in this process, every
     (prompt, seed) in a row, after one warm-up video (model loading excluded);
-  - scoring alone: the scorer class (`services.scorer.ScorerServer`) on those videos, in a row;
-  - the pipeline: `training.mine.mine(..., local=True)` (Ray Data, one sampler actor + one scorer
+  - scoring alone: the scorer engine (`common.scorer.Scorer`) on those videos, in a row;
+  - the pipeline: `training.mining.mine(..., local=True)` (Ray Data, one sampler actor + one scorer
     actor) on the same rows, wall time from the first row to the last record, actor start-up
     (model loading) included, and again with start-up subtracted (the first record's latency minus
     its own sampling and scoring time).
@@ -18,7 +18,6 @@ On 2 CPU cores the two actors share the cores, so the overlap is limited by the 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import shutil
@@ -51,10 +50,13 @@ def main() -> None:
     from services.local_ray import start_local_ray
 
     from common.synthetic import render_video
-    from common.tiny_cogvideox import save_tiny_cogvideox
-    from services.sampler import SamplerServer
-    from services.scorer import ScorerServer
-    from training.mine import MineSettings, load_records, mine, plan_rows
+    from training.fixtures.tiny_cogvideox import save_tiny_cogvideox
+    from common.config import ScoreConfig
+    from common.sampling import SampleRequest, Sampler, SamplingConfig
+    from common.scorer import Scorer, ScorerConfig
+    from training.mining import MineConfig, mine
+    from training.mining.job import plan_rows
+    from training.mining.records import load_records
     from training.prompts import image_prompts, write_prompt_file
 
     root = Path(tempfile.mkdtemp(prefix="bench-mine-"))
@@ -70,25 +72,25 @@ def main() -> None:
     header = f"{'steps':>5} {'videos':>6} {'sample alone s':>14} {'score alone s':>13} {'scorer share':>12} " \
              f"{'pipeline wall s':>15} {'wall/sample':>11} {'wall-startup s':>14} {'(wall-startup)/sample':>21}"
     rows = []
-    scorer = ScorerServer({"score": SCORE, "warmup": False, "num_replicas": 1})
+    scorer = Scorer(ScorerConfig(score=ScoreConfig(**SCORE)))
     for steps in args.steps:
-        settings = MineSettings(seeds=args.seeds, steps=steps, frames=args.frames, height=args.size, width=args.size, score=SCORE,
+        settings = MineConfig(seeds=args.seeds, steps=steps, frames=args.frames, height=args.size, width=args.size, score=SCORE,
                                 flush_every=1, sampler={"max_steps": max(steps, 100)})
         todo = plan_rows(prompts, settings, set())
-        sampler = SamplerServer({"model_dir": str(model), "default_steps": steps, "max_steps": max(steps, 100)}, str(root / f"alone-{steps}"))
-        req = lambda r: {"prompt": r["prompt"], "seeds": [r["seed"]], "steps": steps, "frames": args.frames,
-                         "height": args.size, "width": args.size}
-        asyncio.run(sampler.sample(req(todo[0]), todo[0]["image"]))  # warm-up
+        sampler = Sampler(SamplingConfig(model_dir=model, default_steps=steps, max_steps=max(steps, 100)), root / f"alone-{steps}")
+        req = lambda r: SampleRequest(prompt=r["prompt"], seeds=[r["seed"]], steps=steps, frames=args.frames,
+                                      height=args.size, width=args.size)
+        sampler.sample(req(todo[0]), todo[0]["image"])  # warm-up
         t0 = time.perf_counter()
-        answers = [asyncio.run(sampler.sample(req(r), r["image"])) for r in todo]
-        if any("error" in a for a in answers):
-            raise SystemExit(f"sampling failed: {next(a for a in answers if 'error' in a)}")
-        videos = [a["samples"][0]["video"] for a in answers]
+        answers = [sampler.sample(req(r), r["image"]) for r in todo]
+        if any(a.error is not None for a in answers):
+            raise SystemExit(f"sampling failed: {next(a.error for a in answers if a.error is not None)}")
+        videos = [a.result.samples[0].video for a in answers]
         sample_alone = time.perf_counter() - t0
-        scorer._score_sync(videos[0], {}, None, None)  # warm-up
+        scorer.score(videos[0])  # warm-up
         t0 = time.perf_counter()
         for v in videos:
-            scorer._score_sync(v, {}, None, None)
+            scorer.score(v)
         score_alone = time.perf_counter() - t0
 
         out = root / f"mined-{steps}"

@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from common import tiny_cogvideox as tiny
+from training.fixtures import tiny_cogvideox as tiny
 from common.lora import LORA_WEIGHTS_NAME
 from training.dpo import adapters_disabled, dpo_step, rotary_embeddings
 from training.lora import add_lora, export_lora, lora_parameters, lora_state_dict

@@ -194,7 +194,7 @@ class ServeSession:
     def _video(self) -> Path:
         """A textured wall sliding behind a box (parallax, so every scoring stage runs), as mp4."""
         from common.video import write_video
-        from services.scorer import warmup_clip
+        from common.scorer import warmup_clip
 
         path = self.check.work / f"slide-{self.frames}x{self.height}x{self.width}.mp4"
         write_video(path, warmup_clip(self.frames, self.height, self.width), fps=8)
@@ -285,8 +285,8 @@ def part_scorer(check: Check) -> dict:
     wall = time.perf_counter() - t0
     stats = handle.load_stats.remote().result()
 
-    results = [a["result"] for a in batched if "result" in a]
-    errors = [a["error"] for a in batched + single if "error" in a]
+    results = [a.result.to_json_dict() for a in batched if a.result is not None]  # ScoreAnswer: result or error
+    errors = [a.error.model_dump() for a in batched + single if a.error is not None]
     stage = lambda name: sum(r["timings_s"].get(name, 0.0) for r in results)  # noqa: E731
     total = stage("total")
     per_video = {name: stage(name) / max(1, len(results))
@@ -394,7 +394,7 @@ def cogvideox(check: Check, parts: tuple[str, ...]) -> dict:
     """
     import diffusers
 
-    from common import tiny_cogvideox as tiny
+    from training.fixtures import tiny_cogvideox as tiny
     from common.cogvideox import VAE_SPATIAL, default_video_size, latent_frames
 
     if check.tiny:

@@ -1,5 +1,9 @@
 """Errors that carry a message meant for a person (CLI prints it on one line, the service maps it to HTTP)."""
 
+from typing import Optional
+
+from pydantic import BaseModel, Field
+
 
 class VideoGPAError(Exception):
     """Base class: `str(err)` is a complete, user-facing sentence."""
@@ -51,3 +55,31 @@ def invalid_settings(err, what: str = "setting") -> ConfigError:
     first = err.errors()[0]
     field = ".".join(str(p) for p in first["loc"]) or "settings"
     return ConfigError(f"invalid {what} {field}: {first['msg']}")
+
+
+# The one error envelope: what every engine answers with and the ingress sends over HTTP.
+class ErrorInfo(BaseModel):
+    """One failed request, as every engine answers it and as HTTP carries it (`{"error": {...}}`)."""
+
+    status: int = Field(description="The HTTP status the service answers with.")
+    type: str = Field(description="Error class, e.g. NotAVideoError, InputTooLargeError, Overloaded.")
+    message: str = Field(description="A complete sentence for a person (never a server path or an exception's text).")
+
+    @classmethod
+    def of(cls, err: VideoGPAError, message: Optional[str] = None) -> "ErrorInfo":
+        """The envelope of a user-facing error (`message` replaces its sentence, e.g. without server paths)."""
+        return cls(status=err.http_status, type=type(err).__name__, message=str(err) if message is None else message)
+
+    def envelope(self) -> dict:
+        """`{"error": {"status", "type", "message"}}`: the JSON shape of every error answer."""
+        return {"error": self.model_dump()}
+
+
+class Answer(BaseModel):
+    """Base of an engine's answer: its `result` (declared by each engine), or the error envelope. Exactly one is set."""
+
+    error: Optional[ErrorInfo] = None
+
+    @classmethod
+    def failed(cls, status: int, kind: str, message: str):
+        return cls(error=ErrorInfo(status=status, type=kind, message=message))

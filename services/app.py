@@ -47,9 +47,9 @@ def build_app(args: Optional[dict] = None) -> Application:
     if cfg.sampler is not None:
         from services.sampler import build_sampler
 
-        sampler = build_sampler(cfg.sampler, cfg.resolved_work_dir())
+        sampler = build_sampler(cfg.sampler, cfg.samples_location())
     ingress = Ingress.options(**ingress_deployment_options(cfg))
-    return ingress.bind(cfg.model_dump(mode="json", by_alias=True), scorer, sampler)
+    return ingress.bind(cfg, scorer, sampler)  # validated once, here; typed objects travel to the replicas
 
 
 #: The app with default settings, for `serve run services.app:app` and `serve build services.app:app`

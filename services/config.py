@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from common.config import ScoreConfig
+from common.sampling import SampleRequest, SamplingConfig
+from common.scorer import ScorerConfig
+from common.storage import is_uri, join
 
-#: Form fields of `POST /score` that a request may set, mapped to `ScoreConfig` field names.
-#: Everything else (weights paths, device, limits) is fixed by the operator's config.
-REQUEST_SCORE_FIELDS = {"frames": "frames", "backend": "backend", "max_side": "max_side", "lambda": "lambda_"}
+__all__ = ["AutoscalingArgs", "SampleRequest", "SamplerArgs", "ScorerArgs", "ServiceArgs"]
 
 
 class _Strict(BaseModel):
@@ -27,9 +27,6 @@ class _Strict(BaseModel):
 #: Upper bounds shared by several settings.
 DAY_S = 86_400.0
 WEEK_S = 7 * DAY_S
-MAX_SEEDS_PER_REQUEST = 64
-MAX_SAMPLE_STEPS = 1000
-MAX_GUIDANCE = 100.0
 
 
 class AutoscalingArgs(_Strict):
@@ -50,13 +47,9 @@ class AutoscalingArgs(_Strict):
         return self
 
 
-class ScorerArgs(_Strict):
-    """The scorer deployment: one geometry backend and one perceptual metric per replica."""
+class ScorerArgs(ScorerConfig):
+    """The scorer deployment: its engine's `ScorerConfig` (settings, backend options, request caps) and replicas."""
 
-    score: ScoreConfig = Field(
-        default_factory=ScoreConfig,
-        description="Default scorer settings; requests may override frames, backend, max_side and lambda only.",
-    )
     num_replicas: Optional[int] = Field(
         None, ge=1, le=1000, description="A fixed number of replicas; when set, `autoscaling` is ignored."
     )
@@ -75,12 +68,6 @@ class ScorerArgs(_Strict):
     batch_wait_timeout_s: float = Field(
         0.01, ge=0, le=10, description="How long a batch that is not full waits for more requests (s)."
     )
-    backend_options: dict[str, dict[str, Any]] = Field(
-        default_factory=dict,
-        description="Constructor options per geometry backend name, e.g. {'da3': {'process_res': 504}}; fixed by the "
-        "operator, never by a request. Options that change the score (process_res) appear in the backend's name "
-        "and so in metric_id.",
-    )
     max_queued_requests: int = Field(
         8, ge=1, le=10_000, description="Requests waiting for a scorer replica per ingress replica; beyond it: 503 + Retry-After."
     )
@@ -90,8 +77,6 @@ class ScorerArgs(_Strict):
     warmup: bool = Field(
         True, description="Score a tiny synthetic video when a replica starts, so models are loaded before traffic."
     )
-    max_request_frames: int = Field(64, ge=2, le=256, description="Upper bound on the `frames` a request may ask for.")
-    max_request_side: int = Field(1280, ge=32, le=4096, description="Upper bound on the `max_side` a request may ask for.")
     unhealthy_after_errors: int = Field(
         3, ge=1, le=1000, description="Consecutive internal (non-input) errors after which check_health fails and Serve replaces the replica."
     )
@@ -107,29 +92,9 @@ class ScorerArgs(_Strict):
         return self
 
 
-class SamplerArgs(_Strict):
-    """The video diffusion sampler (CogVideoX text-to-video or image-to-video) from a local folder."""
+class SamplerArgs(SamplingConfig):
+    """The sampler deployment: its engine's `SamplingConfig` (model folder, adapters, limits) and replicas."""
 
-    model_dir: Path = Field(description="A diffusers pipeline folder (model_index.json); loaded with from_pretrained, never downloaded.")
-    adapters: dict[str, Path] = Field(
-        default_factory=dict,
-        description="LoRA adapters by name -> local folder; requests select one by name, never by path.",
-    )
-    output_dir: Optional[Path] = Field(
-        None, description="Where videos, latents and text embeddings are written (storage all nodes share). Default: <work_dir>/samples."
-    )
-    dtype: str = Field("auto", description="'auto' (bfloat16 on CUDA, float32 on CPU), 'float32', 'float16' or 'bfloat16'.")
-    device: str = Field("auto", description="'auto' (CUDA when available), 'cpu' or 'cuda[:N]'.")
-    max_sequence_length: Optional[int] = Field(
-        None, ge=1, le=4096, description="Prompt tokens; default: the tokenizer's model_max_length capped at 226 (CogVideoX)."
-    )
-    default_steps: int = Field(50, ge=1, le=MAX_SAMPLE_STEPS, description="Denoising steps when the request gives none.")
-    default_guidance: float = Field(
-        6.0, ge=0, le=MAX_GUIDANCE, description="Classifier-free guidance scale when the request gives none."
-    )
-    max_seeds: int = Field(8, ge=1, le=MAX_SEEDS_PER_REQUEST, description="Most seeds one request may ask for.")
-    max_steps: int = Field(100, ge=1, le=MAX_SAMPLE_STEPS, description="Most denoising steps one request may ask for.")
-    fps: int = Field(8, ge=1, le=240, description="Frame rate of the written mp4 files.")
     num_replicas: int = Field(1, ge=1, le=1000, description="Sampler replicas (each holds the whole pipeline).")
     max_ongoing_requests: int = Field(1, ge=1, le=1000, description="Requests a sampler replica works on at once.")
     max_queued_requests: int = Field(4, ge=1, le=10_000, description="Requests waiting per caller; beyond it: 503 + Retry-After.")
@@ -143,74 +108,6 @@ class SamplerArgs(_Strict):
         description="Sample folders older than this are deleted by the ingress's sweep, like previews; keep it above "
         "the longest mining run that reads them (None: never deleted).",
     )
-
-    @field_validator("dtype")
-    @classmethod
-    def _dtype(cls, v: str) -> str:
-        if v not in {"auto", "float32", "float16", "bfloat16"}:
-            raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, not {v!r}")
-        return v
-
-
-class SampleRequest(_Strict):
-    """One sampling request (POST /sample, or the mining job's handle call), with absolute bounds.
-
-    Limits of the running sampler (its `max_seeds`, `max_steps`, adapters, model kind) are checked
-    by the sampler against its `SamplerArgs`; what is here holds for any sampler, so that nothing is
-    built from a field before it is bounded (a `num_seeds` of ten million is refused, not listed).
-    Form fields arrive as strings: `seeds` may be "0,1,2".
-    """
-
-    prompt: str = Field(min_length=1, max_length=10_000, description="What to sample.")
-    negative_prompt: str = Field("", max_length=10_000, description="What classifier-free guidance steers away from.")
-    seeds: Optional[list[Annotated[int, Field(ge=0, le=2**63 - 1)]]] = Field(
-        None, min_length=1, max_length=MAX_SEEDS_PER_REQUEST,
-        description="One video per seed (distinct); default: seeds 0..num_seeds-1.",
-    )
-    num_seeds: Optional[int] = Field(
-        None, ge=1, le=MAX_SEEDS_PER_REQUEST, description="Seeds 0..N-1 when `seeds` is not given (default 1)."
-    )
-    steps: Optional[int] = Field(None, ge=1, le=MAX_SAMPLE_STEPS, description="Denoising steps (default: the sampler's).")
-    guidance: Optional[float] = Field(None, ge=0, le=MAX_GUIDANCE, description="Guidance scale (default: the sampler's).")
-    frames: Optional[int] = Field(None, ge=1, le=4096, description="Frames, 4k+1 (CogVideoX's temporal compression is 4).")
-    height: Optional[int] = Field(None, ge=8, le=4096, description="Pixel height, a multiple of 8.")
-    width: Optional[int] = Field(None, ge=8, le=4096, description="Pixel width, a multiple of 8.")
-    adapter: Optional[str] = Field(None, max_length=200, description="A configured LoRA adapter's name; empty: the base model.")
-
-    @field_validator("prompt", "negative_prompt", mode="before")
-    @classmethod
-    def _strip(cls, v: Any) -> Any:
-        return v.strip() if isinstance(v, str) else v
-
-    @field_validator("adapter", mode="before")
-    @classmethod
-    def _empty_is_none(cls, v: Any) -> Any:
-        return (v.strip() or None) if isinstance(v, str) else v
-
-    @field_validator("seeds", mode="before")
-    @classmethod
-    def _split_seeds(cls, v: Any) -> Any:
-        if isinstance(v, str):  # "0,1,2" or "[0, 1, 2]" from a form; counted before any int is made
-            parts = [p for p in v.strip().strip("[]").split(",") if p.strip()]
-            if len(parts) > MAX_SEEDS_PER_REQUEST:
-                raise ValueError(f"at most {MAX_SEEDS_PER_REQUEST} seeds")
-            return [p.strip() for p in parts]
-        return v
-
-    @model_validator(mode="after")
-    def _consistent(self) -> "SampleRequest":
-        if self.seeds is not None and len(set(self.seeds)) != len(self.seeds):
-            raise ValueError("seeds must be distinct")
-        if self.frames is not None and (self.frames - 1) % 4 != 0:
-            raise ValueError("frames must be 4k+1 (CogVideoX's temporal compression is 4)")
-        for name in ("height", "width"):
-            value = getattr(self, name)
-            if value is not None and value % 8 != 0:
-                raise ValueError(f"{name} must be a multiple of 8")
-        return self
-
-    def seed_list(self) -> list[int]:
-        return list(self.seeds) if self.seeds is not None else list(range(self.num_seeds or 1))
 
 
 class ServiceArgs(_Strict):
@@ -235,9 +132,11 @@ class ServiceArgs(_Strict):
         30.0, gt=0, le=3600, description="Longest wait for the next chunk of a request body; past it: 408."
     )
     retry_after_s: int = Field(5, ge=1, le=3600, description="Retry-After (s) sent with 503 answers when the service is overloaded.")
-    work_dir: Optional[Path] = Field(
+    work_dir: Optional[str] = Field(
         None,
-        description="Uploads, previews and samples go here; on a multi-node cluster it must be storage all nodes share. Default: a temp folder.",
+        description="Uploads, previews and samples go here: a folder (on a multi-node cluster, a mount all nodes share), "
+        "or a storage URI that pyarrow.fs opens (s3://bucket/prefix, gs://bucket/prefix, file:///path): then no "
+        "folder is shared, each replica copies what it reads and writes through the URI. Default: a temp folder.",
     )
     preview_ttl_s: float = Field(3600.0, gt=0, le=WEEK_S, description="Previews are deleted this long after they were written.")
     auth_token_env: Optional[str] = Field(
@@ -259,12 +158,25 @@ class ServiceArgs(_Strict):
     def _scorer_default(cls, v: Any) -> Any:
         return {} if v is None else v
 
+    def storage_uri(self) -> Optional[str]:
+        """`work_dir` when it is a storage URI (common.storage), else None."""
+        return self.work_dir if is_uri(self.work_dir) else None
+
     def resolved_work_dir(self) -> Path:
-        if self.work_dir is not None:
+        """The folder on this node: `work_dir`, or (default, or a storage URI) a temp folder for this node's own files."""
+        if self.work_dir is not None and not is_uri(self.work_dir):
             return Path(self.work_dir)
         import tempfile
 
         return Path(tempfile.gettempdir()) / "videogpa-service"
+
+    def location(self, *parts: str) -> str:
+        """Where `work_dir/part/...` is for every replica: under the storage URI, or the shared folder."""
+        return join(self.storage_uri() or str(self.resolved_work_dir()), *parts)
+
+    def samples_location(self) -> str:
+        """Where the sampler writes: its `output_dir`, or `work_dir/samples`."""
+        return str(self.sampler.output_dir) if self.sampler and self.sampler.output_dir else self.location("samples")
 
     def auth_token(self) -> Optional[str]:
         """The bearer token requests must carry, or None when authentication is off."""

@@ -29,16 +29,19 @@ from typing import Any, AsyncIterator, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from common import storage
 from common.containers import HEAD_BYTES, require_frames_source, sniff_container
-from common.errors import VideoGPAError, invalid_settings
+from common.errors import ErrorInfo, VideoGPAError, invalid_settings
 from common.result import ScoreResult
-from services.config import REQUEST_SCORE_FIELDS, SampleRequest, ServiceArgs
+from common.sampling import SampleAnswer, SampleRequest
+from common.scorer import REQUEST_FIELDS, ScoreAnswer, ScoreRequest
+from services.config import ServiceArgs
 from services.uploads import ParsedForm, UploadedFile, UploadError, parse_multipart, read_json_object, timed_chunks
 
 logger = logging.getLogger("ray.serve")
@@ -54,22 +57,16 @@ READINESS_REFRESH_S = 2.0
 
 
 # ---- OpenAPI documentation of the bodies we parse by hand (streamed) ----------------------------
-class ErrorBody(BaseModel):
-    status: int = Field(description="The HTTP status, repeated.")
-    type: str = Field(description="Error class, e.g. NotAVideoError, InputTooLargeError, Overloaded.")
-    message: str = Field(description="A complete sentence for a person.")
-
-
 class ErrorResponse(BaseModel):
     detail: str = Field(description="Same as error.message (FastAPI's convention).")
-    error: ErrorBody
+    error: ErrorInfo
 
 
 class BatchItem(BaseModel):
     filename: str
     status_code: int
     result: Optional[dict] = Field(None, description="The ScoreResult JSON when status_code is 200.")
-    error: Optional[ErrorBody] = None
+    error: Optional[ErrorInfo] = None
 
 
 class BatchResponse(BaseModel):
@@ -91,15 +88,22 @@ class SampleResponse(BaseModel):
     timings_s: dict[str, float]
 
 
+def _score_request_properties() -> dict:
+    """The form fields of ScoreRequest, with its (ScoreConfig's) bounds, as OpenAPI properties."""
+    properties = ScoreRequest.model_json_schema(by_alias=True)["properties"]
+    out = {}
+    for name, prop in properties.items():
+        typed = next((p for p in prop.get("anyOf", [prop]) if p.get("type") != "null"), prop)
+        out[name] = {**typed, "description": prop.get("description", "")}
+    return out
+
+
 _SCORE_FORM_SCHEMA = {
     "type": "object",
     "required": ["video"],
     "properties": {
         "video": {"type": "string", "format": "binary", "description": "mp4/webm/mov/mkv/avi/gif, or a zip of ordered frames."},
-        "frames": {"type": "integer", "minimum": 2, "description": "T: frames sampled uniformly and scored."},
-        "backend": {"type": "string", "description": "Geometry backend name."},
-        "max_side": {"type": "integer", "minimum": 32, "description": "Long side of scored frames (px)."},
-        "lambda": {"type": "number", "minimum": 0, "description": "Weight of the perceptual term."},
+        **_score_request_properties(),
         "preview": {"type": "boolean", "description": "Also write original | reprojection | error previews (URLs in `previews`)."},
         "timeout_s": {"type": "number", "description": "Deadline for this request (s), at most the service's own."},
     },
@@ -146,24 +150,31 @@ app = FastAPI(
 
 
 class ApiError(Exception):
+    """An HTTP error answer raised inside a route (the handler below sends it)."""
+
     def __init__(self, status: int, kind: str, message: str, retry_after: Optional[int] = None):
         super().__init__(message)
-        self.status, self.kind, self.message, self.retry_after = status, kind, message, retry_after
+        self.info, self.retry_after = ErrorInfo(status=status, type=kind, message=message), retry_after
 
 
 def _error_body(status: int, kind: str, message: str) -> dict:
-    """The error object every failure carries (deployments return it; the ingress answers it)."""
-    return {"error": {"status": status, "type": kind, "message": message}}
+    """`{"error": {...}}` (common.errors.ErrorInfo, the envelope every engine answers with)."""
+    return ErrorInfo(status=status, type=kind, message=message).envelope()
 
 
 def error_response(status: int, kind: str, message: str, retry_after: Optional[int] = None) -> JSONResponse:
+    return info_response(ErrorInfo(status=status, type=kind, message=message), retry_after)
+
+
+def info_response(error: ErrorInfo, retry_after: Optional[int] = None) -> JSONResponse:
+    """The HTTP answer of an error: its envelope, plus FastAPI's `detail`."""
     headers = {"Retry-After": str(retry_after)} if retry_after else None
-    return JSONResponse({"detail": message, **_error_body(status, kind, message)}, status_code=status, headers=headers)
+    return JSONResponse({"detail": error.message, **error.envelope()}, status_code=error.status, headers=headers)
 
 
 @app.exception_handler(ApiError)
 async def _api_error(_: Request, err: ApiError) -> JSONResponse:
-    return error_response(err.status, err.kind, err.message, err.retry_after)
+    return info_response(err.info, err.retry_after)
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -188,24 +199,31 @@ async def _internal_error(_: Request, err: Exception) -> JSONResponse:
 _MEDIA_TYPES = {".png": "image/png", ".mp4": "video/mp4"}
 
 
-def _stored_file(root: Optional[Path], folder_id: str, name: str, what: str) -> FileResponse:
-    """A file this service wrote under root/folder_id/name; 404 for anything else.
+async def _stored_file(root: Optional[str], folder_id: str, name: str, what: str) -> Response:
+    """A file this service wrote under root/folder_id/name (a folder, or a storage URI); 404 for anything else.
 
     Both parts are checked against strict patterns first, so a request can never name a path
-    outside `root` (no separators, no ".."); then the resolved path must be exactly that file, so
-    a symbolic link planted in the folder (to /etc/passwd, or to another request's file) is not
-    followed.
+    outside `root` (no separators, no ".."); in a folder the resolved path must then be exactly that
+    file, so a symbolic link planted in the folder (to /etc/passwd, or to another request's file)
+    is not followed.
     """
     if root is None or not _ID.match(folder_id) or not _NAME.match(name):
         raise ApiError(404, "NotFound", f"No such {what}.")
-    expected = root.resolve() / folder_id / name
+    media_type = _MEDIA_TYPES.get(Path(name).suffix, "application/octet-stream")
+    if storage.is_uri(root):
+        try:
+            body = await asyncio.to_thread(storage.read_bytes, storage.join(root, folder_id, name))
+        except OSError:  # missing (FileNotFoundError), or the store did not answer
+            raise ApiError(404, "NotFound", f"No such {what}.") from None
+        return Response(body, media_type=media_type)
+    expected = Path(root).resolve() / folder_id / name
     try:
         resolved = expected.resolve(strict=True)
     except (OSError, RuntimeError):  # missing, or a link loop
         raise ApiError(404, "NotFound", f"No such {what}.") from None
     if resolved != expected or not resolved.is_file():
         raise ApiError(404, "NotFound", f"No such {what}.")
-    return FileResponse(resolved, media_type=_MEDIA_TYPES.get(resolved.suffix, "application/octet-stream"))
+    return FileResponse(resolved, media_type=media_type)
 
 
 def _parse_bool(name: str, value: Optional[str]) -> bool:
@@ -227,28 +245,25 @@ def _parse_number(name: str, value: str, kind: type) -> Any:
         raise ApiError(422, "ValidationError", f"Form field '{name}' must be {what}, not {value!r}.") from None
 
 
-def score_overrides(fields: dict[str, str]) -> dict[str, Any]:
-    """The request's scorer settings (only REQUEST_SCORE_FIELDS), typed; the scorer validates ranges."""
-    out: dict[str, Any] = {}
-    for form_name, config_name in REQUEST_SCORE_FIELDS.items():
-        raw = fields.get(form_name)
-        if raw is None or raw.strip() == "":
-            continue
-        if form_name in ("frames", "max_side"):
-            out[config_name] = _parse_number(form_name, raw, int)
-        elif form_name == "lambda":
-            out[config_name] = _parse_number(form_name, raw, float)
-        else:
-            out[config_name] = raw.strip()
-    return out
+_SCORE_FORM_FIELDS = [ScoreRequest.model_fields[name].alias or name for name in REQUEST_FIELDS]
 
 
-def sample_request(fields: dict[str, Any]) -> dict:
+def score_request(fields: dict[str, str]) -> ScoreRequest:
+    """The request's scorer settings from its form fields, validated as `ScoreRequest` (empty fields are absent);
+    the scorer checks its own caps."""
+    given = {name: fields[name].strip() for name in _SCORE_FORM_FIELDS if (fields.get(name) or "").strip()}
+    try:
+        return ScoreRequest.model_validate(given)
+    except ValidationError as err:
+        raise ApiError(422, "ValidationError", str(invalid_settings(err, "form field"))) from None
+
+
+def sample_request(fields: dict[str, Any]) -> SampleRequest:
     """The sampler's request from form or JSON fields, validated as `SampleRequest` (absolute bounds;
     the sampler checks its own limits). Empty form fields count as absent."""
     given = {k: v for k, v in fields.items() if k != "timeout_s" and v is not None and v != ""}
     try:
-        return SampleRequest.model_validate(given).model_dump(exclude_none=True)
+        return SampleRequest.model_validate(given)
     except ValidationError as err:
         raise ApiError(422, "ValidationError", str(invalid_settings(err, "field"))) from None
 
@@ -263,19 +278,21 @@ def _upload_api_error(err: UploadError) -> ApiError:
 @serve.deployment(name="Ingress")
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, args: dict, scorer: DeploymentHandle, sampler: Optional[DeploymentHandle] = None):
-        self._args = ServiceArgs.model_validate(args)
+    def __init__(self, args: ServiceArgs, scorer: DeploymentHandle, sampler: Optional[DeploymentHandle] = None):
+        self._args = args
         self._scorer = scorer
         self._sampler = sampler
         self._token = self._args.auth_token()
+        # Uploads arrive in a folder on this node; with a storage URI they are copied there for the scorer, and
+        # previews and samples are read back from it (common.storage), so no folder is shared between nodes.
+        self._store = self._args.storage_uri()
         work = self._args.resolved_work_dir()
         self._uploads = work / "uploads"
-        self._previews = work / "previews"
-        for d in (self._uploads, self._previews):
-            d.mkdir(parents=True, exist_ok=True)
-        self._samples_dir: Optional[Path] = None
-        if self._args.sampler is not None:
-            self._samples_dir = Path(self._args.sampler.output_dir or work / "samples")
+        self._uploads.mkdir(parents=True, exist_ok=True)
+        if self._store is None:
+            (work / "previews").mkdir(parents=True, exist_ok=True)
+        self._previews_at = self._args.location("previews")
+        self._samples_at = self._args.samples_location() if self._args.sampler is not None else None
         self._body_slots = asyncio.Semaphore(self._args.ingress_max_ongoing_requests)
         self._readiness: Optional[tuple[int, dict]] = None  # (status, body) of the last refresh
         self._readiness_at = 0.0
@@ -290,16 +307,17 @@ class Ingress:
         if not force and now - self._last_sweep < 60:
             return
         self._last_sweep = now
-        limits = [(self._previews, self._args.preview_ttl_s), (self._uploads, 2 * self._args.request_timeout_s + 3600)]
-        if self._samples_dir is not None and self._args.sampler.output_ttl_s is not None:
-            limits.append((self._samples_dir, self._args.sampler.output_ttl_s))
+        limits = [(self._previews_at, self._args.preview_ttl_s),
+                  (str(self._uploads), 2 * self._args.request_timeout_s + 3600)]
+        if self._store is not None:
+            limits.append((self._args.location("uploads"), 2 * self._args.request_timeout_s + 3600))
+        if self._samples_at is not None and self._args.sampler.output_ttl_s is not None:
+            limits.append((self._samples_at, self._args.sampler.output_ttl_s))
         for folder, ttl in limits:
-            for entry in folder.iterdir() if folder.is_dir() else ():
-                try:
-                    if _ID.match(entry.name) and now - entry.stat().st_mtime > ttl:  # only folders we named
-                        shutil.rmtree(entry, ignore_errors=True)
-                except FileNotFoundError:
-                    pass
+            for name, mtime in storage.entries(folder):
+                # Only folders we named; an object store's "folders" have no time: its lifecycle rules expire them.
+                if _ID.match(name) and mtime is not None and now - mtime > ttl:
+                    storage.delete(storage.join(folder, name))
 
     def _check_auth(self, request: Request) -> None:
         if self._token is None:
@@ -331,6 +349,15 @@ class Ingress:
             yield folder
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+            if self._store is not None:
+                await asyncio.to_thread(storage.delete, self._args.location("uploads", folder.name))
+
+    async def _shared(self, upload: UploadedFile) -> str:
+        """Where the replicas behind this one read `upload`: its path, or its copy under the storage URI."""
+        if self._store is None:
+            return str(upload.path)
+        return await asyncio.to_thread(storage.put_file, upload.path,
+                                       self._args.location("uploads", upload.path.parent.name, upload.path.name))
 
     def _body(self, request: Request, arrived: float) -> AsyncIterator[bytes]:
         """The request body's chunks, within the idle and total receive limits (408)."""
@@ -381,47 +408,51 @@ class Ingress:
             raise ApiError(500, "InternalError", f"{what} failed ({type(err).__name__}).") from None
 
     def _previews_to_urls(self, result: dict, request_id: str) -> dict:
-        folder = (self._previews / request_id).resolve()
+        folder = storage.join(self._previews_at, request_id)
         urls = []
         for p in result.get("previews") or []:
-            path = Path(p).resolve()
-            if path.parent == folder and _NAME.match(path.name):
-                urls.append(f"/previews/{request_id}/{path.name}")
+            name = storage.name_of(p)
+            if self._store is not None:
+                ours = p == storage.join(folder, name)
+            else:
+                ours = Path(p).resolve().parent == Path(folder).resolve()
+            if ours and _NAME.match(name):
+                urls.append(f"/previews/{request_id}/{name}")
         result["previews"] = urls
         return result
 
-    async def _score_one(self, upload: UploadedFile, overrides: dict, preview: bool, deadline: float) -> tuple[int, dict]:
-        """(200, ScoreResult JSON) or (status, {"error": ...}) for one uploaded file."""
+    async def _score_one(self, upload: UploadedFile, request: ScoreRequest, preview: bool,
+                         deadline: float) -> dict | ErrorInfo:
+        """The ScoreResult JSON (preview URLs) or the error for one uploaded file; ApiError when the call failed."""
         if upload.size == 0:
-            return 422, _error_body(422, "NotAVideoError", "The uploaded file is empty.")
+            return ErrorInfo(status=422, type="NotAVideoError", message="The uploaded file is empty.")
         # A cheap look at the first bytes before the file takes a place in the scorer's queue.
         with open(upload.path, "rb") as f:
             head = f.read(HEAD_BYTES)
         try:
             require_frames_source(sniff_container(head), "The uploaded file")
         except VideoGPAError as err:
-            return err.http_status, _error_body(err.http_status, type(err).__name__, str(err))
+            return ErrorInfo.of(err)
         request_id = uuid.uuid4().hex
         preview_dir = None
         if preview:
-            preview_dir = self._previews / request_id
-            preview_dir.mkdir(parents=True)
+            preview_dir = storage.join(self._previews_at, request_id)
+            if self._store is None:
+                Path(preview_dir).mkdir(parents=True)
         try:
-            answer = await self._call(
-                self._scorer.score.remote(str(upload.path), overrides, str(preview_dir) if preview_dir else None, deadline),
-                deadline, "Scoring")
+            answer: ScoreAnswer = await self._call(
+                self._scorer.score.remote(await self._shared(upload), request, preview_dir, deadline), deadline, "Scoring")
         except ApiError:
             if preview_dir is not None:
-                shutil.rmtree(preview_dir, ignore_errors=True)
+                await asyncio.to_thread(storage.delete, preview_dir)
             raise
-        if "error" in answer:
+        if answer.error is not None:
             if preview_dir is not None:
-                shutil.rmtree(preview_dir, ignore_errors=True)
-            error = answer["error"]
+                await asyncio.to_thread(storage.delete, preview_dir)
             # The scorer names the file as stored here (upload-000.mp4); the client knows its own name.
-            error["message"] = error["message"].replace(upload.path.name, upload.filename or "the uploaded file")
-            return error["status"], answer
-        return 200, self._previews_to_urls(answer["result"], request_id)
+            message = answer.error.message.replace(upload.path.name, upload.filename or "the uploaded file")
+            return answer.error.model_copy(update={"message": message})
+        return self._previews_to_urls(answer.result.to_json_dict(), request_id)
 
     async def _readiness_now(self) -> tuple[int, dict]:
         """Readiness from Serve's own view (the controller's), never through a replica's request queue.
@@ -491,7 +522,7 @@ class Ingress:
             "max_batch_files": self._args.max_batch_files,
             "request_timeout_s": self._args.request_timeout_s,
             "upload_timeout_s": self._args.upload_timeout_s,
-            "score_defaults": scorer.score.model_dump(mode="json", by_alias=True, include={"frames", "backend", "max_side", "lambda_"}),
+            "score_defaults": scorer.score.model_dump(mode="json", by_alias=True, include=set(REQUEST_FIELDS)),
             "max_request_frames": scorer.max_request_frames,
             "max_request_side": scorer.max_request_side,
             "sampler": self._sampler is not None,
@@ -509,14 +540,11 @@ class Ingress:
             video = next((f for f in form.files if f.field == "video"), form.files[0] if form.files else None)
             if video is None:
                 raise ApiError(422, "ValidationError", "Upload the video as the multipart file field 'video'.")
-            overrides = score_overrides(form.fields)
+            settings = score_request(form.fields)
             preview = _parse_bool("preview", form.fields.get("preview"))
             deadline = self._deadline(arrived, form.fields.get("timeout_s"))
-            status, body = await self._score_one(video, overrides, preview, deadline)
-            if status != 200:
-                e = body["error"]
-                return error_response(e["status"], e["type"], e["message"])
-            return JSONResponse(body)
+            answer = await self._score_one(video, settings, preview, deadline)
+            return info_response(answer) if isinstance(answer, ErrorInfo) else JSONResponse(answer)
 
     @app.post("/score/batch", summary="Score several uploaded videos; one result or error per file, in order.",
               openapi_extra=_multipart_doc(_BATCH_FORM_SCHEMA), response_model=BatchResponse, responses=_ERRORS)
@@ -528,7 +556,7 @@ class Ingress:
             form = await self._read_form(request, arrived, folder, max_files=self._args.max_batch_files)
             if not form.files:
                 raise ApiError(422, "ValidationError", "Upload the videos as multipart file fields named 'videos'.")
-            overrides = score_overrides(form.fields)
+            settings = score_request(form.fields)
             preview = _parse_bool("preview", form.fields.get("preview"))
             deadline = self._deadline(arrived, form.fields.get("timeout_s"))
 
@@ -542,13 +570,12 @@ class Ingress:
 
             async def score_file(f) -> dict:
                 try:
-                    status, body = await self._score_one(f, overrides, preview, deadline)
+                    answer = await self._score_one(f, settings, preview, deadline)
                 except ApiError as err:
-                    return {"filename": f.filename, "status_code": err.status,
-                            "error": {"status": err.status, "type": err.kind, "message": err.message}}
-                if status == 200:
-                    return {"filename": f.filename, "status_code": 200, "result": body}
-                return {"filename": f.filename, "status_code": status, "error": body["error"]}
+                    answer = err.info
+                if isinstance(answer, ErrorInfo):
+                    return {"filename": f.filename, "status_code": answer.status, **answer.envelope()}
+                return {"filename": f.filename, "status_code": 200, "result": answer}
 
             results = await asyncio.gather(*(one(f) for f in form.files))
             return JSONResponse({"results": results})
@@ -557,7 +584,7 @@ class Ingress:
              response_class=FileResponse, responses={404: {"model": ErrorResponse}})
     async def preview(self, request_id: str, name: str, request: Request):
         self._check_auth(request)
-        return _stored_file(self._previews, request_id, name, "preview (previews expire)")
+        return await _stored_file(self._previews_at, request_id, name, "preview (previews expire)")
 
     @app.post("/sample", summary="Sample videos for one prompt (N seeds) from the configured CogVideoX model.",
               openapi_extra=_multipart_doc(_SAMPLE_FORM_SCHEMA), response_model=SampleResponse, responses=_ERRORS)
@@ -578,25 +605,24 @@ class Ingress:
                 form = await self._read_form(request, arrived, folder, max_files=1)
                 fields = form.fields
                 image = next((f for f in form.files if f.field == "image" and f.size > 0), None)
-                image_path = str(image.path) if image is not None else None
+                image_path = await self._shared(image) if image is not None else None
             req = sample_request(fields)
             deadline = self._deadline(arrived, fields.get("timeout_s"))
-            answer = await self._call(self._sampler.sample.remote(req, image_path), deadline, "Sampling")
-            if "error" in answer:
-                e = answer["error"]
-                return error_response(e["status"], e["type"], e["message"])
-            sample_id = answer["sample_id"]
-            for item in answer["samples"]:
-                for key in ("video", "latents", "prompt_embeds"):
-                    item[f"{key}_url"] = f"/samples/{sample_id}/{Path(item[key]).name}"
-                item["video"] = f"{sample_id}/{Path(item['video']).name}"
-                item.pop("latents", None)
-                item.pop("prompt_embeds", None)
-            return JSONResponse(answer)
+            answer: SampleAnswer = await self._call(self._sampler.sample.remote(req, image_path), deadline, "Sampling")
+            if answer.error is not None:
+                return info_response(answer.error)
+            result = answer.result
+            sample_id = result.sample_id
+            items = [SampleItem(seed=f.seed, video=f"{sample_id}/{Path(f.video).name}",
+                                **{f"{key}_url": f"/samples/{sample_id}/{Path(getattr(f, key)).name}"
+                                   for key in ("video", "latents", "prompt_embeds")})
+                     for f in result.samples]
+            return JSONResponse(SampleResponse(sample_id=sample_id, adapter=result.adapter, samples=items,
+                                               timings_s=result.timings_s).model_dump(mode="json"))
 
     @app.get("/samples/{sample_id}/{name}", summary="A file written by POST /sample (mp4 or torch .pt).",
              response_class=FileResponse, responses={404: {"model": ErrorResponse}})
     async def sample_file(self, sample_id: str, name: str, request: Request):
         self._check_auth(request)
-        return _stored_file(self._samples_dir, sample_id, name, "sample file")
+        return await _stored_file(self._samples_at, sample_id, name, "sample file")
 

@@ -29,7 +29,7 @@ from common.errors import ConfigError
 ADAPTER = "candidate"
 
 
-class CompareSettings(BaseModel):
+class CompareConfig(BaseModel):
     """How to sample and judge the comparison (the geometry settings are a `ScoreConfig`)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -65,20 +65,19 @@ def scale_label(scale: float) -> str:
 
 
 def compare_lora(model_dir: str | Path, lora_dir: str | Path, prompts_file: str | Path, out_dir: str | Path,
-                 settings: CompareSettings, score: ScoreConfig, backend,
+                 settings: CompareConfig, score: ScoreConfig, backend,
                  progress: Optional[Callable[[str], None]] = None) -> dict:
     """Sample, measure and compare (see the module docstring); writes OUT/compare.json; returns its content.
 
     `backend`: the geometry backend (`common.geometry.create_backend`), created by the caller so
     that a missing model fails before any sampling.
     """
-    import torch
-    from diffusers import DiffusionPipeline
     from PIL import Image
 
     from common.cogvideox import default_video_size, sample_video
     from common.evaluation import evaluate_set, summarise
     from common.lora import load_lora, select_adapter
+    from common.sampling import load_video_model
     from common.saturation import mean_saturation
     from common.video import load_video, write_video
     from training.prompts import read_prompt_file
@@ -87,13 +86,8 @@ def compare_lora(model_dir: str | Path, lora_dir: str | Path, prompts_file: str 
     out_dir = Path(out_dir)
     prompts = read_prompt_file(prompts_file)
     model_dir = Path(model_dir)
-    if not (model_dir / "model_index.json").is_file():
-        raise ConfigError(f"{model_dir} is not a diffusers pipeline folder (model_index.json is missing)")
-    device = settings.device if settings.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    pipe = DiffusionPipeline.from_pretrained(str(model_dir), torch_dtype=dtype).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    i2v = "ImageToVideo" in type(pipe).__name__
+    pipe, model = load_video_model(model_dir, device=settings.device)
+    i2v = model.i2v
     if i2v and not all(p["image"] for p in prompts):
         raise ConfigError(f"{model_dir} is an image-to-video model: every prompt in {prompts_file} needs an image")
     metadata = load_lora(pipe, lora_dir, ADAPTER)

@@ -1,7 +1,7 @@
 """`vgpa demo --tiny`: the whole loop on one machine with a tiny random CogVideoX.
 
     tiny image-to-video CogVideoX (save_pretrained) -> first frames from the synthetic renderer
-    -> camera-motion prompts -> mining job (--local mode: sampler + scorer as Ray Data actors)
+    -> camera-motion prompts -> mining job (--local mode: sampler + scorer engines in Ray Data actor pools)
     -> pairs -> LoRA-DPO with two Ray Train workers (DeepSpeed ZeRO-2) -> the LoRA loaded back into
     the sampler -> sample again -> score
 
@@ -14,7 +14,6 @@ nothing for quality; the point is that every real component runs, connected.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from pathlib import Path
@@ -51,9 +50,11 @@ def run_tiny_demo(out: str | Path, *, prompts: int = 3, seeds: int = 2, train_st
     from common.config import ScoreConfig
     from common.scoring import score_video
     from common.synthetic import render_video
-    from common.tiny_cogvideox import save_tiny_cogvideox
-    from services.sampler import SamplerServer
-    from training.mine import MineSettings, PairSettings, build_pairs, load_records, mine
+    from training.fixtures.tiny_cogvideox import save_tiny_cogvideox
+    from common.sampling import SampleRequest, Sampler, SamplingConfig
+    from training.mining import MineConfig, PairConfig, mine
+    from training.mining.pair_writer import build_pairs
+    from training.mining.records import load_records
     from training.pairs import load_pairs_index
     from training.prompts import image_prompts, write_prompt_file
     from training.trainer import TrainConfig, train
@@ -62,7 +63,7 @@ def run_tiny_demo(out: str | Path, *, prompts: int = 3, seeds: int = 2, train_st
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     model = out / "model"
-    if not (model / "model_index.json").is_file():
+    if not model.is_dir():
         save_tiny_cogvideox(model, i2v=True)
     frames_dir = out / "first_frames"
     frames_dir.mkdir(exist_ok=True)
@@ -77,8 +78,7 @@ def run_tiny_demo(out: str | Path, *, prompts: int = 3, seeds: int = 2, train_st
 
     # 1. Mine (local mode: no Serve app needed).
     score = {"frames": 4, "recon_frames": 8, "max_side": 64}
-    settings = MineSettings(seeds=seeds, steps=2, score=score)
-    mined = mine(prompt_file, model, out / "mined", settings, local=True, address=address,
+    mined = mine(prompt_file, model, out / "mined", MineConfig(seeds=seeds, steps=2, score=score), local=True, address=address,
                  on_progress=lambda p: log(f"[demo] mining: prompts {p['prompts_done']}/{p['prompts_total']}, "
                                            f"videos {p['videos_done']}/{p['videos_total']}, pairs so far {p['pairs_so_far']}"))
     ranked_by = mined["report"]["metric_ids"][0] if mined["pairs"] else None
@@ -87,7 +87,7 @@ def run_tiny_demo(out: str | Path, *, prompts: int = 3, seeds: int = 2, train_st
         log(f"[demo] the geometry scorer found nothing to rank ({mined['statuses']}): random weights make noise; "
             "ranking the mined candidates by the frame-change stand-in")
         records = stand_in_records(load_records(out / "mined"))
-        report = build_pairs(records, model, out / "pairs", PairSettings(min_gap=0.0, min_motion=0.0),
+        report = build_pairs(records, model, out / "pairs", PairConfig(min_gap=0.0, min_motion=0.0),
                              extra={"ranked_by": STAND_IN_METRIC})
         if not report["written"]:
             raise RuntimeError(f"the demo could not form any pair: {report}")
@@ -102,16 +102,15 @@ def run_tiny_demo(out: str | Path, *, prompts: int = 3, seeds: int = 2, train_st
     trained = train(cfg, pairs_dir, model, out / "lora", address=address,
                     on_step=lambda m: log(f"[demo] step {m['step']}: loss {m['loss']:.4f}"))
 
-    # 3. Load the LoRA back into the sampler, sample again, score.
-    sampler = SamplerServer({"model_dir": str(model), "adapters": {"demo": str(out / "lora")}, "default_steps": 2},
-                            str(out / "after"))
+    # 3. Load the LoRA back into the sampler engine, sample again, score.
+    sampler = Sampler(SamplingConfig(model_dir=model, adapters={"demo": out / "lora"}, default_steps=2), out / "after")
     after = []
     for row in [json.loads(line) for line in prompt_file.read_text().splitlines()]:
-        answer = asyncio.run(sampler.sample({"prompt": row["prompt"], "seeds": [0], "adapter": "demo"}, row["image"]))
-        if "error" in answer:
-            after.append({"prompt_id": row["prompt_id"], "status": "failed", "reason": answer["error"]["message"]})
+        answer = sampler.sample(SampleRequest(prompt=row["prompt"], seeds=[0], adapter="demo"), row["image"])
+        if answer.error is not None:
+            after.append({"prompt_id": row["prompt_id"], "status": "failed", "reason": answer.error.message})
             continue
-        video = answer["samples"][0]["video"]
+        video = answer.result.samples[0].video
         result = score_video(video, ScoreConfig(**score))
         after.append({"prompt_id": row["prompt_id"], "video": video, "status": result.status, "score": result.score,
                       "reason": result.reason, "frame_change": frame_change(video)})

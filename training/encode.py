@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from common.cogvideox import (VAE_SPATIAL, check_latent_size, condition_scale, default_video_size, latent_frames,
                               latent_space, read_model_configs)
 from common.errors import ConfigError, TooFewFramesError
+from common.sampling import inspect_video_model
 from training.pairs import SUMMARY_NAME, Pair, PairsDatasetError, write_pairs_dataset
 
 
@@ -172,8 +173,7 @@ def cache_pairs(
                 raise PairsDatasetError(f"{listing} line {n}: {entry[key]} does not exist in {folder}")
 
     # 1. Sizes and the latent space, from the configs alone (nothing loaded yet).
-    if not (model_dir / "model_index.json").is_file():
-        raise ConfigError(f"{model_dir} is not a diffusers pipeline folder (model_index.json is missing)")
+    inspect_video_model(model_dir)
     tcfg, vcfg = read_model_configs(model_dir)
     space = latent_space(tcfg, vcfg)
     default_frames, default_height, default_width = default_video_size(tcfg)

@@ -43,9 +43,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from common.cogvideox import (VAE_SPATIAL, VAE_TEMPORAL, check_latent_size, latent_space, latent_space_differences,
                               read_model_configs, sample_video)
+from common.config import ScoreConfig
 from common.errors import ConfigError, VideoGPAError
 from training.dpo import LossType, dpo_step
 from common.lora import adapter_metadata, read_lora, save_lora
+from common.sampling import inspect_video_model
 from training.lora import (DEFAULT_TARGETS, LORA_WEIGHTS_NAME, add_lora, export_lora, lora_config, lora_parameters,
                            lora_state_dict)
 from training.pairs import PairsDataset, PairsIndex, collate_pairs, load_pairs_index
@@ -135,8 +137,8 @@ class TrainConfig(BaseModel):
     validation_seed: int = Field(0, description="Prompt i is always sampled with seed validation_seed + i.")
     validation_inference_steps: int = Field(50, ge=1, description="Denoising steps per validation video.")
     validation_score: bool = Field(True, description="Score each validation video with common.scoring.score_video.")
-    validation_score_config: dict = Field(
-        default_factory=dict, description="common.config.ScoreConfig fields for validation scoring."
+    validation_score_config: ScoreConfig = Field(
+        default_factory=ScoreConfig, description="The scorer's settings for validation scoring."
     )
 
     # --- held-out pairs: DPO loss, implicit accuracy and reward margin on pairs never trained on ---
@@ -591,11 +593,9 @@ def run_validation(model, model_dir: str, cfg: TrainConfig, step: int, out_dir: 
 
     metrics: dict[str, float] = {}
     if cfg.validation_score:
-        from common.config import ScoreConfig
         from common.scoring import score_video
 
-        score_cfg = ScoreConfig(**cfg.validation_score_config)
-        results = [score_video(p, score_cfg) for p in paths]
+        results = [score_video(p, cfg.validation_score_config) for p in paths]
         ok = [r.score for r in results if r.status == "ok" and r.score is not None]
         metrics = {
             "val/score": float(np.mean(ok)) if ok else float("nan"),
@@ -641,8 +641,7 @@ def check_model_folder(model_dir: Path, index: PairsIndex) -> dict:
     width, latent sizes the transformer cannot train on (see `common.cogvideox.check_latent_size`).
     """
     tcfg, vcfg = read_model_configs(model_dir)
-    if not (model_dir / "scheduler").is_dir():
-        raise ConfigError(f"{model_dir} has no scheduler/ folder")
+    inspect_video_model(model_dir)  # a complete CogVideoX pipeline folder (the sampler's check; scheduler/ included)
     scheduler_config = model_dir / "scheduler" / "scheduler_config.json"
     if scheduler_config.is_file():
         prediction = json.loads(scheduler_config.read_text()).get("prediction_type", "epsilon")

@@ -51,10 +51,10 @@ def compare_lora_command(model_dir, lora_dir, prompts_file, out, scales, seeds, 
 
     from common.errors import invalid_settings
     from common.geometry import create_backend
-    from training.compare_lora import CompareSettings, compare_lora, format_comparison
+    from training.compare_lora import CompareConfig, compare_lora, format_comparison
 
     try:
-        settings = CompareSettings(scales=_numbers(scales, float, "--scales"), seeds=_numbers(seeds, int, "--seeds"),
+        settings = CompareConfig(scales=_numbers(scales, float, "--scales"), seeds=_numbers(seeds, int, "--seeds"),
                                    steps=steps, guidance=guidance, frames=sample_frames, height=height, width=width,
                                    saturation_tolerance=saturation_tolerance, device=device)
     except ValidationError as err:

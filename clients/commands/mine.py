@@ -3,8 +3,10 @@
     vgpa mine --prompts prompts.jsonl --model MODEL_DIR --out OUT_DIR [--seeds N] [--address ADDR] [--local]
 
 By default the job streams through the running Serve app's Sampler and Scorer deployments
-(`vgpa serve` with a sampler: section); `--local` runs the same code as Ray Data actors instead.
-Re-running the same command resumes: videos already recorded are skipped. See docs/mining.md.
+(`vgpa serve` with a sampler: section); `--local` runs the same engines in Ray Data actor pools.
+Re-running the same command resumes: videos already recorded are skipped. This is the job's one
+command line: `ray job submit ... -- vgpa mine ...` and cluster/mine-rayjob.yaml call it too (with
+the `vgpa` of the environment that has the project installed; see docs/mining.md).
 Also registers `vgpa prompts` (clients/commands/prompts.py).
 """
 
@@ -25,7 +27,7 @@ from clients.commands.prompts import prompts
 @click.option("--address", default=None, help="Ray cluster address; default: RAY_ADDRESS or an embedded local Ray.")
 @click.option("--local", is_flag=True, help="Run sampler and scorer as Ray Data actors instead of calling the Serve app.")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="YAML/JSON file of training.mine.MineSettings fields.")
+              help="YAML/JSON file of training.mining.MineConfig fields.")
 @click.option("--steps", type=int, default=None, help="Denoising steps per video (default: the sampler's).")
 @click.option("--app-name", default=None, help="Serve application name (default 'default').")
 @click.option("--pair-mode", type=click.Choice(["best-vs-worst", "all-pairs"]), default=None, help="Default best-vs-worst.")
@@ -37,10 +39,10 @@ def mine(prompts_file, model_dir, out_dir, seeds, address, local, config_file, s
          max_score, min_motion, retry_failed):
     from tqdm import tqdm
 
-    from training.mine import mine as run_mine
-    from training.mine import settings_from_file
+    from training.mining import config_from_file
+    from training.mining import mine as run_mine
 
-    settings = settings_from_file(config_file, {
+    settings = config_from_file(config_file, {
         "seeds": seeds, "steps": steps, "app_name": app_name, "retry_failed": retry_failed or None,
         "pairs": {"mode": pair_mode, "min_gap": min_gap, "max_score": max_score, "min_motion": min_motion}})
     bar = tqdm(unit="prompt", dynamic_ncols=True, desc="mining")

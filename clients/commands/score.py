@@ -24,6 +24,26 @@ def config_from_options(**options) -> ScoreConfig:
         raise invalid_settings(err, "score setting") from None
 
 
+def service_form(options: dict) -> dict:
+    """The options a service request carries (`common.scorer.ScoreRequest`: every one the service accepts),
+    checked against that schema before anything is sent; an option only the service's operator sets is refused."""
+    from common.scorer import ScoreRequest
+
+    given = {k: v for k, v in options.items() if v is not None}
+    accepted = {info.alias or name for name, info in ScoreRequest.model_fields.items()}
+    refused = sorted(k for k in given if k not in accepted)
+    if refused:
+        flags = ", ".join("--" + k.replace("_", "-") for k in refused)
+        raise click.UsageError(
+            f"{flags}: the service does not take {'this option' if len(refused) == 1 else 'these options'} from a request "
+            f"(its operator sets them in the scorer's config); with --url only "
+            f"{', '.join('--' + k.replace('_', '-') for k in sorted(accepted))} can be given, or score locally without --url.")
+    try:
+        return ScoreRequest.model_validate(given).model_dump(by_alias=True, exclude_none=True)
+    except ValidationError as err:
+        raise invalid_settings(err, "score setting") from None
+
+
 class StageProgress:
     """Prints each stage to stderr as it starts, with the time the previous one took."""
 
@@ -86,8 +106,8 @@ def score(path, frames, backend, weights, max_side, lambda_, perceptual, device,
     options["lambda"] = lambda_
     if url:
         from clients.http_client import score_via_http
-        form = {k: v for k, v in options.items() if v is not None and k in ("frames", "backend", "max_side", "lambda")}
-        result = score_via_http(url, path, preview_dir=preview, **form)
+
+        result = score_via_http(url, path, preview_dir=preview, **service_form(options))
     else:
         from common.scoring import score_video
 

@@ -82,3 +82,18 @@ def test_limits_and_bad_settings_are_clear(demo_video):
     assert done.returncode == 2 and "max_side" in done.stderr and "Traceback" not in done.stderr
     done = run("score", demo_video, "--backend", "nope")
     assert done.returncode == 2 and "unknown geometry backend 'nope'" in done.stderr
+
+
+def test_url_mode_sends_every_option_the_service_takes_and_refuses_the_others(demo_video):
+    """With --url: options only the service's operator sets are refused with a clear message, before any request."""
+    from clients.commands.score import service_form
+    from common.scorer import ScoreRequest
+
+    accepted = {"frames": 6, "backend": "colmap-flow", "max_side": 160, "lambda": 0.5}
+    assert service_form(dict(accepted, weights=None, perceptual=None, device=None)) == accepted
+    assert set(accepted) == {info.alias or name for name, info in ScoreRequest.model_fields.items()}
+    for flag, value in (("--weights", "/models/x"), ("--perceptual", "dssim"), ("--device", "cpu")):
+        done = run("score", demo_video, "--url", "http://127.0.0.1:9", flag, value)  # port 9: nothing is contacted
+        assert done.returncode == 2 and flag in done.stderr and "operator" in done.stderr, done.stderr
+    done = run("score", demo_video, "--url", "http://127.0.0.1:9", "--frames", "1")
+    assert done.returncode == 2 and "frames" in done.stderr

@@ -3,7 +3,6 @@ trainer's export format) and bearer-token auth, on the real Serve app. One deplo
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import httpx
@@ -25,7 +24,7 @@ TOKEN = "test-token-5f2c"
 def models(tmp_path_factory) -> dict[str, Path]:
     import torch
 
-    from common.tiny_cogvideox import save_tiny_cogvideox, tiny_transformer
+    from training.fixtures.tiny_cogvideox import save_tiny_cogvideox, tiny_transformer
     from training.lora import add_lora, export_lora
 
     root = tmp_path_factory.mktemp("sampler-models")
@@ -114,7 +113,7 @@ class TestSampling:
         import av
         import torch
 
-        from common.tiny_cogvideox import HEIGHT, LATENT_CHANNELS, LATENT_FRAMES, LATENT_HEIGHT, NUM_FRAMES, TEXT_EMBED_DIM, TEXT_SEQ_LEN, WIDTH
+        from training.fixtures.tiny_cogvideox import HEIGHT, LATENT_CHANNELS, LATENT_FRAMES, LATENT_HEIGHT, NUM_FRAMES, TEXT_EMBED_DIM, TEXT_SEQ_LEN, WIDTH
         from clients.http_client import VideoGPAClient
 
         r = sample(url, prompt="a red cube orbit", seeds=[3, 7])
@@ -137,12 +136,15 @@ class TestSampling:
         import torch
         from ray import serve
 
+        from common.sampling import SampleRequest
+
         handle = serve.get_deployment_handle("Sampler", app_name=APP)
 
         def latents(adapter):
-            out = handle.sample.remote({"prompt": "a blue sphere", "seeds": [5], "steps": 2, "adapter": adapter}).result(timeout_s=300)
-            path = Path(out["samples"][0]["latents"])  # inside the cluster: paths on shared storage
-            assert path.is_file() and Path(out["samples"][0]["video"]).is_file()
+            request = SampleRequest(prompt="a blue sphere", seeds=[5], steps=2, adapter=adapter)
+            out = handle.sample.remote(request).result(timeout_s=300).result  # typed: a SampleAnswer crosses the handle
+            path = Path(out.samples[0].latents)  # inside the cluster: paths on shared storage
+            assert path.is_file() and Path(out.samples[0].video).is_file()
             return torch.load(path)
 
         base = latents(None)
@@ -214,21 +216,44 @@ class TestSampling:
         assert r.status_code == 422 and "text-to-video" in r.json()["detail"]
 
 
-class TestImageToVideoServer:
-    """The same deployment class on an image-to-video folder, called directly (no Serve)."""
+class TestImageToVideoEngine:
+    """The deployment's engine on an image-to-video folder, called directly (no Serve)."""
 
     def test_first_frame_conditioning(self, models, tmp_path):
         from PIL import Image
 
-        from services.sampler import SamplerServer
+        from common.sampling import SampleRequest, Sampler, SamplingConfig
 
-        server = SamplerServer({"model_dir": str(models["i2v"]), "default_steps": 2}, str(tmp_path / "out"))
-        assert server.ready()["pipeline"] == "CogVideoXImageToVideoPipeline"
+        engine = Sampler(SamplingConfig(model_dir=models["i2v"], default_steps=2), tmp_path / "out")
+        assert engine.pipeline_name == "CogVideoXImageToVideoPipeline" and engine.model.i2v
         Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "first.png")
-        out = asyncio.run(server.sample({"prompt": "a red cube", "seeds": [0]}, str(tmp_path / "first.png")))
-        assert Path(out["samples"][0]["video"]).is_file()
-        missing = asyncio.run(server.sample({"prompt": "a red cube"}, None))
-        assert missing["error"]["status"] == 422
+        out = engine.sample(SampleRequest(prompt="a red cube", seeds=[0]), str(tmp_path / "first.png"))
+        assert Path(out.result.samples[0].video).is_file()
+        missing = engine.sample(SampleRequest(prompt="a red cube"), None)
+        assert missing.result is None and missing.error.status == 422
         (tmp_path / "bad.png").write_bytes(b"not an image")
-        bad = asyncio.run(server.sample({"prompt": "a red cube"}, str(tmp_path / "bad.png")))
-        assert bad["error"]["status"] == 415
+        bad = engine.sample({"prompt": "a red cube"}, str(tmp_path / "bad.png"))
+        assert bad.error.status == 415
+
+    def test_samples_go_to_a_storage_uri(self, models, tmp_path):
+        """With a storage URI as output (a cluster without a shared folder), every file is copied there."""
+        import io
+
+        import torch
+        from PIL import Image
+
+        from common import storage
+        from common.sampling import SampleRequest, Sampler, SamplingConfig
+        from training.fixtures.tiny_cogvideox import LATENT_CHANNELS, LATENT_FRAMES, LATENT_HEIGHT
+
+        root = (tmp_path / "store").as_uri()
+        Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "first.png")
+        first = storage.put_file(tmp_path / "first.png", storage.join(root, "uploads", "first.png"))
+        engine = Sampler(SamplingConfig(model_dir=models["i2v"], default_steps=2), storage.join(root, "samples"))
+        out = engine.sample(SampleRequest(prompt="a red cube", seeds=[0]), first).result
+        files = out.samples[0]
+        folder = storage.join(root, "samples", out.sample_id)
+        assert all(getattr(files, key).startswith(folder + "/") for key in ("video", "latents", "prompt_embeds"))
+        assert {name for name, _ in storage.entries(folder)} == {"seed-0.mp4", "seed-0.latents.pt", "prompt_embeds.pt", "request.json"}
+        latents = torch.load(io.BytesIO(storage.read_bytes(files.latents)))
+        assert latents.shape == (LATENT_FRAMES, LATENT_CHANNELS, LATENT_HEIGHT, LATENT_HEIGHT)

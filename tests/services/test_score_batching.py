@@ -77,11 +77,3 @@ def test_batching_needs_room_for_two_batches():
         ScorerArgs(max_batch_size=4, max_ongoing_requests=4)
     assert ScorerArgs(max_batch_size=4, max_ongoing_requests=8).max_batch_size == 4
 
-
-def test_outside_a_replica_the_scorer_class_scores_directly():
-    """The mining job's local actor pool calls the class itself: no Serve replica, so no @serve.batch."""
-    from services.scorer import ScorerServer
-
-    server = ScorerServer({"score": {"frames": 4, "max_side": 128}, "warmup": False,
-                           "max_batch_size": BATCH, "max_ongoing_requests": 2 * BATCH})
-    assert server.load_stats()["batched"] is False

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from clients.cli import main
-from common import tiny_cogvideox as tiny
+from training.fixtures import tiny_cogvideox as tiny
 from training.pairs import PairsDataset, load_pairs_index
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from clients.cli import main
-from common import tiny_cogvideox as tiny
+from training.fixtures import tiny_cogvideox as tiny
 from common.saturation import mean_saturation
 from training.lora import add_lora, export_lora, lora_parameters
 

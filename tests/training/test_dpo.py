@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common import tiny_cogvideox as tiny
+from training.fixtures import tiny_cogvideox as tiny
 from training.dpo import dpo_loss, dpo_step, per_sample_mse, rotary_embeddings
 from training.lora import add_lora, lora_parameters
 

@@ -6,13 +6,12 @@ assumes alpha = r without the adapter metadata), so every test here compares out
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import pytest
 import torch
 
-from common import tiny_cogvideox as tiny
+from training.fixtures import tiny_cogvideox as tiny
 from common.lora import LORA_WEIGHTS_NAME, load_lora, read_adapter_metadata, select_adapter
 from training.dpo import rotary_embeddings
 from training.lora import add_lora, export_lora, lora_parameters
@@ -100,18 +99,18 @@ def test_every_sampler_uses_one_loading_path_with_scales(tmp_path):
 
 
 def test_sampler_deployment_samples_the_trained_policy(tmp_path):
-    """The Serve sampler's per-request adapter (what `vgpa demo` samples with) = the trained module itself."""
+    """The sampler engine's per-request adapter (what `vgpa demo` samples with) = the trained module itself."""
     from diffusers import CogVideoXPipeline
 
-    from services.sampler import SamplerServer
+    from common.sampling import SampleRequest, Sampler, SamplingConfig
 
     model_dir = tiny.save_tiny_cogvideox(tmp_path / "model")
     trained = randomised_policy(model_dir, rank=4, alpha=8, targets=("to_q", "to_k", "to_v", "to_out.0"))
     export_lora(tmp_path / "lora", trained)
-    sampler = SamplerServer({"model_dir": str(model_dir), "adapters": {"geo": str(tmp_path / "lora")},
-                             "default_steps": 2, "max_sequence_length": tiny.TEXT_SEQ_LEN}, str(tmp_path / "samples"))
-    answer = asyncio.run(sampler.sample({"prompt": "a red cube", "seeds": [3], "adapter": "geo"}))
-    served = torch.load(answer["samples"][0]["latents"])
+    sampler = Sampler(SamplingConfig(model_dir=model_dir, adapters={"geo": tmp_path / "lora"}, default_steps=2,
+                                     max_sequence_length=tiny.TEXT_SEQ_LEN), tmp_path / "samples")
+    answer = sampler.sample(SampleRequest(prompt="a red cube", seeds=[3], adapter="geo"))
+    served = torch.load(answer.result.samples[0].latents)
 
     # The same call on a pipeline that holds the trained transformer module itself.
     pipe = CogVideoXPipeline.from_pretrained(model_dir, transformer=trained)

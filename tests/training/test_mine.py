@@ -17,16 +17,11 @@ pytest.importorskip("ray.data")
 pytest.importorskip("diffusers")
 
 from common.errors import ConfigError  # noqa: E402
-from training.mine import (  # noqa: E402
-    MineSettings,
-    PairSettings,
-    build_pairs,
-    check_prompts_for_model,
-    load_records,
-    mine,
-    select_pairs,
-    video_seed,
-)
+from training.mining import MineConfig, PairConfig, mine  # noqa: E402
+from training.mining.job import check_prompts_for_model, video_seed  # noqa: E402
+from training.mining.pair_policy import select_pairs  # noqa: E402
+from training.mining.pair_writer import build_pairs  # noqa: E402
+from training.mining.records import load_records  # noqa: E402
 from training.prompts import PromptFileError, image_prompts, write_prompt_file  # noqa: E402
 
 SCORE = {"frames": 4, "recon_frames": 8, "max_side": 64}
@@ -37,7 +32,7 @@ def workspace(tmp_path_factory) -> dict:
     from PIL import Image
 
     from common.synthetic import render_video
-    from common.tiny_cogvideox import save_tiny_cogvideox
+    from training.fixtures.tiny_cogvideox import save_tiny_cogvideox
 
     root = tmp_path_factory.mktemp("mine")
     model = save_tiny_cogvideox(root / "model", i2v=True)
@@ -60,7 +55,7 @@ def local_run(ray_cluster, workspace) -> dict:
     runs = []
     for seeds in (1, 2, 2):
         progress.append([])
-        runs.append(mine(workspace["with_broken"], workspace["model"], out, MineSettings(seeds=seeds, steps=2, score=SCORE),
+        runs.append(mine(workspace["with_broken"], workspace["model"], out, MineConfig(seeds=seeds, steps=2, score=SCORE),
                          local=True, on_progress=progress[-1].append))
     return {"out": out, "runs": runs, "progress": progress, "records": load_records(out)}
 
@@ -121,7 +116,7 @@ def test_select_pairs_drops_and_modes():
         rec("b", 1, 0.20), rec("b", 2, 0.22),                # gap 0.02 < min_gap
         rec("c", 1, 0.20, metric="m1"), rec("c", 2, 0.90, metric="m2"),  # never across metric_ids
     ]
-    settings = PairSettings(min_gap=0.05, min_motion=0.001, max_score=1.0)
+    settings = PairConfig(min_gap=0.05, min_motion=0.001, max_score=1.0)
     pairs, report = select_pairs(records, settings)
     assert [(w["prompt_id"], w["seed"], l["seed"]) for w, l in pairs] == [("a", 1, 3)]
     assert report["videos_dropped"] == {"failed": 1, "low_quality": 1, "static": 1, "unscorable": 1}
@@ -145,7 +140,7 @@ def test_pairs_from_the_job_are_what_the_trainer_reads(local_run, workspace):
     records = [dict(r, status="ok", score=0.1 + 0.3 * (r["seed"] % 2) + 0.01 * i, motion=0.5,
                     metric_id="colmap-flow/dssim/test")
                if r["status"] != "failed" else r for i, r in enumerate(local_run["records"])]
-    report = build_pairs(records, workspace["model"], local_run["out"] / "pairs", PairSettings(min_gap=0.0))
+    report = build_pairs(records, workspace["model"], local_run["out"] / "pairs", PairConfig(min_gap=0.0))
     assert report["pairs"] == 2 and report["videos_dropped"] == {"failed": 2}
     index = load_pairs_index(local_run["out"] / "pairs")
     assert index.i2v and index.summary["metric_id"] == "colmap-flow/dssim/test"
@@ -160,19 +155,19 @@ def test_pairs_from_the_job_are_what_the_trainer_reads(local_run, workspace):
 
 def test_text_to_video_from_captions(ray_cluster, tmp_path):
     """Captions -> prompt file -> local mining on a text-to-video model -> pairs without image latents."""
-    from common.tiny_cogvideox import save_tiny_cogvideox
+    from training.fixtures.tiny_cogvideox import save_tiny_cogvideox
     from training.pairs import load_pairs_index
     from training.prompts import read_captions
 
     model = save_tiny_cogvideox(tmp_path / "t2v")
     (tmp_path / "captions.csv").write_text("id,caption\ncar,a red car on a coast road\n")
     prompts = write_prompt_file(tmp_path / "p.jsonl", read_captions(tmp_path / "captions.csv"))
-    summary = mine(prompts, model, tmp_path / "out", MineSettings(seeds=2, steps=2, score=SCORE), local=True)
+    summary = mine(prompts, model, tmp_path / "out", MineConfig(seeds=2, steps=2, score=SCORE), local=True)
     records = load_records(tmp_path / "out")
     assert summary["videos_this_run"] == 2 and {r["image"] for r in records} == {None}
     assert all(r["status"] in ("ok", "unscorable") for r in records)
     scored = [dict(r, status="ok", score=float(i), motion=1.0, metric_id="m") for i, r in enumerate(records)]
-    build_pairs(scored, model, tmp_path / "pairs", PairSettings())
+    build_pairs(scored, model, tmp_path / "pairs", PairConfig())
     index = load_pairs_index(tmp_path / "pairs")
     assert len(index) == 1 and not index.i2v and index.rows[0]["image_latents"] is None
     with pytest.raises(ConfigError, match="text-to-video but p.jsonl gives first-frame images"):
@@ -188,10 +183,10 @@ def test_serve_mode_streams_through_the_apps_deployments(ray_cluster, serve_url,
             "sampler": {"model_dir": str(workspace["model"]), "default_steps": 2, "graceful_shutdown_timeout_s": 30}}
     out = workspace["root"] / "served"
     with pytest.raises(ConfigError, match="no Serve application named 'not-there'"):
-        mine(workspace["good"], workspace["model"], out, MineSettings(seeds=2, app_name="not-there"))
+        mine(workspace["good"], workspace["model"], out, MineConfig(seeds=2, app_name="not-there"))
     with deployed(args, "vgpa-test-mine", serve_url):
         summary = mine(workspace["good"], workspace["model"], out,
-                       MineSettings(seeds=2, app_name="vgpa-test-mine", sample_concurrency=2))
+                       MineConfig(seeds=2, app_name="vgpa-test-mine", sample_concurrency=2))
     records = load_records(out)
     assert summary["videos_this_run"] == 4 and len(records) == 4 and summary["mode"] == "serve:vgpa-test-mine"
     for r in records:
@@ -227,7 +222,8 @@ def test_vgpa_mine_command_on_a_finished_job_adds_nothing(local_run, workspace, 
 def test_backpressure_is_waited_out_and_a_cut_record_file_is_redone(tmp_path):
     from ray.serve.exceptions import BackPressureError
 
-    from training.mine import _call_with_backpressure, append_records
+    from training.mining.records import append_records
+    from training.mining.stages import call_with_backpressure as _call_with_backpressure
 
     calls = []
 

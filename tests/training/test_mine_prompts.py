@@ -111,23 +111,25 @@ def test_vgpa_prompts_command(tmp_path, frames_dir, capsys):
 
 
 def test_cluster_job_and_documented_command_parse():
-    """The RayJob's entrypoint and the `ray job submit` line in docs/mining.md are valid job arguments."""
+    """The RayJob's entrypoint and the `ray job submit` line in docs/mining.md are valid `vgpa mine` commands."""
     import re
     import shlex
     from pathlib import Path
 
     import yaml
 
-    from training.mine import build_parser, settings_from_file
+    from clients.commands.mine import mine as mine_command
+    from training.mining import config_from_file
+
+    def parse(words: list[str]) -> dict:
+        assert words[:2] == ["vgpa", "mine"], words
+        return mine_command.make_context("vgpa mine", words[2:]).params
 
     root = Path(__file__).resolve().parents[2]
     job = yaml.safe_load((root / "cluster" / "mine-rayjob.yaml").read_text())
-    words = shlex.split(job["spec"]["entrypoint"])
-    assert words[:3] == ["python", "-m", "training.mine"]
-    args = build_parser().parse_args(words[3:])
-    assert args.local and args.seeds == 4
-    assert settings_from_file(root / args.config, {"pairs": {}}).sampler_num_gpus == 1
+    args = parse(shlex.split(job["spec"]["entrypoint"]))
+    assert args["local"] and args["seeds"] == 4
+    assert config_from_file(root / args["config_file"], {"pairs": {}}).sampler_num_gpus == 1
     doc = (root / "docs" / "mining.md").read_text()
     submit = re.search(r"ray job submit [^`]*?-- \\\n(.*?)\n```", doc, re.S).group(1).replace("\\\n", " ")
-    words = shlex.split(submit)
-    assert words[:3] == ["python", "-m", "training.mine"] and build_parser().parse_args(words[3:]).seeds == 4
+    assert parse(shlex.split(submit))["seeds"] == 4

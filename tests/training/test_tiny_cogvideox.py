@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from common import tiny_cogvideox as tiny
+from training.fixtures import tiny_cogvideox as tiny
 
 diffusers = pytest.importorskip("diffusers")
 

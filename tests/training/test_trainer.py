@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from common import tiny_cogvideox as tiny
+from training.fixtures import tiny_cogvideox as tiny
 from common.errors import ConfigError
 from training.lora import LORA_WEIGHTS_NAME, add_lora, count_parameters
 from training.pairs import Pair, PairsDatasetError, write_pairs_dataset

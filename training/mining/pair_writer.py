@@ -1,0 +1,108 @@
+"""The pairs dataset `vgpa train` reads, written from the selected pairs (`training.pairs` layout).
+
+Winner and loser latents and the prompt's text embeddings are the files the sampler wrote;
+image-to-video pairs also carry the first frame's latents, encoded with the model's VAE at the
+sampled size. Derived data: rebuilt from the records each time, never left stale.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Optional
+
+from common.errors import ConfigError
+from common.sampling import inspect_video_model
+from common.storage import read_bytes
+from training.mining.config import PairConfig
+from training.mining.pair_policy import pair_id, select_pairs
+
+
+def _remove_old_pairs(directory: Path) -> None:
+    """Delete a previous pairs dataset (only a folder whose summary.json says it is one)."""
+    import shutil
+
+    from training.pairs import FORMAT, SUMMARY_NAME as PAIRS_SUMMARY
+
+    summary = directory / PAIRS_SUMMARY
+    if not summary.is_file():
+        if directory.exists() and any(directory.iterdir()):
+            raise ConfigError(f"{directory} exists and is not a pairs dataset: refusing to write pairs into it")
+        return
+    try:
+        is_pairs = json.loads(summary.read_text()).get("format") == FORMAT
+    except json.JSONDecodeError:
+        is_pairs = False
+    if not is_pairs:
+        raise ConfigError(f"{directory} exists and is not a pairs dataset: refusing to write pairs into it")
+    shutil.rmtree(directory)
+
+
+def build_pairs(records: list[dict], model_dir: str | Path, out_dir: str | Path, settings: PairConfig,
+                extra: Optional[dict] = None) -> dict:
+    """Select pairs and write them with `training.pairs.write_pairs_dataset` (the layout `vgpa train` reads).
+
+    Image-to-video pairs carry the first frame's latents, encoded with the model's VAE at the
+    sampled size. Returns the report (also written into the dataset's summary.json). With no pair
+    to write, nothing is written and the report says why.
+    """
+    import torch
+
+    from common.cogvideox import latent_space, read_model_configs
+    from training.pairs import Pair, write_pairs_dataset
+
+    pairs, report = select_pairs(records, settings)
+    out_dir = Path(out_dir)
+    report["settings"] = settings.model_dump()
+    _remove_old_pairs(out_dir)  # derived data: rebuilt from the records, never left stale
+    if not pairs:
+        report["written"] = None
+        return report
+    i2v = inspect_video_model(model_dir).i2v
+    vae = None
+    image_cache: dict[tuple[str, tuple], torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor] = {}
+
+    def load(path: str) -> torch.Tensor:  # a path, or a storage URI (samples of a sampler writing to one)
+        if path not in tensors:
+            tensors[path] = torch.load(io.BytesIO(read_bytes(path)), map_location="cpu", weights_only=True).float()
+        return tensors[path]
+
+    def image_latents(path: str, latent_shape: tuple) -> torch.Tensor:
+        nonlocal vae
+        from PIL import Image
+
+        from training.encode import encode_condition_image, fit_frames
+
+        key = (path, tuple(latent_shape))
+        if key not in image_cache:
+            if vae is None:
+                from diffusers import AutoencoderKLCogVideoX
+
+                vae = AutoencoderKLCogVideoX.from_pretrained(Path(model_dir) / "vae").eval()
+            factor = 2 ** (len(vae.config.block_out_channels) - 1)
+            h, w = latent_shape[-2] * factor, latent_shape[-1] * factor
+            image = Image.open(path).convert("RGB").resize((w, h))  # as the sampler resized it
+            import numpy as np
+
+            frames = torch.from_numpy(np.asarray(image).copy())[None]  # (1, H, W, 3)
+            image_cache[key] = encode_condition_image(vae, fit_frames(frames, h, w))
+        return image_cache[key]
+
+    def generate():
+        for winner, loser in pairs:
+            wl = load(winner["latents"])
+            yield Pair(
+                prompt=winner["prompt"], winner_latents=wl, loser_latents=load(loser["latents"]),
+                prompt_embeds=load(winner["prompt_embeds"]),
+                image_latents=image_latents(winner["image"], tuple(wl.shape)) if i2v else None,
+                winner_score=float(winner["score"]), loser_score=float(loser["score"]),
+                winner_video=winner["video"], loser_video=loser["video"], pair_id=pair_id(winner, loser),
+            )
+
+    metric_ids = report["metric_ids"]
+    write_pairs_dataset(out_dir, generate(), model=str(model_dir), metric_id=metric_ids[0] if len(metric_ids) == 1 else None,
+                        latent_space=latent_space(*read_model_configs(model_dir)), extra={"mining": report, **(extra or {})})
+    report["written"] = str(out_dir)
+    return report
