@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import re
-import threading
 import time
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
@@ -98,18 +97,14 @@ class Scorer:
 
     Args:
         config (`ScorerConfig`, defaults to `ScorerConfig()`): defaults and caps.
-        threads (`int`, defaults to 1): how many threads call `score` at once; with more than one,
-            a backend that is not thread-safe is called by one of them at a time.
     """
 
-    def __init__(self, config: Optional[ScorerConfig] = None, *, threads: int = 1):
+    def __init__(self, config: Optional[ScorerConfig] = None):
         from common.scoring import score_video  # a missing dependency fails here, at start-up
 
         self.config = config or ScorerConfig()
         self._score_video = score_video
-        self._threads = threads
-        self._backends: dict[tuple, Any] = {}
-        self._lock = threading.Lock()
+        self._loaded: set = set()  # backends this engine has logged as loaded
         #: Internal (non-input) errors in a row: a caller's health check reads it.
         self.consecutive_internal_errors = 0
         self.backend(self.config.score)
@@ -117,22 +112,18 @@ class Scorer:
     # -- models -------------------------------------------------------------------------------------
     def backend(self, config: ScoreConfig):
         """The geometry backend of `config` (and its perceptual metric), built once per engine."""
-        from common.geometry import create_backend
+        from common.geometry import shared_backend
         from common.perceptual import create_metric
         from common.scoring import resolve_device
 
         options = self.config.backend_options.get(config.backend, {})
-        key = (config.backend, str(config.weights), json.dumps(options, sort_keys=True, default=str))
-        with self._lock:
-            if key not in self._backends:
-                t0 = time.perf_counter()
-                backend = create_backend(config.backend, config.weights, **options)
-                if self._threads > 1 and not backend.thread_safe:
-                    backend = _Serialized(backend)
-                create_metric(config.perceptual, config.lpips_weights, resolve_device(config.device))  # cached by the core
-                self._backends[key] = backend
-                logger.info("scorer loaded backend %s in %.1f s", config.backend, time.perf_counter() - t0)
-            return self._backends[key]
+        t0 = time.perf_counter()
+        backend = shared_backend(config.backend, config.weights, **options)
+        create_metric(config.perceptual, config.lpips_weights, resolve_device(config.device))  # cached by the core
+        if backend not in self._loaded:
+            self._loaded.add(backend)
+            logger.info("scorer loaded backend %s in %.1f s", config.backend, time.perf_counter() - t0)
+        return backend
 
     def warmup(self) -> str:
         """Run the scoring path once on a tiny clip (milliseconds to make), so that the first request pays no set-up
@@ -208,19 +199,6 @@ class Scorer:
         if deadline_passed():  # finished, but nobody waits for it any more
             return ScoreAnswer.failed(504, "DeadlineExceededError", "The request's deadline passed; its work was stopped.")
         return ScoreAnswer(result=result)
-
-
-class _Serialized:
-    """A backend that is not thread-safe, called by one scoring thread at a time (the others' decoding,
-    rasterising and metrics still overlap it)."""
-
-    def __init__(self, backend):
-        self._backend, self._lock = backend, threading.Lock()
-        self.name, self.thread_safe = backend.name, True
-
-    def reconstruct(self, *args, **kwargs):
-        with self._lock:
-            return self._backend.reconstruct(*args, **kwargs)
 
 
 def _without_folder(message: str, source: Any) -> str:

@@ -7,7 +7,6 @@ cloud covers. Lower is more 3D-consistent.
 from __future__ import annotations
 
 import math
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,16 +20,13 @@ from torch import Tensor
 
 from common.camera import camera_motion, unproject_depth
 from common.config import ScoreConfig
-from common.geometry import GeometryBackend, ReconstructionFailed, SceneGeometry, create_backend
+from common.geometry import GeometryBackend, ReconstructionFailed, SceneGeometry, shared_backend
 from common.perceptual import create_metric
 from common.raster import rasterize_points
 from common.result import FrameScore, ScoreResult
 from common.video import VideoSource, load_video, to_float, uniform_indices
 
 Progress = Callable[[str], None]
-
-_backends: dict[tuple, GeometryBackend] = {}
-_backends_lock = threading.Lock()
 
 
 def score_video(
@@ -376,11 +372,7 @@ def resolve_device(name: str) -> torch.device:
 
 def _backend(config: ScoreConfig) -> GeometryBackend:
     """Backends are built once per process (a service replica loads its model once)."""
-    key = (config.backend, str(config.weights))
-    with _backends_lock:
-        if key not in _backends:
-            _backends[key] = create_backend(config.backend, config.weights)
-        return _backends[key]
+    return shared_backend(config.backend, config.weights)
 
 
 class _Stages:

@@ -91,7 +91,7 @@ class ScorerServer:
             "vgpa_score_seconds", description="Time to score one video (s).",
             boundaries=[0.5, 1, 2, 5, 10, 20, 60, 120, 300])
         # Built here: a replica that cannot import the core or load its models fails to start (and /readyz says so).
-        self._engine = Scorer(args, threads=args.max_batch_size)
+        self._engine = Scorer(args)
         if args.warmup:
             self._engine.warmup()
         self._ready = True

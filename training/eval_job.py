@@ -12,20 +12,13 @@ from typing import Callable, Optional
 
 from common.config import ScoreConfig
 
-_worker_cache: dict = {}  # per worker process: (backend name, weights) -> (backend, lpips)
-
-
 def _evaluate_remote(name: str, path: str, config_json: str, label: str) -> dict:
     from common.evaluation import video_row
-    from common.geometry import create_backend
+    from common.geometry import shared_backend
     from common.metrics import load_lpips
 
-    config = ScoreConfig.model_validate_json(config_json)
-    key = (config.backend, str(config.weights), str(config.lpips_weights))
-    if key not in _worker_cache:
-        _worker_cache[key] = (create_backend(config.backend, config.weights), load_lpips(config))
-    backend, lpips_net = _worker_cache[key]
-    return video_row(name, Path(path), config, backend, lpips_net, label)
+    config = ScoreConfig.model_validate_json(config_json)  # both built once per worker process, cached by the core
+    return video_row(name, Path(path), config, shared_backend(config.backend, config.weights), load_lpips(config), label)
 
 
 def evaluate_set_ray(

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import threading
 from pathlib import Path
 from typing import Callable, Optional
 
 from common.errors import ConfigError
 from common.geometry.base import GeometryBackend, ReconstructionFailed, SceneGeometry
 
-__all__ = ["GeometryBackend", "ReconstructionFailed", "SceneGeometry", "available_backends", "create_backend"]
+__all__ = ["GeometryBackend", "ReconstructionFailed", "SceneGeometry", "available_backends", "create_backend", "shared_backend"]
 
 
 def _colmap_flow(weights: Optional[Path], **options) -> GeometryBackend:
@@ -69,3 +71,38 @@ def create_backend(name: str, weights: Optional[Path] = None, **options) -> Geom
         if not options:
             raise
         raise ConfigError(f"the {name} backend does not take these options {sorted(options)}: {err}") from None
+
+
+_shared: dict[tuple, GeometryBackend] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_backend(name: str, weights: Optional[Path] = None, **options) -> GeometryBackend:
+    """The process's one backend for (name, weights, options), built on first use.
+
+    Everything that builds models on demand uses it (`score_video`, the `Scorer` engine, the eval
+    job's workers), so a process loads each model once, and a request with other weights or options
+    gets its own backend. A backend that is not thread-safe comes wrapped so that one thread at a
+    time reconstructs with it (pycolmap seeds one process-wide generator: the lock must be the
+    process's too); decoding, rasterising and metrics of other threads still overlap it.
+    """
+    key = (name, str(weights), json.dumps(options, sort_keys=True, default=str))
+    with _shared_lock:
+        if key not in _shared:
+            backend = create_backend(name, weights, **options)
+            _shared[key] = backend if backend.thread_safe else _Serialized(backend)
+        return _shared[key]
+
+
+class _Serialized(GeometryBackend):
+    """A backend that is not thread-safe, reconstructing for one thread at a time."""
+
+    thread_safe = True
+
+    def __init__(self, backend: GeometryBackend) -> None:
+        self._backend, self._lock = backend, threading.Lock()
+        self.name = backend.name
+
+    def reconstruct(self, frames, scored, video_indices) -> SceneGeometry:
+        with self._lock:
+            return self._backend.reconstruct(frames, scored, video_indices)

@@ -3,7 +3,7 @@
 import pytest
 
 from common.config import ScoreConfig
-from common.geometry import create_backend, register_backend
+from common.geometry import create_backend, register_backend, shared_backend
 from common.scorer import REQUEST_FIELDS, ScoreAnswer, Scorer, ScorerConfig, ScoreRequest
 from common.scoring import score_video
 from common.synthetic import render_video
@@ -55,11 +55,14 @@ def test_backends_are_cached_by_everything_that_changes_them():
 
     register_backend("test-counting", counting)
     scorer = Scorer(ScorerConfig(score=SMALL.model_copy(update={"backend": "test-counting"}),
-                                 backend_options={"test-counting": {"size": 1}}), threads=2)
+                                 backend_options={"test-counting": {"size": 1}}))
     config = scorer.config.score
     assert scorer.backend(config) is scorer.backend(config) and len(built) == 1
     other = scorer.backend(config.model_copy(update={"weights": "/models/other"}))  # other weights: another backend
     assert len(built) == 2 and built[1] == (config.model_copy(update={"weights": "/models/other"}).weights, {"size": 1})
     assert other is not scorer.backend(config)
-    # Two threads share the engine: a backend that is not thread-safe is called by one at a time.
+    # The cache is the process's: another engine, score_video and the eval workers get the same backend, and
+    # one that is not thread-safe is called by one thread at a time.
+    assert Scorer(scorer.config).backend(config) is scorer.backend(config) and len(built) == 2
+    assert shared_backend("test-counting", config.weights, size=1) is scorer.backend(config)
     assert scorer.backend(config).thread_safe and not create_backend("colmap-flow").thread_safe
