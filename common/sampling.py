@@ -31,11 +31,12 @@ import time
 import uuid
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Iterable, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from common.cogvideox import default_video_size, latent_frames
+from common.families import FAMILIES, FULL_STACK, family_of_pipeline, supported_pipelines
 from common.errors import Answer, ConfigError, ErrorInfo, VideoGPAError, invalid_settings
 from common.storage import is_uri, join, local_copy, publishing
 
@@ -46,8 +47,8 @@ MAX_SEEDS_PER_REQUEST = 64
 MAX_SAMPLE_STEPS = 1000
 MAX_GUIDANCE = 100.0
 #: diffusers pipeline class (model_index.json's `_class_name`) -> image-to-video?
-COGVIDEOX_PIPELINES = {"CogVideoXPipeline": False, "CogVideoXImageToVideoPipeline": True}
-PIPELINE_PARTS = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer")
+COGVIDEOX_PIPELINES = FAMILIES["cogvideox"].pipelines
+PIPELINE_PARTS = FAMILIES["cogvideox"].parts
 
 
 class _Strict(BaseModel):
@@ -57,29 +58,45 @@ class _Strict(BaseModel):
 
 # ---- the model folder ----------------------------------------------------------------------------
 class VideoModelInfo(BaseModel):
-    """What a diffusers CogVideoX pipeline folder holds (read from its files, nothing loaded)."""
+    """What a diffusers video pipeline folder holds (read from its files, nothing loaded)."""
 
     folder: Path
     pipeline: str = Field(description="model_index.json's _class_name, e.g. CogVideoXImageToVideoPipeline.")
     i2v: bool = Field(description="Image-to-video (the first frame is a request's input).")
+    family: str = Field("cogvideox", description="The model family (common.families), e.g. cogvideox or wan.")
 
 
-def inspect_video_model(folder: str | Path) -> VideoModelInfo:
-    """Recognise a diffusers CogVideoX pipeline folder; ConfigError with the reason when it is not one."""
+def inspect_video_model(folder: str | Path, need: Iterable[str] = FULL_STACK) -> VideoModelInfo:
+    """Recognise a diffusers video pipeline folder of a supported family; ConfigError with the reason when it is not one.
+
+    `need`: what the caller will do with it (`common.families.USES`); default the whole pipeline
+    (sample, encode, mine, train). A folder of a recognised family that does not (yet) support all
+    of `need` is refused with what it does support.
+    """
     folder = Path(folder)
-    index = folder / "model_index.json"
-    if not index.is_file():
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
         raise ConfigError(f"{folder} is not a diffusers pipeline folder (model_index.json is missing)")
     try:
-        name = json.loads(index.read_text()).get("_class_name")
+        index = json.loads(index_path.read_text())
     except json.JSONDecodeError as err:
-        raise ConfigError(f"{index} is not valid JSON ({err})") from err
-    if name not in COGVIDEOX_PIPELINES:
-        raise ConfigError(f"{folder} holds a {name}, not a CogVideoX pipeline ({', '.join(COGVIDEOX_PIPELINES)})")
-    for part in PIPELINE_PARTS:
+        raise ConfigError(f"{index_path} is not valid JSON ({err})") from err
+    name = index.get("_class_name")
+    family = family_of_pipeline(name)
+    if family is None:
+        raise ConfigError(f"{folder} holds a {name}, not a CogVideoX pipeline nor another supported one "
+                          f"(supported: {supported_pipelines()})")
+    family.check_folder(folder, index)
+    for part in family.parts:
         if not (folder / part).is_dir():
-            raise ConfigError(f"{folder} is not a complete CogVideoX pipeline folder: {part}/ is missing")
-    return VideoModelInfo(folder=folder, pipeline=name, i2v=COGVIDEOX_PIPELINES[name])
+            raise ConfigError(f"{folder} is not a complete {family.name} pipeline folder: {part}/ is missing")
+    missing = [use for use in need if use not in family.uses(name)]
+    if missing:
+        able = ", ".join(sorted(family.uses(name))) or "nothing yet"
+        full = ", ".join(f.name for f in FAMILIES.values() if set(need) <= f.uses(next(iter(f.pipelines))))
+        raise ConfigError(f"{folder} holds a {name} ({family.name}): videogpa does not yet {'/'.join(missing)} with it "
+                          f"(it supports {able} for {name}; {full or 'no family'} supports {', '.join(need)})")
+    return VideoModelInfo(folder=folder, pipeline=name, i2v=family.pipelines[name], family=family.name)
 
 
 def resolve_device_dtype(device: str = "auto", dtype: str = "auto"):
@@ -96,11 +113,14 @@ def resolve_device_dtype(device: str = "auto", dtype: str = "auto"):
     return torch.device(device), getattr(torch, dtype)
 
 
-def load_video_model(folder: str | Path, *, device: str = "auto", dtype: str = "auto"):
-    """(pipeline on `device`, VideoModelInfo) from a checked folder; loaded from local files only, never downloaded."""
+def load_video_model(folder: str | Path, *, device: str = "auto", dtype: str = "auto", need: Iterable[str] = ("sample",)):
+    """(pipeline on `device`, VideoModelInfo) from a checked folder; loaded from local files only, never downloaded.
+
+    `need`: as `inspect_video_model`'s (default: the sampler's use).
+    """
     from diffusers import DiffusionPipeline
 
-    info = inspect_video_model(folder)
+    info = inspect_video_model(folder, need=need)
     torch_device, torch_dtype = resolve_device_dtype(device, dtype)
     pipe = DiffusionPipeline.from_pretrained(str(info.folder), dtype=torch_dtype, local_files_only=True).to(torch_device)
     pipe.set_progress_bar_config(disable=True)

@@ -1,0 +1,108 @@
+"""Video-model families: what differs between CogVideoX and Wan, one small adapter per family.
+
+    family = family_of_pipeline("WanPipeline")        # from model_index.json's _class_name
+    family = family_of_transformer(model)             # from a loaded transformer (the DPO step)
+
+An adapter (`VideoFamily`) holds what the sampler, the cache encoder and the trainer must agree on
+for its family: the pipeline classes (and which is image-to-video), the folder's parts, the latent
+normalisation and layout, how a training input is noised and what the regression target is
+(`training_inputs`), and which parts of videogpa already take it (`uses`). Everything else (the
+preference loss, the reference = adapters off, LoRA) is shared.
+
+Families (diffusers 0.42.1):
+
+    cogvideox  CogVideoXPipeline, CogVideoXImageToVideoPipeline: latents (F, C, h, w) x the VAE's
+               scaling_factor; v-prediction (DDIM/DPM schedulers); T5 text; rotary or learned positions
+    wan        WanPipeline (Wan 2.1 / 2.2 single-transformer text-to-video): latents (C, F, h, w)
+               normalised per channel with the VAE's latents_mean / latents_std; rectified flow
+               (x_t = (1 - s) x0 + s e, target e - x0); UMT5 text; rotary positions inside the model
+
+Adding a family is one module here (an adapter and its entry in `FAMILIES`) plus its tiny test config
+under `training/fixtures/`.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+from common.errors import ConfigError
+
+#: What a family can be used for. `sample` the sampler engine, `encode` the cache encoder,
+#: `mine` the mining job, `train` the `vgpa train` driver, `dpo` the Diffusion-DPO step
+#: (training.dpo.dpo_step) and `lora` the LoRA export/load round trip.
+USES = ("sample", "encode", "mine", "train", "dpo", "lora")
+#: What the whole pipeline needs (the default of `common.sampling.inspect_video_model`).
+FULL_STACK = ("sample", "encode", "mine", "train")
+
+
+class VideoFamily:
+    """One family's adapter. Subclasses set the class attributes and implement `training_inputs`."""
+
+    #: Short name, e.g. "cogvideox".
+    name: str = ""
+    #: diffusers pipeline class name -> image-to-video?
+    pipelines: Mapping[str, bool] = {}
+    #: diffusers transformer class name (what `family_of_transformer` recognises).
+    transformer_class: str = ""
+    #: The sub-folders a complete pipeline folder has.
+    parts: tuple[str, ...] = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer")
+    #: The latent layout one sample's latents are stored and trained in.
+    latent_layout: str = "FChw"
+
+    def uses(self, pipeline: str) -> frozenset[str]:
+        """What videogpa can do with a folder holding `pipeline` (a subset of `USES`)."""
+        return frozenset(USES)
+
+    def check_folder(self, folder, index: Mapping) -> None:
+        """Family-specific checks of a pipeline folder (model_index.json as `index`); ConfigError if refused."""
+
+    def training_inputs(self, model, scheduler, batch: dict, generator=None, timesteps=None, noise=None,
+                        compute_dtype=None) -> tuple[dict, "object", slice]:
+        """(transformer kwargs for [winners; losers], regression target (2B, ...) fp32, the slice of the
+        latent-frame axis (dim 1) the errors are measured on) for one Diffusion-DPO step."""
+        raise NotImplementedError
+
+
+def pair_tensors(batch: dict, layout: str):
+    """(winner, loser, text) of a DPO batch after the checks every family shares: winner and loser
+    latents of one 5-D shape (`layout`, e.g. "(B, F, C, h, w)"), all floating point."""
+    w, l, text = batch["winner_latents"], batch["loser_latents"], batch["prompt_embeds"]
+    if w.shape != l.shape or w.dim() != 5:
+        raise ValueError(f"winner {tuple(w.shape)} and loser {tuple(l.shape)} latents must both be {layout}")
+    if not (w.is_floating_point() and l.is_floating_point() and text.is_floating_point()):
+        raise ValueError("latents and text embeddings must be floating point")
+    return w, l, text
+
+
+def _families() -> dict[str, VideoFamily]:
+    from common.families.cogvideox import CogVideoXFamily
+    from common.families.wan import WanFamily
+
+    return {f.name: f for f in (CogVideoXFamily(), WanFamily())}
+
+
+FAMILIES: dict[str, VideoFamily] = _families()
+
+
+def supported_pipelines() -> str:
+    """'cogvideox (CogVideoXPipeline, CogVideoXImageToVideoPipeline), wan (WanPipeline, ...)' for messages."""
+    return "; ".join(f"{f.name} ({', '.join(f.pipelines)})" for f in FAMILIES.values())
+
+
+def family_of_pipeline(pipeline: Optional[str]) -> Optional[VideoFamily]:
+    """The family whose pipelines include `pipeline` (model_index.json's `_class_name`), or None."""
+    return next((f for f in FAMILIES.values() if pipeline in f.pipelines), None)
+
+
+def family_of_transformer(model) -> VideoFamily:
+    """The family of a loaded transformer (peft-wrapped or not), by its class; ConfigError when unknown."""
+    names = {type(model).__name__, *(c.__name__ for c in type(model).__mro__)}
+    for family in FAMILIES.values():
+        if family.transformer_class in names:
+            return family
+    raise ConfigError(f"{type(model).__name__} is not a transformer of a supported family: "
+                      + ", ".join(f"{f.name} ({f.transformer_class})" for f in FAMILIES.values()))
+
+
+__all__ = ["FAMILIES", "FULL_STACK", "USES", "VideoFamily", "family_of_pipeline", "family_of_transformer", "pair_tensors",
+           "supported_pipelines"]

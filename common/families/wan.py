@@ -1,0 +1,146 @@
+"""The Wan family's adapter (Wan 2.1 / 2.2 through diffusers): rectified flow on normalised latents.
+
+Latent space: the `AutoencoderKLWan` posterior z (B, C, F, h, w) normalised per channel,
+
+    latents = (z - latents_mean) / latents_std        # the VAE config's 16 (Wan 2.2 5B: 48) values
+
+which is what `WanPipeline` undoes before decoding (`latents / (1 / std) + mean`). Latents are kept
+in Wan's own layout (C, F, h, w) per sample: channels first, unlike CogVideoX's (F, C, h, w).
+
+Flow-matching Diffusion-DPO input and target, for one sigma s and one noise e per pair (shared by
+winner and loser):
+
+    x_t    = (1 - s) x0 + s e                 # FlowMatchEulerDiscreteScheduler.scale_noise
+    target = e - x0                           # the velocity; UniPC's flow_prediction: x0 = x_t - s v
+    timestep passed to the transformer = s * num_train_timesteps   (how both schedulers set timesteps)
+
+Sigma sampling (the choice, documented in docs/training.md): u ~ U(0, 1), then the scheduler's own
+shift, s = shift u / (1 + (shift - 1) u) with shift = `flow_shift` (UniPCMultistepScheduler with
+use_flow_sigmas, what Wan's folders ship: 3.0 at 480p, 5.0 at 720p) or `shift`
+(FlowMatchEulerDiscreteScheduler). That is the same map the scheduler applies to its inference
+sigmas, so training puts its weight where sampling spends its steps. `u` is clamped to
+[1/T, 1] as the schedulers' own sigmas are (T = num_train_timesteps).
+
+The text condition is the UMT5 encoder's output (B, L, 4096 in the real model); the transformer
+computes its rotary positions itself. Supported so far: the single-transformer text-to-video
+layout (Wan 2.1 T2V 1.3B / 14B, Wan 2.2 T2V with one transformer) for the DPO step and LoRA. Wan 2.2's
+two-expert folders (transformer + transformer_2 switched at boundary_ratio) and the TI2V layout
+(expand_timesteps: one timestep per latent token) are refused with that reason; image-to-video
+(`WanImageToVideoPipeline`: CLIP image embeddings plus a masked first-frame video latent on 36
+channels) is recognised but not yet taken by any part of videogpa.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import torch
+
+from common.errors import ConfigError
+from common.families import VideoFamily, pair_tensors
+
+
+def latent_stats(vae_config: Mapping, device=None, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of the VAE's latents, each (1, C, 1, 1, 1), from `AutoencoderKLWan`'s config."""
+    mean = torch.tensor(vae_config["latents_mean"], device=device, dtype=dtype)
+    std = torch.tensor(vae_config["latents_std"], device=device, dtype=dtype)
+    if mean.shape != std.shape or mean.numel() != vae_config["z_dim"]:
+        raise ConfigError(f"the Wan VAE config's latents_mean / latents_std must have z_dim = {vae_config['z_dim']} values")
+    return mean.view(1, -1, 1, 1, 1), std.view(1, -1, 1, 1, 1)
+
+
+def normalise_latents(z: torch.Tensor, vae_config: Mapping) -> torch.Tensor:
+    """VAE posterior z (B, C, F, h, w) -> the transformer's latents (z - mean) / std."""
+    mean, std = latent_stats(vae_config, z.device, z.dtype)
+    return (z - mean) / std
+
+
+def denormalise_latents(latents: torch.Tensor, vae_config: Mapping) -> torch.Tensor:
+    """The transformer's latents (B, C, F, h, w) -> what `vae.decode` takes (as WanPipeline does)."""
+    mean, std = latent_stats(vae_config, latents.device, latents.dtype)
+    return latents * std + mean
+
+
+def flow_shift(scheduler) -> float:
+    """The scheduler's sigma shift: UniPC's `flow_shift` (use_flow_sigmas) or FlowMatchEuler's `shift`."""
+    config = scheduler.config
+    if config.get("use_flow_sigmas"):
+        return float(config["flow_shift"])
+    if "shift" in config and type(scheduler).__name__.startswith("FlowMatch"):
+        return float(config["shift"])
+    raise ConfigError(f"{type(scheduler).__name__} is not a flow-matching scheduler (UniPCMultistepScheduler with "
+                      "use_flow_sigmas / flow_prediction, or FlowMatchEulerDiscreteScheduler)")
+
+
+def shifted_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
+    """The schedulers' shift map s = shift u / (1 + (shift - 1) u), elementwise."""
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def draw_sigmas(scheduler, bsz: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """(bsz,) sigmas in (0, 1]: u ~ U(1/T, 1), shifted as the scheduler shifts its own sigmas."""
+    t_max = scheduler.config.num_train_timesteps
+    u = torch.rand((bsz,), generator=generator) * (1 - 1 / t_max) + 1 / t_max
+    return shifted_sigmas(u, flow_shift(scheduler))
+
+
+def check_batch(batch: dict, transformer_config) -> None:
+    """Latents (B, C, F, h, w) float in Wan's layout, text (B, L, text_dim) float; no image condition yet."""
+    w, _, text = pair_tensors(batch, "(B, C, F, h, w)")
+    if batch.get("image_latents") is not None:
+        raise ConfigError("Wan image-to-video DPO is not supported yet (text-to-video only)")
+    if w.shape[1] != transformer_config.in_channels:
+        raise ValueError(f"latents have {w.shape[1]} channels (dim 1: Wan's layout is (B, C, F, h, w)), "
+                         f"the transformer expects {transformer_config.in_channels}")
+    _, p_h, p_w = transformer_config.patch_size
+    if w.shape[3] % p_h or w.shape[4] % p_w:
+        raise ConfigError(f"latent size {w.shape[3]}x{w.shape[4]} is not a multiple of the patch size {p_h}x{p_w}")
+    if text.dim() != 3 or text.shape[0] != w.shape[0] or text.shape[2] != transformer_config.text_dim:
+        raise ValueError(f"text embeddings {tuple(text.shape)} must be (B={w.shape[0]}, L, {transformer_config.text_dim})")
+
+
+class WanFamily(VideoFamily):
+    name = "wan"
+    pipelines = {"WanPipeline": False, "WanImageToVideoPipeline": True}
+    transformer_class = "WanTransformer3DModel"
+    latent_layout = "CFhw"
+
+    def uses(self, pipeline: str) -> frozenset[str]:
+        return frozenset({"dpo", "lora"}) if pipeline == "WanPipeline" else frozenset()
+
+    def check_folder(self, folder, index: Mapping) -> None:
+        second = index.get("transformer_2")
+        if (isinstance(second, list) and second and second[0] is not None) or index.get("boundary_ratio") is not None:
+            raise ConfigError(
+                f"{folder} is a Wan 2.2 two-expert pipeline (transformer + transformer_2, switched at boundary_ratio): "
+                "not supported; videogpa takes single-transformer Wan folders (Wan 2.1 T2V 1.3B / 14B, or one "
+                "expert saved as its own WanPipeline folder)")
+        if index.get("expand_timesteps"):
+            raise ConfigError(f"{folder} is a Wan 2.2 TI2V pipeline (expand_timesteps: one timestep per latent token): "
+                              "not supported; videogpa takes single-transformer Wan text-to-video folders")
+
+    def training_inputs(self, model, scheduler, batch, generator=None, timesteps=None, noise=None,
+                        compute_dtype=torch.float32):
+        """As `VideoFamily.training_inputs`; `timesteps` here are sigmas in (0, 1] (B,), drawn by `draw_sigmas`."""
+        check_batch(batch, model.config)
+        device = next(p for p in model.parameters()).device
+        bsz = batch["winner_latents"].shape[0]
+
+        # 1. One sigma and one noise per pair, shared by winner and loser.
+        sigmas = draw_sigmas(scheduler, bsz, generator) if timesteps is None else timesteps.float()
+        if noise is None:
+            noise = torch.randn(batch["winner_latents"].shape, generator=generator)
+        x0 = torch.cat([batch["winner_latents"], batch["loser_latents"]]).to(device, torch.float32)  # (2B, C, F, h, w)
+        s = torch.cat([sigmas, sigmas]).to(device, torch.float32)
+        e = torch.cat([noise, noise]).to(device, torch.float32)
+
+        # 2. Rectified flow: the straight path from data (s = 0) to noise (s = 1), and its velocity.
+        s5 = s.view(-1, 1, 1, 1, 1)
+        x_t = (1 - s5) * x0 + s5 * e
+        target = e - x0
+
+        # 3. Condition: text only (the transformer adds its own rotary positions).
+        text = torch.cat([batch["prompt_embeds"], batch["prompt_embeds"]]).to(device, compute_dtype)
+        kwargs = dict(hidden_states=x_t.to(compute_dtype), encoder_hidden_states=text,
+                      timestep=s * scheduler.config.num_train_timesteps, return_dict=False)
+        return kwargs, target, slice(None)

@@ -1,0 +1,267 @@
+"""Wan beside CogVideoX: the folder check, the latent space, flow-matching Diffusion-DPO and the LoRA export.
+
+Everything runs on the tiny random Wan 2.1 (`training.fixtures.tiny_wan`), built from the real
+diffusers classes and loaded back through `from_pretrained`, as a user's Wan-AI folder would be.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from common.errors import ConfigError
+from common.families import FAMILIES, family_of_transformer
+from common.families import wan as wan_family
+from common.lora import load_lora
+from common.sampling import inspect_video_model, load_video_model
+from training.dpo import dpo_step
+from training.fixtures import tiny_wan as tiny
+from training.lora import DEFAULT_TARGETS, add_lora, export_lora, lora_parameters
+
+LATENT = (tiny.LATENT_CHANNELS, tiny.LATENT_FRAMES, tiny.LATENT_HEIGHT, tiny.LATENT_WIDTH)  # Wan's (C, F, h, w)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny.save_tiny_wan(tmp_path_factory.mktemp("wan") / "model")
+
+
+def _batch(bsz=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "winner_latents": torch.randn((bsz, *LATENT), generator=g),
+        "loser_latents": torch.randn((bsz, *LATENT), generator=g),
+        "prompt_embeds": torch.randn(bsz, tiny.TEXT_SEQ_LEN, tiny.TEXT_EMBED_DIM, generator=g),
+    }
+
+
+def _policy(seed=0, rank=4, alpha=8):
+    return add_lora(tiny.tiny_transformer(seed=seed), rank=rank, alpha=alpha)
+
+
+# ---- the folder ------------------------------------------------------------------------------------
+class TestFolder:
+    def test_saved_folder_is_recognised_and_loads(self, model_dir):
+        info = inspect_video_model(model_dir, need=("dpo", "lora"))
+        assert (info.family, info.pipeline, info.i2v) == ("wan", "WanPipeline", False)
+        pipe, loaded = load_video_model(model_dir, device="cpu", need=("dpo",))
+        assert type(pipe).__name__ == "WanPipeline" and loaded == info
+        assert family_of_transformer(pipe.transformer).name == "wan"
+        assert inspect_video_model(tiny_cogvideox_dir(model_dir.parent)).family == "cogvideox"
+
+    def test_what_is_not_wired_yet_is_refused_with_what_is_supported(self, model_dir):
+        with pytest.raises(ConfigError, match=r"does not yet sample/encode/mine/train .*supports dpo, lora .*cogvideox supports"):
+            inspect_video_model(model_dir)  # the default: the whole pipeline (sampler, cache, mining, trainer)
+        with pytest.raises(ConfigError, match="does not yet sample"):
+            load_video_model(model_dir, device="cpu")  # what the sampler engine calls
+
+    def test_unsupported_family_names_the_supported_ones(self, tmp_path):
+        (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "HunyuanVideoPipeline"}))
+        with pytest.raises(ConfigError) as err:
+            inspect_video_model(tmp_path)
+        for family in FAMILIES.values():
+            for pipeline in family.pipelines:
+                assert pipeline in str(err.value)
+
+    @pytest.mark.parametrize("change,reason", [
+        ({"transformer_2": ["diffusers", "WanTransformer3DModel"], "boundary_ratio": 0.875}, "two-expert"),
+        ({"boundary_ratio": 0.9}, "two-expert"),
+        ({"expand_timesteps": True}, "TI2V"),
+    ], ids=["transformer_2", "boundary_ratio", "ti2v"])
+    def test_wan22_layouts_are_refused_saying_what_is_supported(self, model_dir, tmp_path, change, reason):
+        import shutil
+
+        folder = shutil.copytree(model_dir, tmp_path / "wan22")
+        index = json.loads((folder / "model_index.json").read_text())
+        (folder / "model_index.json").write_text(json.dumps({**index, **change}))
+        with pytest.raises(ConfigError, match=f"{reason}.*not supported; videogpa takes single-transformer Wan"):
+            inspect_video_model(folder, need=("dpo",))
+
+    def test_missing_part_is_named(self, model_dir, tmp_path):
+        import shutil
+
+        folder = shutil.copytree(model_dir, tmp_path / "broken")
+        shutil.rmtree(folder / "vae")
+        with pytest.raises(ConfigError, match="not a complete wan pipeline folder: vae/ is missing"):
+            inspect_video_model(folder, need=("dpo",))
+
+
+def tiny_cogvideox_dir(root):
+    from training.fixtures.tiny_cogvideox import save_tiny_cogvideox
+
+    folder = root / "cogvideox"
+    return folder if (folder / "model_index.json").is_file() else save_tiny_cogvideox(folder)
+
+
+# ---- the latent space ------------------------------------------------------------------------------
+def test_latents_are_normalised_as_the_pipeline_undoes_it(model_dir):
+    """WanPipeline's own decode of its latents == vae.decode(denormalise_latents(latents))."""
+    from diffusers import WanPipeline
+
+    pipe = WanPipeline.from_pretrained(model_dir)
+    args = dict(prompt="a red cube", num_inference_steps=2, num_frames=tiny.NUM_FRAMES, height=tiny.HEIGHT,
+                width=tiny.WIDTH, max_sequence_length=tiny.TEXT_SEQ_LEN, guidance_scale=1.0)
+    latents = pipe(**args, output_type="latent", generator=torch.Generator().manual_seed(3)).frames  # (1, C, F, h, w)
+    assert latents.shape == (1, *LATENT)
+    video = pipe(**args, output_type="pt", generator=torch.Generator().manual_seed(3)).frames
+    with torch.no_grad():
+        ours = pipe.vae.decode(wan_family.denormalise_latents(latents, pipe.vae.config), return_dict=False)[0]
+    ours = pipe.video_processor.postprocess_video(ours, output_type="pt")
+    torch.testing.assert_close(ours, video, rtol=0, atol=1e-6)
+    z = torch.randn(2, *LATENT)
+    normalised = wan_family.normalise_latents(z, pipe.vae.config)
+    torch.testing.assert_close(wan_family.denormalise_latents(normalised, pipe.vae.config), z)
+    mean, std = wan_family.latent_stats(pipe.vae.config)
+    assert std.flatten().unique().numel() > 1, "per-channel statistics, not one scaling factor"
+    torch.testing.assert_close(normalised[:, 5], (z[:, 5] - mean[0, 5]) / std[0, 5])
+
+
+# ---- flow-matching Diffusion-DPO -------------------------------------------------------------------
+class TestFlowMatchingDpo:
+    def test_fresh_lora_gives_log2(self):
+        out = dpo_step(_policy(), tiny.tiny_scheduler(), _batch(), beta=1000.0, generator=torch.Generator().manual_seed(0))
+        assert out.loss.item() == pytest.approx(math.log(2), abs=1e-6)
+        assert out.metrics["rewards/accuracies"] == 0.5
+        assert out.metrics["err/policy_chosen"] == out.metrics["err/ref_chosen"]
+
+    def test_input_and_target_are_the_euler_schedulers_own(self):
+        """x_t = FlowMatchEulerDiscreteScheduler.scale_noise(x0, t, e), and one Euler step with the
+        target as model output moves x_t exactly along the scheduler's path (to the next sigma)."""
+        scheduler = tiny.tiny_scheduler("euler", shift=3.0)
+        scheduler.set_timesteps(10)
+        i = 4
+        sigma, t = scheduler.sigmas[i], scheduler.timesteps[i]
+        batch, noise = _batch(bsz=1), torch.randn(1, *LATENT, generator=torch.Generator().manual_seed(1))
+        model = _policy()
+        kwargs, target, _ = FAMILIES["wan"].training_inputs(model, scheduler, batch, timesteps=sigma.view(1), noise=noise)
+        x0 = torch.cat([batch["winner_latents"], batch["loser_latents"]])
+        torch.testing.assert_close(kwargs["timestep"], torch.stack([t, t]).float())
+        x_t = kwargs["hidden_states"]
+        torch.testing.assert_close(x_t, scheduler.scale_noise(x0, torch.stack([t, t]), torch.cat([noise, noise])))
+        stepped = scheduler.step(target, t, x_t).prev_sample  # the step index is found from t
+        expected = scheduler.scale_noise(x0, torch.stack([scheduler.timesteps[i + 1]] * 2), torch.cat([noise, noise]))
+        torch.testing.assert_close(stepped, expected, rtol=0, atol=1e-5)
+
+    def test_target_is_unipcs_flow_prediction(self):
+        """Wan's own scheduler (UniPC, flow_prediction) reads the target back as x0: x0 = x_t - sigma * v."""
+        scheduler = tiny.tiny_scheduler("unipc")
+        scheduler.set_timesteps(10)
+        scheduler._step_index = 3
+        sigma = scheduler.sigmas[3]
+        batch = _batch(bsz=1)
+        kwargs, target, _ = FAMILIES["wan"].training_inputs(_policy(), scheduler, batch, timesteps=sigma.view(1),
+                                                            generator=torch.Generator().manual_seed(2))
+        x0 = torch.cat([batch["winner_latents"], batch["loser_latents"]])
+        torch.testing.assert_close(scheduler.convert_model_output(target, sample=kwargs["hidden_states"]), x0,
+                                   rtol=0, atol=1e-5)
+        torch.testing.assert_close(kwargs["timestep"], (sigma * 1000).repeat(2).float())
+
+    @pytest.mark.parametrize("kind", ["unipc", "euler"])
+    def test_sigmas_are_shifted_as_the_scheduler_shifts_its_own(self, kind):
+        scheduler = tiny.tiny_scheduler(kind, shift=5.0)
+        shift = wan_family.flow_shift(scheduler)
+        if kind == "euler":  # its training sigmas (before set_timesteps): the shifted t / T, t = 1000 .. 1
+            grid = torch.arange(1000, 0, -1, dtype=torch.float64) / 1000
+            torch.testing.assert_close(wan_family.shifted_sigmas(grid, shift).float(), scheduler.sigmas, rtol=0, atol=1e-6)
+        else:  # UniPC (Wan's): its inference sigmas are the same map on linspace(1, 1/T)
+            unshifted = tiny.tiny_scheduler(kind, shift=1.0)
+            for s in (scheduler, unshifted):
+                s.set_timesteps(8)
+            torch.testing.assert_close(wan_family.shifted_sigmas(unshifted.sigmas[:8].double(), shift),
+                                       scheduler.sigmas[:8].double(), rtol=0, atol=2e-6)
+        drawn = wan_family.draw_sigmas(scheduler, 4096, torch.Generator().manual_seed(0))
+        assert drawn.min() >= wan_family.shifted_sigmas(torch.tensor(1 / 1000), 5.0) and drawn.max() <= 1
+        assert drawn.median() > 0.5, "a shift of 5 puts most training sigmas on the noisy side, as at sampling"
+
+    def test_a_v_prediction_scheduler_is_refused(self):
+        from training.fixtures.tiny_cogvideox import tiny_scheduler
+
+        with pytest.raises(ConfigError, match="not a flow-matching scheduler"):
+            dpo_step(_policy(), tiny_scheduler(), _batch(), beta=1.0, generator=torch.Generator().manual_seed(0))
+
+    def test_cogvideox_layout_is_refused(self):
+        batch = _batch()
+        batch = {k: (v.transpose(1, 2) if "latents" in k else v) for k, v in batch.items()}  # (B, F, C, h, w)
+        with pytest.raises(ValueError, match=r"channels \(dim 1: Wan's layout is \(B, C, F, h, w\)\)"):
+            dpo_step(_policy(), tiny.tiny_scheduler(), batch, beta=1.0)
+
+    def test_identical_winner_and_loser_give_zero_gradient(self):
+        """Same noise and sigma for both: identical pairs pull both ways equally (up to batched float error)."""
+        model = _policy()
+        with torch.no_grad():
+            for p in lora_parameters(model):
+                p.add_(0.1 * torch.randn_like(p))
+
+        def largest_gradient(batch):
+            model.zero_grad(set_to_none=True)
+            out = dpo_step(model, tiny.tiny_scheduler(), batch, beta=500.0, generator=torch.Generator().manual_seed(0))
+            out.loss.backward()
+            return out, max(p.grad.abs().max().item() for p in lora_parameters(model))
+
+        batch = _batch()
+        _, distinct = largest_gradient(batch)
+        batch["loser_latents"] = batch["winner_latents"].clone()
+        out, identical = largest_gradient(batch)
+        assert out.loss.item() == pytest.approx(math.log(2), abs=1e-6)
+        assert identical < 1e-4 * distinct
+
+    def test_training_on_one_pair_raises_implicit_accuracy(self):
+        """Adam on the LoRA: the winner's error falls below the reference's relative to the loser's."""
+        model = _policy(rank=8, alpha=8)
+        scheduler, batch = tiny.tiny_scheduler(), _batch(bsz=2, seed=5)
+        opt = torch.optim.Adam(lora_parameters(model), lr=1e-2)
+
+        def evaluate():
+            with torch.no_grad():
+                return dpo_step(model, scheduler, batch, beta=2000.0, generator=torch.Generator().manual_seed(99)).metrics
+
+        before = evaluate()
+        for step in range(8):
+            out = dpo_step(model, scheduler, batch, beta=2000.0, generator=torch.Generator().manual_seed(step))
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            opt.step()
+        after = evaluate()
+        assert before["rewards/accuracies"] == 0.5
+        assert after["rewards/accuracies"] > 0.5 and after["rewards/margins"] > 0
+        assert after["loss"] < math.log(2)
+
+
+# ---- LoRA ------------------------------------------------------------------------------------------
+def test_default_targets_are_wans_attention_projections():
+    model = _policy()
+    adapted = sorted({n.rsplit(".lora_A", 1)[0] for n, _ in model.named_parameters() if ".lora_A." in n})
+    assert adapted == sorted(f"blocks.0.{attn}.{proj}" for attn in ("attn1", "attn2") for proj in DEFAULT_TARGETS)
+
+
+@pytest.mark.parametrize("rank,alpha,targets", [(4, 8, DEFAULT_TARGETS), (4, 3, ("to_q", "to_v", "ffn.net.2"))],
+                         ids=["r4-a8-attention", "r4-a3-with-ffn"])
+def test_exported_lora_reproduces_the_trained_output_in_wan_pipeline(model_dir, tmp_path, rank, alpha, targets):
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    trained = add_lora(WanTransformer3DModel.from_pretrained(model_dir, subfolder="transformer"), rank=rank, alpha=alpha,
+                       targets=targets)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in lora_parameters(trained):
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    export_lora(tmp_path / "lora", trained.eval())
+    inputs = dict(hidden_states=torch.randn(1, *LATENT, generator=g), timestep=torch.tensor([437.0]),
+                  encoder_hidden_states=torch.randn(1, tiny.TEXT_SEQ_LEN, tiny.TEXT_EMBED_DIM, generator=g),
+                  return_dict=False)
+    with torch.no_grad():
+        expected = trained(**inputs)[0]
+        base = WanPipeline.from_pretrained(model_dir).transformer(**inputs)[0]
+    assert (expected - base).abs().max() > 0.05, "the adapter must change the output for this test to mean anything"
+
+    for how in ("diffusers", "videogpa"):  # what a user does, and the project's one loading path
+        pipe = WanPipeline.from_pretrained(model_dir)
+        if how == "diffusers":
+            pipe.load_lora_weights(tmp_path / "lora")
+        else:
+            load_lora(pipe, tmp_path / "lora", "trained")
+        with torch.no_grad():
+            torch.testing.assert_close(pipe.transformer(**inputs)[0], expected, rtol=0, atol=1e-5)
