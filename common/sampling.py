@@ -1,4 +1,4 @@
-"""The sampling engine: CogVideoX text-to-video or image-to-video from a local diffusers folder.
+"""The sampling engine: CogVideoX (text- or image-to-video) or Wan (text-to-video) from a local diffusers folder.
 
     info = inspect_video_model("models/CogVideoX-5b-I2V")          # what the folder holds, nothing loaded
     sampler = Sampler(SamplingConfig(model_dir=...), output_dir="samples/")
@@ -10,9 +10,10 @@ job, the trainer, `vgpa cache`, `vgpa compare-lora` and the sampler all ask it);
 first frame) and N seeds. For each seed the engine writes, under `<output_dir>/<sample_id>/`:
 
     seed-<s>.mp4             the decoded video (H.264)
-    seed-<s>.latents.pt      the final latents [F, C, h, w] in the transformer's space
-                             (already multiplied by the VAE scaling factor), float32
-    prompt_embeds.pt         the prompt's T5 embeddings [L, D], float32 (shared by all seeds)
+    seed-<s>.latents.pt      the final latents in the transformer's space and layout, float32:
+                             CogVideoX [F, C, h, w] (x the VAE scaling factor), Wan [C, F, h, w]
+                             (normalised with the VAE's latents_mean / latents_std); see common.families
+    prompt_embeds.pt         the prompt's T5 (Wan: UMT5) embeddings [L, D], float32 (shared by all seeds)
     request.json             the request, the model folder's name, the pipeline and sizes (provenance;
                              no server path: HTTP clients can download it)
 
@@ -35,7 +36,6 @@ from typing import Annotated, Any, Iterable, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from common.cogvideox import default_video_size, latent_frames
 from common.families import FAMILIES, FULL_STACK, family_of_pipeline, supported_pipelines
 from common.errors import Answer, ConfigError, ErrorInfo, VideoGPAError, invalid_settings
 from common.storage import is_uri, join, local_copy, publishing
@@ -138,7 +138,7 @@ class SamplingOptions(_Strict):
     dtype: str = Field("auto", description="'auto' (bfloat16 on CUDA, float32 on CPU), 'float32', 'float16' or 'bfloat16'.")
     device: str = Field("auto", description="'auto' (CUDA when available), 'cpu' or 'cuda[:N]'.")
     max_sequence_length: Optional[int] = Field(
-        None, ge=1, le=4096, description="Prompt tokens; default: the tokenizer's model_max_length capped at 226 (CogVideoX)."
+        None, ge=1, le=4096, description="Prompt tokens; default: the tokenizer's model_max_length capped at 226 (CogVideoX) or 512 (Wan)."
     )
     default_steps: int = Field(50, ge=1, le=MAX_SAMPLE_STEPS, description="Denoising steps when the request gives none.")
     default_guidance: float = Field(
@@ -250,7 +250,10 @@ class SampleAnswer(Answer):
 
 # ---- the engine ----------------------------------------------------------------------------------
 class Sampler:
-    """Holds one diffusers CogVideoX pipeline; `sample(request)` runs N seeds and writes files.
+    """Holds one diffusers pipeline (CogVideoX or Wan); `sample(request)` runs N seeds and writes files.
+
+    What differs between families (default size, prompt length, latent layout, decoding) comes from
+    the folder's `common.families` adapter.
 
     Args:
         config (`SamplingConfig`): the model, adapters, defaults and limits.
@@ -274,8 +277,8 @@ class Sampler:
             load_lora(self._pipe, folder, name)  # the project's one loading path: the trained alpha / r
         if config.adapters:
             select_adapter(self._pipe, None)
-        tok_max = getattr(self._pipe.tokenizer, "model_max_length", 226) or 226
-        self._max_seq = config.max_sequence_length or min(int(tok_max), 226)
+        self._family = FAMILIES[self.model.family]
+        self._max_seq = config.max_sequence_length or self._family.max_sequence_length(self._pipe)
         self._lock = threading.Lock()
         logger.info("sampler loaded %s (%s) in %.1f s", config.model_dir, self.model.pipeline, time.perf_counter() - t0)
 
@@ -347,7 +350,7 @@ class Sampler:
         c = self.config
         steps = c.default_steps if req.steps is None else req.steps
         guidance = c.default_guidance if req.guidance is None else req.guidance
-        default_frames, default_height, default_width = default_video_size(self._pipe.transformer.config)
+        default_frames, default_height, default_width = self._family.default_video_size(self._pipe.transformer.config)
         height, width, frames = req.height or default_height, req.width or default_width, req.frames or default_frames
         sample_id = uuid.uuid4().hex
         with publishing(join(self._out, sample_id)) as (here, publish):
@@ -401,11 +404,9 @@ class Sampler:
                 )
                 if image is not None:
                     kwargs["image"] = image.resize((width, height))
-                latents = self._pipe(**kwargs).frames  # [1, F', C, h, w]
-                # CogVideoX 1.5 pads F' to a multiple of patch_size_t *in front* and, with
-                # output_type="latent", returns the padding too: keep the video's own F frames.
-                latents = latents[:, latents.shape[1] - latent_frames(frames):]
-                video = self._pipe.decode_latents(latents)  # [1, 3, T, H, W] in [-1, 1]
+                latents = self._pipe(**kwargs).frames  # CogVideoX [1, F', C, h, w], Wan [1, C, F, h, w]
+                latents = self._family.video_latents(latents, frames)
+                video = self._family.decode(self._pipe, latents)  # [1, 3, T, H, W] in [-1, 1]
                 video = self._pipe.video_processor.postprocess_video(video=video, output_type="np")[0]  # [T, H, W, 3] in [0, 1]
                 video_u8 = (video.clip(0, 1) * 255).round().astype("uint8")
                 mp4 = write_video(folder / f"seed-{seed}.mp4", video_u8, fps=c.fps)

@@ -56,6 +56,24 @@ class VideoFamily:
     def check_folder(self, folder, index: Mapping) -> None:
         """Family-specific checks of a pipeline folder (model_index.json as `index`); ConfigError if refused."""
 
+    # ---- sampling (common.sampling.Sampler) ----
+    def default_video_size(self, transformer_config: Mapping) -> tuple[int, int, int]:
+        """(frames, height, width) in pixels sampled when a request gives none."""
+        raise NotImplementedError
+
+    def max_sequence_length(self, pipe) -> int:
+        """Prompt tokens when the sampler's config gives none."""
+        raise NotImplementedError
+
+    def video_latents(self, latents, frames: int):
+        """The pipeline's `output_type="latent"` result (1, ...) -> the video's own latents (1, ...)."""
+        return latents
+
+    def decode(self, pipe, latents):
+        """The video's latents (1, ...) in the transformer's space -> pixels (1, 3, T, H, W) in [-1, 1]."""
+        raise NotImplementedError
+
+    # ---- training (training.dpo.dpo_step) ----
     def training_inputs(self, model, scheduler, batch: dict, generator=None, timesteps=None, noise=None,
                         compute_dtype=None) -> tuple[dict, "object", slice]:
         """(transformer kwargs for [winners; losers], regression target (2B, ...) fp32, the slice of the

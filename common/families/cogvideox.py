@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from common.cogvideox import check_latent_size, padded_latent_frames
+from common.cogvideox import check_latent_size, default_video_size, latent_frames, padded_latent_frames
 from common.families import VideoFamily, pair_tensors
 
 
@@ -99,6 +99,21 @@ class CogVideoXFamily(VideoFamily):
     pipelines = {"CogVideoXPipeline": False, "CogVideoXImageToVideoPipeline": True}
     transformer_class = "CogVideoXTransformer3DModel"
     latent_layout = "FChw"
+
+    def default_video_size(self, transformer_config):
+        return default_video_size(transformer_config)
+
+    def max_sequence_length(self, pipe) -> int:
+        tok_max = getattr(pipe.tokenizer, "model_max_length", 226) or 226
+        return min(int(tok_max), 226)
+
+    def video_latents(self, latents, frames: int):
+        # CogVideoX 1.5 pads F' to a multiple of patch_size_t *in front* and, with
+        # output_type="latent", returns the padding too: keep the video's own F frames.
+        return latents[:, latents.shape[1] - latent_frames(frames):]
+
+    def decode(self, pipe, latents):
+        return pipe.decode_latents(latents)
 
     def training_inputs(self, model, scheduler, batch, generator=None, timesteps=None, noise=None,
                         compute_dtype=torch.float32):

@@ -23,7 +23,8 @@ sigmas, so training puts its weight where sampling spends its steps. `u` is clam
 
 The text condition is the UMT5 encoder's output (B, L, 4096 in the real model); the transformer
 computes its rotary positions itself. Supported so far: the single-transformer text-to-video
-layout (Wan 2.1 T2V 1.3B / 14B, Wan 2.2 T2V with one transformer) for the DPO step and LoRA. Wan 2.2's
+layout (Wan 2.1 T2V 1.3B / 14B, Wan 2.2 T2V with one transformer) for sampling, the DPO step and
+LoRA (not yet the cache encoder, mining or `vgpa train`). Wan 2.2's
 two-expert folders (transformer + transformer_2 switched at boundary_ratio) and the TI2V layout
 (expand_timesteps: one timestep per latent token) are refused with that reason; image-to-video
 (`WanImageToVideoPipeline`: CLIP image embeddings plus a masked first-frame video latent on 36
@@ -38,6 +39,12 @@ import torch
 
 from common.errors import ConfigError
 from common.families import VideoFamily, pair_tensors
+
+
+#: (frames, height, width) WanPipeline samples by default (Wan 2.1's 480p setting).
+DEFAULT_VIDEO_SIZE = (81, 480, 832)
+#: Prompt tokens WanPipeline encodes by default (UMT5).
+MAX_SEQUENCE_LENGTH = 512
 
 
 def latent_stats(vae_config: Mapping, device=None, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,7 +113,18 @@ class WanFamily(VideoFamily):
     latent_layout = "CFhw"
 
     def uses(self, pipeline: str) -> frozenset[str]:
-        return frozenset({"dpo", "lora"}) if pipeline == "WanPipeline" else frozenset()
+        return frozenset({"sample", "dpo", "lora"}) if pipeline == "WanPipeline" else frozenset()
+
+    def default_video_size(self, transformer_config):
+        return DEFAULT_VIDEO_SIZE  # Wan's configs carry no sample size
+
+    def max_sequence_length(self, pipe) -> int:
+        tok_max = getattr(pipe.tokenizer, "model_max_length", MAX_SEQUENCE_LENGTH) or MAX_SEQUENCE_LENGTH
+        return min(int(tok_max), MAX_SEQUENCE_LENGTH)
+
+    def decode(self, pipe, latents):
+        z = denormalise_latents(latents.to(pipe.vae.dtype), pipe.vae.config)
+        return pipe.vae.decode(z, return_dict=False)[0]
 
     def check_folder(self, folder, index: Mapping) -> None:
         second = index.get("transformer_2")

@@ -53,10 +53,10 @@ class TestFolder:
         assert inspect_video_model(tiny_cogvideox_dir(model_dir.parent)).family == "cogvideox"
 
     def test_what_is_not_wired_yet_is_refused_with_what_is_supported(self, model_dir):
-        with pytest.raises(ConfigError, match=r"does not yet sample/encode/mine/train .*supports dpo, lora .*cogvideox supports"):
+        with pytest.raises(ConfigError, match=r"does not yet encode/mine/train .*supports dpo, lora, sample .*cogvideox supports"):
             inspect_video_model(model_dir)  # the default: the whole pipeline (sampler, cache, mining, trainer)
-        with pytest.raises(ConfigError, match="does not yet sample"):
-            load_video_model(model_dir, device="cpu")  # what the sampler engine calls
+        with pytest.raises(ConfigError, match="does not yet train"):
+            inspect_video_model(model_dir, need=("train",))
 
     def test_unsupported_family_names_the_supported_ones(self, tmp_path):
         (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "HunyuanVideoPipeline"}))
@@ -265,3 +265,44 @@ def test_exported_lora_reproduces_the_trained_output_in_wan_pipeline(model_dir, 
             load_lora(pipe, tmp_path / "lora", "trained")
         with torch.no_grad():
             torch.testing.assert_close(pipe.transformer(**inputs)[0], expected, rtol=0, atol=1e-5)
+
+
+# ---- sampling --------------------------------------------------------------------------------------
+def test_sampler_runs_wan_with_seeds_and_a_per_request_adapter(model_dir, tmp_path):
+    """The sampler engine on a Wan folder: N seeds, the pipeline's own latents in Wan's layout, an
+    adapter selected per request (it changes the video; the base request stays the base model)."""
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    from common.sampling import Sampler, SamplingConfig
+
+    trained = add_lora(WanTransformer3DModel.from_pretrained(model_dir, subfolder="transformer"), rank=4, alpha=4)
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    adapter = export_lora(tmp_path / "lora", trained).parent
+    sampler = Sampler(SamplingConfig(model_dir=model_dir, device="cpu", adapters={"geo": adapter}, default_steps=2),
+                      output_dir=tmp_path / "samples")
+    sizes = dict(frames=tiny.NUM_FRAMES, height=tiny.HEIGHT, width=tiny.WIDTH, guidance=1.0)
+    base = sampler.sample({"prompt": "a red cube", "seeds": [0, 1], **sizes})
+    assert base.error is None, base.error
+    lat = {s.seed: torch.load(s.latents) for s in base.result.samples}
+    assert lat[0].shape == LATENT and not torch.equal(lat[0], lat[1])
+    assert torch.load(base.result.samples[0].prompt_embeds).shape == (tiny.TEXT_SEQ_LEN, tiny.TEXT_EMBED_DIM)
+
+    pipe = WanPipeline.from_pretrained(model_dir)
+    direct = pipe("a red cube", num_inference_steps=2, num_frames=tiny.NUM_FRAMES, height=tiny.HEIGHT, width=tiny.WIDTH,
+                  guidance_scale=1.0, max_sequence_length=tiny.TEXT_SEQ_LEN, output_type="latent",
+                  generator=torch.Generator().manual_seed(0)).frames[0]
+    torch.testing.assert_close(lat[0], direct, rtol=0, atol=1e-5)
+
+    geo = sampler.sample({"prompt": "a red cube", "seeds": [0], "adapter": "geo", **sizes})
+    assert geo.error is None, geo.error
+    assert (torch.load(geo.result.samples[0].latents) - lat[0]).abs().max() > 1e-3
+    again = sampler.sample({"prompt": "a red cube", "seeds": [0], **sizes})
+    torch.testing.assert_close(torch.load(again.result.samples[0].latents), lat[0], rtol=0, atol=0)
+    import av
+
+    with av.open(base.result.samples[0].video) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) == tiny.NUM_FRAMES and frames[0].shape == (tiny.HEIGHT, tiny.WIDTH, 3)
