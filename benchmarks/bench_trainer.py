@@ -10,12 +10,15 @@ Targets (issue 4): parameter memory <= 1.1x a single model, step time <= 1.0x th
 
 Also, for the trained LoRA of each size (rank r, alpha 2r, after the benchmark's steps): the export
 round trip (issue 10). The LoRA is exported with `training.lora.export_lora`, loaded into a fresh
-base transformer through `CogVideoXPipeline.load_lora_weights(folder)`, and the transformer's
+base transformer through `CogVideoXPipeline.load_lora_weights(folder)` (`WanPipeline`'s for the Wan
+sizes), and the transformer's
 output on the benchmark's inputs is compared with the trained policy's: max |difference| (must be
 ~0), next to the adapter's own effect (max |policy - base|) and, for contrast, the error of an
 export without the adapter metadata (diffusers then applies scale 1 instead of alpha / r = 2).
 
-    .venv/bin/python benchmarks/bench_trainer.py [--steps 20] [--device cpu|cuda]
+Sizes: CogVideoX "tiny" / "small" (v-prediction) and Wan "wan-tiny" / "wan-small" (flow matching).
+
+    .venv/bin/python benchmarks/bench_trainer.py [--steps 20] [--device cpu|cuda] [--sizes tiny wan-tiny ...]
 """
 
 from __future__ import annotations
@@ -30,12 +33,13 @@ import time
 import torch
 
 from training.fixtures import tiny_cogvideox as tiny
+from training.fixtures import tiny_wan
 from common.lora import LORA_WEIGHTS_NAME
 from training.dpo import adapters_disabled, dpo_step, rotary_embeddings
 from training.lora import add_lora, export_lora, lora_parameters, lora_state_dict
 
 SIZES = {
-    # name: (transformer kwargs, latent (F, C, h, w), text (L, D), lora rank)
+    # name: (transformer kwargs, latent (F, C, h, w) for CogVideoX / (C, F, h, w) for Wan, text (L, D), lora rank)
     "tiny": (dict(num_attention_heads=2, attention_head_dim=16, num_layers=1, time_embed_dim=4, text_embed_dim=32,
                   in_channels=4, out_channels=4, sample_frames=9, sample_height=4, sample_width=4,
                   max_text_seq_length=16), (3, 4, 4, 4), (16, 32), 4),
@@ -43,7 +47,16 @@ SIZES = {
     "small": (dict(num_attention_heads=4, attention_head_dim=64, num_layers=4, time_embed_dim=64, text_embed_dim=128,
                    in_channels=8, out_channels=8, sample_frames=9, sample_height=8, sample_width=8,
                    max_text_seq_length=32), (3, 8, 8, 8), (32, 128), 16),
+    # Wan (rectified flow, common.families.wan): the tiny test model, and 4 layers x 256 like "small"
+    "wan-tiny": (dict(num_attention_heads=2, attention_head_dim=12, num_layers=1, ffn_dim=32, freq_dim=16, text_dim=32,
+                      in_channels=16, out_channels=16, rope_max_seq_len=32), (16, 3, 4, 4), (16, 32), 4),
+    "wan-small": (dict(num_attention_heads=4, attention_head_dim=64, num_layers=4, ffn_dim=1024, freq_dim=64, text_dim=128,
+                       in_channels=16, out_channels=16, rope_max_seq_len=64), (16, 3, 8, 8), (32, 128), 16),
 }
+
+
+def is_wan(size: str) -> bool:
+    return size.startswith("wan")
 
 
 def param_bytes(*modules: torch.nn.Module) -> int:
@@ -60,9 +73,12 @@ def param_bytes(*modules: torch.nn.Module) -> int:
 
 def base_transformer(size: str, seed: int = 0):
     """The benchmark's base transformer of `size` (the same weights for the same seed)."""
-    from diffusers import CogVideoXTransformer3DModel
+    from diffusers import CogVideoXTransformer3DModel, WanTransformer3DModel
 
     torch.manual_seed(seed)
+    if is_wan(size):
+        return WanTransformer3DModel(patch_size=(1, 2, 2), cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                     **SIZES[size][0])
     return CogVideoXTransformer3DModel(patch_size=2, use_rotary_positional_embeddings=True, **SIZES[size][0])
 
 
@@ -90,7 +106,7 @@ class Setup:
         self.approach, self.device = approach, device
         self.policy, self.batch, self.single, self.reference = build(size, device, frozen_copy=approach == "frozen copy")
         self.optimizer = torch.optim.AdamW(lora_parameters(self.policy), lr=1e-3)
-        self.scheduler = tiny.tiny_scheduler()
+        self.scheduler = tiny_wan.tiny_scheduler() if is_wan(size) else tiny.tiny_scheduler()
         self.times: list[float] = []
         self.n = 0
 
@@ -116,14 +132,16 @@ class Setup:
 @torch.no_grad()
 def export_roundtrip(setup: Setup, size: str) -> dict[str, float]:
     """Export the trained LoRA, load it into a fresh pipeline, compare transformer outputs (see the module doc)."""
-    from diffusers import CogVideoXPipeline
+    from diffusers import CogVideoXPipeline, WanPipeline
 
     policy = setup.policy.eval()
     config = policy.config
     latents = setup.batch["winner_latents"].to(setup.device)
     inputs = dict(hidden_states=latents, encoder_hidden_states=setup.batch["prompt_embeds"].to(setup.device),
-                  timestep=torch.tensor([500, 500], device=setup.device), return_dict=False,
-                  image_rotary_emb=rotary_embeddings(config, latents.shape[1], *latents.shape[3:], device=setup.device))
+                  timestep=torch.tensor([500, 500], device=setup.device), return_dict=False)
+    if not is_wan(size):  # Wan computes its rotary positions itself
+        inputs["image_rotary_emb"] = rotary_embeddings(config, latents.shape[1], *latents.shape[3:], device=setup.device)
+    pipeline_cls = WanPipeline if is_wan(size) else CogVideoXPipeline
     trained = policy(**inputs)[0]
     with adapters_disabled(policy):
         base = policy(**inputs)[0]
@@ -131,13 +149,13 @@ def export_roundtrip(setup: Setup, size: str) -> dict[str, float]:
     def loaded_output(write) -> torch.Tensor:
         with tempfile.TemporaryDirectory() as folder:
             write(folder)
-            pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=setup.scheduler,
-                                     transformer=base_transformer(size).to(setup.device))
+            pipe = pipeline_cls(tokenizer=None, text_encoder=None, vae=None, scheduler=setup.scheduler,
+                                transformer=base_transformer(size).to(setup.device))
             pipe.load_lora_weights(folder)
             return pipe.transformer(**inputs)[0]
 
     exact = loaded_output(lambda folder: export_lora(folder, policy))
-    no_metadata = loaded_output(lambda folder: CogVideoXPipeline.save_lora_weights(
+    no_metadata = loaded_output(lambda folder: pipeline_cls.save_lora_weights(
         folder, transformer_lora_layers=lora_state_dict(policy), weight_name=LORA_WEIGHTS_NAME))
     policy.train()
     return {"roundtrip_max_abs": float((exact - trained).abs().max()),

@@ -306,3 +306,32 @@ def test_sampler_runs_wan_with_seeds_and_a_per_request_adapter(model_dir, tmp_pa
     with av.open(base.result.samples[0].video) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     assert len(frames) == tiny.NUM_FRAMES and frames[0].shape == (tiny.HEIGHT, tiny.WIDTH, 3)
+
+
+# ---- the real sizes, on the meta device ------------------------------------------------------------
+#: Wan-AI/Wan2.1-T2V-1.3B-Diffusers and -14B-Diffusers transformer configs (the keys that differ from
+#: WanTransformer3DModel's defaults, which are the 14B's); no weights and no config files are at hand
+#: here, so the numbers are written out.
+WAN21 = {
+    "1.3B": dict(num_attention_heads=12, ffn_dim=8960, num_layers=30),
+    "14B": dict(num_attention_heads=40, ffn_dim=13824, num_layers=40),
+}
+
+
+@pytest.mark.parametrize("size,total,share", [("1.3B", 1_418_996_800, 0.0333), ("14B", 14_288_491_584, 0.0147)])
+def test_real_wan21_sizes_with_lora_r64_on_meta_device(size, total, share):
+    from diffusers import WanTransformer3DModel
+
+    from training.lora import count_parameters
+
+    with torch.device("meta"):  # no memory
+        model = WanTransformer3DModel(patch_size=(1, 2, 2), attention_head_dim=128, in_channels=16, out_channels=16,
+                                      text_dim=4096, freq_dim=256, **WAN21[size])
+    assert sum(p.numel() for p in model.parameters()) == total
+    add_lora(model, rank=64, alpha=128)
+    trainable, with_lora = count_parameters(model)
+    inner = WAN21[size]["num_attention_heads"] * 128
+    # 4 projections x 2 attentions (self, cross) x blocks x r (in + out)
+    assert trainable == WAN21[size]["num_layers"] * 2 * 4 * 64 * (inner + inner)
+    assert trainable / (with_lora - trainable) == pytest.approx(share, abs=0.0002)
+    assert all(p.requires_grad == ("lora_" in n) for n, p in model.named_parameters())
