@@ -142,7 +142,7 @@ def lpips_weights_path(net: str, configured: Optional[Path]) -> Optional[Path]:
 
 
 def create_metric(choice: str, lpips_weights: Optional[Path], device: torch.device) -> PerceptualMetric:
-    """'auto' -> LPIPS-VGG when its weights are on disk, else DSSIM; 'lpips-*' require the weights."""
+    """'auto' -> LPIPS-VGG when its weights are on disk, else Alignment; 'lpips-*' require the weights."""
     return _cached_metric(choice, str(lpips_weights) if lpips_weights else None, str(device))
 
 
