@@ -53,7 +53,7 @@ class TestFolder:
         assert inspect_video_model(tiny_cogvideox_dir(model_dir.parent)).family == "cogvideox"
 
     def test_what_is_not_wired_yet_is_refused_with_what_is_supported(self, model_dir):
-        with pytest.raises(ConfigError, match=r"does not yet encode/mine/train .*supports dpo, lora, sample .*cogvideox supports"):
+        with pytest.raises(ConfigError, match=r"does not yet mine/train .*supports dpo, encode, lora, sample .*cogvideox supports"):
             inspect_video_model(model_dir)  # the default: the whole pipeline (sampler, cache, mining, trainer)
         with pytest.raises(ConfigError, match="does not yet train"):
             inspect_video_model(model_dir, need=("train",))
@@ -117,6 +117,66 @@ def test_latents_are_normalised_as_the_pipeline_undoes_it(model_dir):
     mean, std = wan_family.latent_stats(pipe.vae.config)
     assert std.flatten().unique().numel() > 1, "per-channel statistics, not one scaling factor"
     torch.testing.assert_close(normalised[:, 5], (z[:, 5] - mean[0, 5]) / std[0, 5])
+
+
+class _NoNoise:
+    """A "scheduler" whose scale_noise is the identity: WanVideoToVideoPipeline.prepare_latents at strength 0."""
+
+    def scale_noise(self, sample, timestep, noise):
+        return sample
+
+
+def test_cache_encodes_wan_as_the_pipelines_own_encoding(model_dir, tmp_path, capsys):
+    """`vgpa cache` on a Wan folder: video latents = WanVideoToVideoPipeline.prepare_latents (posterior mean,
+    normalised with latents_mean / latents_std, kept as (C, F, h, w)); text = WanPipeline.encode_prompt (UMT5).
+    The transformer's weights are deleted first: the cache must not need them."""
+    import shutil
+
+    from diffusers import WanPipeline, WanVideoToVideoPipeline
+
+    from clients.cli import main
+    from tests.training.test_cli_train import _first_frames, _write_clip_folder
+    from training.pairs import PairsDataset, load_pairs_index
+
+    clips = _write_clip_folder(tmp_path / "clips", height=tiny.HEIGHT, width=tiny.WIDTH)
+    model = shutil.copytree(model_dir, tmp_path / "model")
+    components = WanPipeline.from_pretrained(model).components
+    for weights in (model / "transformer").glob("*.safetensors"):
+        weights.unlink()
+    main(["cache", "--videos", str(clips), "--model", str(model), "--output", str(tmp_path / "pairs"),
+          "--frames", str(tiny.NUM_FRAMES), "--height", str(tiny.HEIGHT), "--width", str(tiny.WIDTH)])
+    out = capsys.readouterr().out
+    assert "wrote 3 pairs" in out and "(C, F, h, w)" in out and "UMT5" in out
+    index = load_pairs_index(tmp_path / "pairs")
+    assert index.family == "wan" and index.summary["latent_layout"] == "CFhw" and index.summary["latents_normalised"]
+    assert index.latent_shape == LATENT and index.text_shape == (tiny.TEXT_SEQ_LEN, tiny.TEXT_EMBED_DIM) and not index.i2v
+    space = index.summary["latent_space"]
+    assert space["family"] == "wan" and len(space["latents_std"]) == tiny.LATENT_CHANNELS
+    item = PairsDataset(index)[1]
+
+    v2v = WanVideoToVideoPipeline(**{k: v for k, v in components.items() if k != "transformer_2"})
+    v2v.scheduler = _NoNoise()
+    video = v2v.video_processor.preprocess_video(_first_frames(clips / "w1.mkv", tiny.NUM_FRAMES),
+                                                 height=tiny.HEIGHT, width=tiny.WIDTH)
+    with torch.no_grad():
+        expected = v2v.prepare_latents(video, 1, tiny.LATENT_CHANNELS, tiny.HEIGHT, tiny.WIDTH, torch.float32, "cpu",
+                                       torch.Generator().manual_seed(0), timestep=torch.tensor([999]))
+    torch.testing.assert_close(item["winner_latents"], expected[0], rtol=0, atol=1e-5)
+    embeds, _ = WanPipeline(**components).encode_prompt("a red cube 1", do_classifier_free_guidance=False,
+                                                        max_sequence_length=tiny.TEXT_SEQ_LEN)
+    torch.testing.assert_close(item["prompt_embeds"], embeds[0])
+
+
+def test_cache_refuses_sizes_wan_cannot_take(model_dir, tmp_path):
+    from common.errors import ConfigError
+    from tests.training.test_cli_train import _write_clip_folder
+    from training.encode import cache_pairs
+
+    clips = _write_clip_folder(tmp_path / "clips", height=tiny.HEIGHT, width=tiny.WIDTH)
+    with pytest.raises(ConfigError, match="Wan takes 4k \\+ 1 frames"):
+        cache_pairs(clips, model_dir, tmp_path / "pairs", num_frames=8, height=32, width=32)
+    with pytest.raises(ConfigError, match="multiples of 16x16"):
+        cache_pairs(clips, model_dir, tmp_path / "pairs", num_frames=9, height=24, width=32)
 
 
 # ---- flow-matching Diffusion-DPO -------------------------------------------------------------------
