@@ -80,12 +80,15 @@ def _print_summary(summary: dict) -> None:
         click.echo(f"best LoRA      {summary['best']['lora']} (step {summary['best']['step']}, "
                    f"held-out loss {_fmt(summary['best']['eval/loss'])})")
     click.echo(f"checkpoint     {summary['checkpoint']}")
-    click.echo(f"load with      CogVideoXPipeline.load_lora_weights('{Path(summary['lora']).parent}')")
+    click.echo(f"load with      {summary.get('pipeline') or 'CogVideoXPipeline'}.load_lora_weights('{Path(summary['lora']).parent}')")
 
 
-@click.command(help="Train a LoRA with Diffusion-DPO on geometry preference pairs (Ray Train + DeepSpeed).")
+@click.command(help="Train a LoRA with Diffusion-DPO on geometry preference pairs (Ray Train + DeepSpeed), for CogVideoX "
+                    "(v-prediction) or Wan (flow matching).")
 @click.option("--pairs", "pairs_dir", required=True, type=click.Path(path_type=Path), help="Pairs dataset folder (vgpa cache / mining job).")
-@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path), help="Diffusers CogVideoX pipeline folder.")
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
+              help="Diffusers pipeline folder the pairs were encoded with: CogVideoX (CogVideoXPipeline, "
+                   "CogVideoXImageToVideoPipeline) or Wan (WanPipeline).")
 @click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path), help="Receives pytorch_lora_weights.safetensors.")
 @click.option("--workers", type=int, default=None, help="Ray Train workers (default 1).")
 @click.option("--gpus-per-worker", type=float, default=None,
