@@ -167,7 +167,7 @@ class WanFamily(VideoFamily):
         return scheduler
 
     def uses(self, pipeline: str) -> frozenset[str]:
-        return frozenset({"sample", "encode", "dpo", "lora"}) if pipeline == "WanPipeline" else frozenset()
+        return frozenset({"sample", "encode", "mine", "train", "dpo", "lora"}) if pipeline == "WanPipeline" else frozenset()
 
     def default_video_size(self, transformer_config):
         return DEFAULT_VIDEO_SIZE  # Wan's configs carry no sample size
