@@ -23,12 +23,12 @@ sigmas, so training puts its weight where sampling spends its steps. `u` is clam
 
 The text condition is the UMT5 encoder's output (B, L, 4096 in the real model); the transformer
 computes its rotary positions itself. Supported so far: the single-transformer text-to-video
-layout (Wan 2.1 T2V 1.3B / 14B, Wan 2.2 T2V with one transformer) for sampling, the DPO step and
-LoRA (not yet the cache encoder, mining or `vgpa train`). Wan 2.2's
+layout (Wan 2.1 T2V 1.3B / 14B, Wan 2.2 T2V with one transformer) for sampling, the cache encoder,
+mining, `vgpa train` (the DPO step) and LoRA. Wan 2.2's
 two-expert folders (transformer + transformer_2 switched at boundary_ratio) and the TI2V layout
 (expand_timesteps: one timestep per latent token) are refused with that reason; image-to-video
 (`WanImageToVideoPipeline`: CLIP image embeddings plus a masked first-frame video latent on 36
-channels) is recognised but not yet taken by any part of videogpa.
+channels) is recognised but refused by every part of videogpa.
 """
 
 from __future__ import annotations
