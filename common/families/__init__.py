@@ -186,13 +186,6 @@ def latent_space_differences(recorded: Mapping, model: Mapping) -> list[str]:
     return out
 
 
-def family_of_folder(model_dir: str | Path) -> VideoFamily:
-    """The family of a pipeline folder, from its model_index.json (ConfigError naming the supported ones)."""
-    from common.sampling import inspect_video_model
-
-    return FAMILIES[inspect_video_model(model_dir, need=()).family]
-
-
 def _families() -> dict[str, VideoFamily]:
     from common.families.cogvideox import CogVideoXFamily
     from common.families.wan import WanFamily
@@ -223,5 +216,5 @@ def family_of_transformer(model) -> VideoFamily:
                       + ", ".join(f"{f.name} ({f.transformer_class})" for f in FAMILIES.values()))
 
 
-__all__ = ["FAMILIES", "FULL_STACK", "USES", "VideoFamily", "family_of_folder", "family_of_latent_space", "family_of_pipeline",
+__all__ = ["FAMILIES", "FULL_STACK", "USES", "VideoFamily", "family_of_latent_space", "family_of_pipeline",
            "family_of_transformer", "latent_space_differences", "pair_tensors", "read_model_configs", "supported_pipelines"]
