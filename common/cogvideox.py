@@ -143,7 +143,7 @@ def check_latent_size(transformer_config: Mapping, frames: int, height: int, wid
 
 def sample_video(pipe, prompt: str, seed: int, steps: int, frames: int, height: int, width: int,
                  guidance: float = 6.0, image=None, max_sequence_length: Optional[int] = None) -> np.ndarray:
-    """One video from a CogVideoX pipeline (T2V, or I2V with `image`): uint8 (T, H, W, 3).
+    """One video from a CogVideoX pipeline (T2V, or I2V with `image`) or a WanPipeline: uint8 (T, H, W, 3).
 
     The noise comes from a CPU generator seeded with `seed`, so a seed gives the same video on any
     device and whatever else is sampled. Text is `max_sequence_length` tokens (default: the

@@ -84,7 +84,7 @@ def inspect_video_model(folder: str | Path, need: Iterable[str] = FULL_STACK) ->
     name = index.get("_class_name")
     family = family_of_pipeline(name)
     if family is None:
-        raise ConfigError(f"{folder} holds a {name}, not a CogVideoX pipeline nor another supported one "
+        raise ConfigError(f"{folder} holds a {name}, a model family videogpa does not support "
                           f"(supported: {supported_pipelines()})")
     family.check_folder(folder, index)
     for part in family.parts:
@@ -185,7 +185,7 @@ class SampleRequest(_Strict):
     )
     steps: Optional[int] = Field(None, ge=1, le=MAX_SAMPLE_STEPS, description="Denoising steps (default: the sampler's).")
     guidance: Optional[float] = Field(None, ge=0, le=MAX_GUIDANCE, description="Guidance scale (default: the sampler's).")
-    frames: Optional[int] = Field(None, ge=1, le=4096, description="Frames, 4k+1 (CogVideoX's temporal compression is 4).")
+    frames: Optional[int] = Field(None, ge=1, le=4096, description="Frames, 4k+1 (the CogVideoX and Wan VAEs compress 4 frames into one latent frame).")
     height: Optional[int] = Field(None, ge=8, le=4096, description="Pixel height, a multiple of 8.")
     width: Optional[int] = Field(None, ge=8, le=4096, description="Pixel width, a multiple of 8.")
     adapter: Optional[str] = Field(None, max_length=200, description="A configured LoRA adapter's name; empty: the base model.")
@@ -215,7 +215,7 @@ class SampleRequest(_Strict):
         if self.seeds is not None and len(set(self.seeds)) != len(self.seeds):
             raise ValueError("seeds must be distinct")
         if self.frames is not None and (self.frames - 1) % 4 != 0:
-            raise ValueError("frames must be 4k+1 (CogVideoX's temporal compression is 4)")
+            raise ValueError("frames must be 4k+1 (the CogVideoX and Wan VAEs compress 4 frames into one latent frame)")
         for name in ("height", "width"):
             value = getattr(self, name)
             if value is not None and value % 8 != 0:

@@ -145,7 +145,7 @@ _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 408, 413, 
 app = FastAPI(
     title="videogpa",
     version="0.1.0",
-    description="Score the 3D geometric consistency of videos (reprojection error), and sample videos from a CogVideoX model.",
+    description="Score the 3D geometric consistency of videos (reprojection error), and sample videos from a CogVideoX or Wan model.",
 )
 
 
@@ -586,7 +586,7 @@ class Ingress:
         self._check_auth(request)
         return await _stored_file(self._previews_at, request_id, name, "preview (previews expire)")
 
-    @app.post("/sample", summary="Sample videos for one prompt (N seeds) from the configured CogVideoX model.",
+    @app.post("/sample", summary="Sample videos for one prompt (N seeds) from the configured CogVideoX or Wan model.",
               openapi_extra=_multipart_doc(_SAMPLE_FORM_SCHEMA), response_model=SampleResponse, responses=_ERRORS)
     async def sample(self, request: Request):
         arrived = time.time()

@@ -11,6 +11,8 @@ Why the saturation guard: users of the reference LoRA for CogVideoX1.5 report ov
 at scale 1.0 and lower the scale by hand; this shows the geometry / colour trade-off per scale.
 The LoRA is loaded with `common.lora.load_lora`, the path the sampler deployment uses, so scale 1.0
 is exactly the trained policy and scale 0 the base model (adapter disabled, bit-identical).
+Either family (CogVideoX T2V / I2V, Wan T2V): default size and prompt length come from the folder's
+`common.families` adapter.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ class CompareConfig(BaseModel):
     seeds: list[int] = Field([0], description="Seeds sampled for every prompt (the same for every scale).")
     steps: int = Field(50, ge=1, description="Denoising steps per video.")
     guidance: float = Field(6.0, ge=0, description="Classifier-free guidance scale.")
-    frames: Optional[int] = Field(None, description="Pixel frames (default: the model's, common.cogvideox).")
+    frames: Optional[int] = Field(None, description="Pixel frames (default: the model's, from its family adapter).")
     height: Optional[int] = Field(None, description="Pixel height (default: the model's).")
     width: Optional[int] = Field(None, description="Pixel width (default: the model's).")
     saturation_tolerance: float = Field(
@@ -74,8 +76,9 @@ def compare_lora(model_dir: str | Path, lora_dir: str | Path, prompts_file: str 
     """
     from PIL import Image
 
-    from common.cogvideox import default_video_size, sample_video
+    from common.cogvideox import sample_video
     from common.evaluation import evaluate_set, summarise
+    from common.families import FAMILIES
     from common.lora import load_lora, select_adapter
     from common.sampling import load_video_model
     from common.saturation import mean_saturation
@@ -91,7 +94,9 @@ def compare_lora(model_dir: str | Path, lora_dir: str | Path, prompts_file: str 
     if i2v and not all(p["image"] for p in prompts):
         raise ConfigError(f"{model_dir} is an image-to-video model: every prompt in {prompts_file} needs an image")
     metadata = load_lora(pipe, lora_dir, ADAPTER)
-    frames, height, width = default_video_size(pipe.transformer.config)
+    family = FAMILIES[model.family]
+    text_length = family.encode_text_length(pipe.transformer.config, pipe)  # what the pairs were encoded with
+    frames, height, width = family.default_video_size(pipe.transformer.config)
     frames, height, width = settings.frames or frames, settings.height or height, settings.width or width
 
     # 1. Sample: the same prompts and seeds at every scale; 0 is the base model.
@@ -107,7 +112,7 @@ def compare_lora(model_dir: str | Path, lora_dir: str | Path, prompts_file: str 
                 name = f"{row['prompt_id']}-seed{seed}"
                 say(f"{scale_label(scale)}: {name}")
                 video = sample_video(pipe, row["prompt"], seed, settings.steps, frames, height, width,
-                                     guidance=settings.guidance, image=image)
+                                     guidance=settings.guidance, image=image, max_sequence_length=text_length)
                 videos[scale][name] = write_video(folder / f"{name}.mp4", video)
     del pipe
 
@@ -139,7 +144,7 @@ def compare_lora(model_dir: str | Path, lora_dir: str | Path, prompts_file: str 
                             "higher_is_better": e["higher_is_better"]} for m, e in geometry.items()},
         })
     result = {
-        "model": str(model_dir), "lora": str(lora_dir), "adapter": metadata, "prompts": str(prompts_file),
+        "model": str(model_dir), "family": model.family, "pipeline": model.pipeline, "lora": str(lora_dir), "adapter": metadata, "prompts": str(prompts_file),
         "settings": settings.model_dump(), "score": score.model_dump(mode="json"),
         "size": {"frames": frames, "height": height, "width": width},
         "scales": report,

@@ -1,4 +1,4 @@
-"""`vgpa demo --tiny`: the whole loop on one machine with a tiny random CogVideoX.
+"""`vgpa demo --tiny`: the whole loop on one machine with a tiny random CogVideoX (or Wan: `--family wan`).
 
     tiny image-to-video CogVideoX (save_pretrained) -> first frames from the synthetic renderer
     -> camera-motion prompts -> mining job (--local mode: sampler + scorer engines in Ray Data actor pools)
@@ -10,6 +10,10 @@ there is nothing to rank. The demo then ranks the *same mined candidates* by a s
 needs no reconstruction (mean absolute frame-to-frame change, lower is better), labels it as such
 in the summary (`pairs_ranked_by`, its own metric_id), and trains on those pairs. The numbers mean
 nothing for quality; the point is that every real component runs, connected.
+
+`family="wan"`: the same loop on a tiny random Wan 2.1 text-to-video (`training.fixtures.tiny_wan`):
+camera-motion prompts without first frames, sampled at the tiny model's 9 x 32 x 32 (Wan's own
+default, 81 x 480 x 832, is for the real model), flow-matching DPO.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from pathlib import Path
 from typing import Optional
 
 STAND_IN_METRIC = "demo-stand-in/frame-change"
+#: The families the tiny demo runs (`vgpa demo --tiny --family`).
+DEMO_FAMILIES = ("cogvideox", "wan")
 
 
 def frame_change(video: str) -> float:
@@ -42,29 +48,13 @@ def stand_in_records(records: list[dict]) -> list[dict]:
     return out
 
 
-def run_tiny_demo(out: str | Path, *, prompts: int = 3, seeds: int = 2, train_steps: int = 2, workers: int = 2,
-                  address: Optional[str] = None, log=print) -> dict:
-    """Run the loop; write everything under `out`; return (and write) demo_summary.json."""
+def _image_prompt_file(out: Path, prompts: int) -> Path:
+    """Camera-motion prompts for first frames rendered by the synthetic renderer (image-to-video)."""
     from PIL import Image
 
-    from common.config import ScoreConfig
-    from common.scoring import score_video
     from common.synthetic import render_video
-    from training.fixtures.tiny_cogvideox import save_tiny_cogvideox
-    from common.sampling import SampleRequest, Sampler, SamplingConfig
-    from training.mining import MineConfig, PairConfig, mine
-    from training.mining.pair_writer import build_pairs
-    from training.mining.records import load_records
-    from training.pairs import load_pairs_index
     from training.prompts import image_prompts, write_prompt_file
-    from training.trainer import TrainConfig, train
 
-    started = time.perf_counter()
-    out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    model = out / "model"
-    if not model.is_dir():
-        save_tiny_cogvideox(model, i2v=True)
     frames_dir = out / "first_frames"
     frames_dir.mkdir(exist_ok=True)
     scenes = [("boxes", "orbit"), ("room", "dolly"), ("boxes", "truck"), ("room", "orbit")]
@@ -73,12 +63,61 @@ def run_tiny_demo(out: str | Path, *, prompts: int = 3, seeds: int = 2, train_st
         path = frames_dir / f"{kind}-{i}.png"
         if not path.is_file():
             Image.fromarray(render_video(kind, trajectory, frames=2, size=(64, 64), seed=i).frames[0].numpy()).save(path)
-    prompt_file = write_prompt_file(out / "prompts.jsonl", image_prompts(frames_dir))
-    log(f"[demo] {prompts} prompts from the synthetic renderer's first frames -> {prompt_file}")
+    return write_prompt_file(out / "prompts.jsonl", image_prompts(frames_dir))
+
+
+def _text_prompt_file(out: Path, prompts: int) -> Path:
+    """Seeded camera-motion prompts without first frames (text-to-video)."""
+    import random
+
+    from training.prompts import camera_motion_prompt, load_vocabulary, write_prompt_file
+
+    vocabulary = load_vocabulary()
+    rows = [{"prompt_id": f"t2v-{i}", "prompt": camera_motion_prompt(random.Random(i), vocabulary)} for i in range(prompts)]
+    return write_prompt_file(out / "prompts.jsonl", rows)
+
+
+def run_tiny_demo(out: str | Path, *, family: str = "cogvideox", prompts: int = 3, seeds: int = 2, train_steps: int = 2,
+                  workers: int = 2, address: Optional[str] = None, log=print) -> dict:
+    """Run the loop on a tiny `family` model ("cogvideox": image-to-video; "wan": text-to-video); write everything
+    under `out`; return (and write) demo_summary.json."""
+    from common.config import ScoreConfig
+    from common.errors import ConfigError
+    from common.scoring import score_video
+    from common.sampling import SampleRequest, Sampler, SamplingConfig
+    from training.mining import MineConfig, PairConfig, mine
+    from training.mining.pair_writer import build_pairs
+    from training.mining.records import load_records
+    from training.pairs import load_pairs_index
+    from training.trainer import TrainConfig, train
+
+    if family not in DEMO_FAMILIES:
+        raise ConfigError(f"the tiny demo runs {' or '.join(DEMO_FAMILIES)}, not {family!r}")
+    started = time.perf_counter()
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    model = out / "model"
+    sizes: dict = {}
+    if family == "wan":
+        from training.fixtures import tiny_wan
+
+        if not model.is_dir():
+            tiny_wan.save_tiny_wan(model)
+        sizes = {"frames": tiny_wan.NUM_FRAMES, "height": tiny_wan.HEIGHT, "width": tiny_wan.WIDTH}
+        prompt_file = _text_prompt_file(out, prompts)
+        log(f"[demo] {prompts} text-to-video camera-motion prompts for a tiny random Wan -> {prompt_file}")
+    else:
+        from training.fixtures.tiny_cogvideox import save_tiny_cogvideox
+
+        if not model.is_dir():
+            save_tiny_cogvideox(model, i2v=True)
+        prompt_file = _image_prompt_file(out, prompts)
+        log(f"[demo] {prompts} prompts from the synthetic renderer's first frames -> {prompt_file}")
 
     # 1. Mine (local mode: no Serve app needed).
     score = {"frames": 4, "recon_frames": 8, "max_side": 64}
-    mined = mine(prompt_file, model, out / "mined", MineConfig(seeds=seeds, steps=2, score=score), local=True, address=address,
+    mined = mine(prompt_file, model, out / "mined", MineConfig(seeds=seeds, steps=2, score=score, **sizes), local=True,
+                 address=address,
                  on_progress=lambda p: log(f"[demo] mining: prompts {p['prompts_done']}/{p['prompts_total']}, "
                                            f"videos {p['videos_done']}/{p['videos_total']}, pairs so far {p['pairs_so_far']}"))
     ranked_by = mined["report"]["metric_ids"][0] if mined["pairs"] else None
@@ -106,7 +145,7 @@ def run_tiny_demo(out: str | Path, *, prompts: int = 3, seeds: int = 2, train_st
     sampler = Sampler(SamplingConfig(model_dir=model, adapters={"demo": out / "lora"}, default_steps=2), out / "after")
     after = []
     for row in [json.loads(line) for line in prompt_file.read_text().splitlines()]:
-        answer = sampler.sample(SampleRequest(prompt=row["prompt"], seeds=[0], adapter="demo"), row["image"])
+        answer = sampler.sample(SampleRequest(prompt=row["prompt"], seeds=[0], adapter="demo", **sizes), row.get("image"))
         if answer.error is not None:
             after.append({"prompt_id": row["prompt_id"], "status": "failed", "reason": answer.error.message})
             continue
@@ -117,6 +156,7 @@ def run_tiny_demo(out: str | Path, *, prompts: int = 3, seeds: int = 2, train_st
 
     metrics = trained["final_metrics"]
     summary = {
+        "family": family,
         "pairs": num_pairs,
         "pairs_ranked_by": ranked_by,
         "mined": {"videos": mined["videos_done"], "statuses": mined["statuses"], "records": mined["records"]},

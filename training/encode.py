@@ -1,21 +1,25 @@
-"""Encode videos and prompts once, with the model's own VAE and T5, into a pairs dataset.
+"""Encode videos and prompts once, with the model's own VAE and text encoder, into a pairs dataset.
 
 Input: a folder with the clips and a `pairs.jsonl`, one JSON object per line:
 
     {"prompt": "...", "winner": "clips/a.mp4", "loser": "clips/b.mp4",
      "image": "first.png" (optional, image-to-video), "winner_score": 0.1, "loser_score": 0.4}
 
-Paths are relative to the folder. Output: a pairs dataset (training.pairs) whose latents are
+Paths are relative to the folder. Output: a pairs dataset (training.pairs) whose latents are the
+VAE's posterior mean of the frames in [-1, 1], put in the transformer's space by the folder's
+family adapter (`common.families`, `encode_latents`):
 
-    VAE(frames in [-1, 1]) posterior mean x scaling_factor, permuted to (F, C, h, w)
+    cogvideox   x scaling_factor, permuted to (F, C, h, w)
+    wan         (z - latents_mean) / latents_std per channel, kept as (C, F, h, w)
 
-and whose text embeddings are the pipeline's own `encode_prompt` (L = max_sequence_length).
-For image-to-video models the condition latent is the "image" if given, else the winner's first
-frame (both clips of a pair were generated from the same image), scaled as the I2V pipeline scales
-it (`common.cogvideox.condition_scale`: 1 / scaling_factor for CogVideoX 1.5).
+and whose text embeddings are the pipeline's own `encode_prompt` (CogVideoX: T5, L = the
+transformer's max_text_seq_length; Wan: UMT5, L = 512, or the tokenizer's model_max_length if smaller).
+For image-to-video models (CogVideoX only) the condition latent is the "image" if given, else the
+winner's first frame (both clips of a pair were generated from the same image), scaled as the I2V
+pipeline scales it (`common.cogvideox.condition_scale`: 1 / scaling_factor for CogVideoX 1.5).
 
-Memory: the transformer is never loaded. The tokenizer and T5 encode every distinct prompt first
-and are freed; then the VAE alone encodes the clips (bf16 with tiled encoding on a GPU, as
+Memory: the transformer is never loaded. The tokenizer and text encoder encode every distinct prompt
+first and are freed; then the VAE alone encodes the clips (bf16 with tiled encoding on a GPU, as
 CogVideoX's own fine-tuning scripts do). The peak is reported in summary.json under "encode".
 """
 
@@ -29,9 +33,9 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from common.cogvideox import (VAE_SPATIAL, check_latent_size, condition_scale, default_video_size, latent_frames,
-                              latent_space, read_model_configs)
+from common.cogvideox import condition_scale
 from common.errors import ConfigError, TooFewFramesError
+from common.families import FAMILIES, VideoFamily, read_model_configs
 from common.sampling import inspect_video_model
 from training.pairs import SUMMARY_NAME, Pair, PairsDatasetError, write_pairs_dataset
 
@@ -49,8 +53,8 @@ def fit_frames(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _posterior_mean(vae, frames: torch.Tensor) -> torch.Tensor:
-    """VAE posterior mean of frames (3, T, H, W) in [-1, 1] -> (F, C, h, w) float32 on the CPU.
+def posterior_mean(vae, frames: torch.Tensor) -> torch.Tensor:
+    """VAE posterior mean of frames (3, T, H, W) in [-1, 1] -> (C, F, h, w) float32 on the CPU.
 
     The mean, not a sample: caching twice gives the same latents.
     """
@@ -58,43 +62,52 @@ def _posterior_mean(vae, frames: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"frames must be (3, T, H, W), got {tuple(frames.shape)}")
     param = next(vae.parameters())
     mean = vae.encode(frames.unsqueeze(0).to(param.device, param.dtype)).latent_dist.mean  # (1, C, F, h, w)
-    return mean[0].permute(1, 0, 2, 3).float().cpu().contiguous()
+    return mean[0].float().cpu().contiguous()
 
 
-def encode_frames(vae, frames: torch.Tensor) -> torch.Tensor:
-    """Video latents: frames (3, T, H, W) in [-1, 1] -> (F, C, h, w), F = (T - 1) // 4 + 1, x scaling_factor."""
-    return _posterior_mean(vae, frames) * vae.config.scaling_factor
+def encode_frames(vae, frames: torch.Tensor, family: VideoFamily = FAMILIES["cogvideox"]) -> torch.Tensor:
+    """Video latents: frames (3, T, H, W) in [-1, 1] -> the family's stored latents, F = (T - 1) // 4 + 1.
+
+    CogVideoX (F, C, h, w) x scaling_factor; Wan (C, F, h, w) normalised with latents_mean / latents_std.
+    """
+    return family.encode_latents(posterior_mean(vae, frames), vae.config)
 
 
 def encode_condition_image(vae, image: torch.Tensor) -> torch.Tensor:
-    """The I2V condition: one frame (3, 1, H, W) in [-1, 1] -> (1, C, h, w), scaled as the I2V pipeline does."""
-    return _posterior_mean(vae, image) * condition_scale(vae.config)
+    """The CogVideoX I2V condition: one frame (3, 1, H, W) in [-1, 1] -> (1, C, h, w), scaled as the I2V pipeline does."""
+    return posterior_mean(vae, image).permute(1, 0, 2, 3).contiguous() * condition_scale(vae.config)
 
 
-def encode_prompts(model_dir: Path, prompts: list[str], max_sequence_length: int, device: str,
-                   dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Each distinct prompt's T5 embeddings (L, D), float32 on the CPU, with the pipeline's own `encode_prompt`.
+def encode_prompts(model_dir: Path, prompts: list[str], max_sequence_length: Optional[int], device: str,
+                   dtype: torch.dtype, family: VideoFamily = FAMILIES["cogvideox"]) -> tuple[dict[str, torch.Tensor], int]:
+    """(each distinct prompt's text embeddings (L, D), float32 on the CPU, L) with the pipeline's own `encode_prompt`.
 
-    Only the tokenizer and the text encoder are loaded (no VAE, no transformer), and freed on return.
+    `max_sequence_length` None: the family's (`encode_text_length`). Only the tokenizer and the text
+    encoder are loaded (no VAE, no transformer), and freed on return.
     """
-    from diffusers import CogVideoXPipeline
+    import diffusers
 
-    pipe = CogVideoXPipeline.from_pretrained(model_dir, transformer=None, vae=None, scheduler=None,
-                                             torch_dtype=dtype).to(device)
+    pipeline_class = getattr(diffusers, family.t2v_pipeline)
+    pipe = pipeline_class.from_pretrained(model_dir, transformer=None, vae=None, scheduler=None,
+                                          torch_dtype=dtype).to(device)
+    if max_sequence_length is None:
+        tcfg, _ = read_model_configs(model_dir)
+        max_sequence_length = family.encode_text_length(tcfg, pipe)
     out = {}
     for prompt in dict.fromkeys(prompts):
         embeds, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False,
                                        max_sequence_length=max_sequence_length, device=device)
         out[prompt] = embeds[0].float().cpu()
     del pipe
-    return out
+    return out, max_sequence_length
 
 
-def load_vae(model_dir: Path, device: str, dtype: torch.dtype):
+def load_vae(model_dir: Path, device: str, dtype: torch.dtype, family: VideoFamily = FAMILIES["cogvideox"]):
     """The pipeline folder's VAE alone, in `dtype` on `device`; tiled encoding on a GPU (bounded memory)."""
-    from diffusers import AutoencoderKLCogVideoX
+    import diffusers
 
-    vae = AutoencoderKLCogVideoX.from_pretrained(model_dir, subfolder="vae", torch_dtype=dtype).to(device).eval()
+    vae_class = getattr(diffusers, family.vae_class)
+    vae = vae_class.from_pretrained(model_dir, subfolder="vae", torch_dtype=dtype).to(device).eval()
     if torch.device(device).type == "cuda":
         vae.enable_tiling()
     return vae
@@ -151,10 +164,11 @@ def cache_pairs(
     dtype: Optional[str] = None,
     on_pair: Optional[Callable[[int, int], None]] = None,
 ) -> Path:
-    """Encode every pair listed in `folder/pairs.jsonl` with the VAE and T5 in `model_dir`; write a pairs dataset.
+    """Encode every pair listed in `folder/pairs.jsonl` with the VAE and text encoder in `model_dir`; write a pairs dataset.
 
-    Sizes default to the model's (`common.cogvideox.default_video_size`: 49 x 480 x 720 for
-    CogVideoX-5B, 81 x 768 x 1360 for CogVideoX1.5) and the transformer's `max_text_seq_length`.
+    `model_dir`: a CogVideoX or Wan pipeline folder. Sizes default to the model's (the family's
+    `default_video_size`: 49 x 480 x 720 for CogVideoX-5B, 81 x 768 x 1360 for CogVideoX1.5,
+    81 x 480 x 832 for Wan) and the text length to the family's (`encode_text_length`).
     `dtype`: "bfloat16" or "float32"; default bfloat16 on a GPU, float32 on the CPU. Returns the folder.
     """
     folder, model_dir = Path(folder), Path(model_dir)
@@ -173,15 +187,12 @@ def cache_pairs(
                 raise PairsDatasetError(f"{listing} line {n}: {entry[key]} does not exist in {folder}")
 
     # 1. Sizes and the latent space, from the configs alone (nothing loaded yet).
-    inspect_video_model(model_dir)
+    family = FAMILIES[inspect_video_model(model_dir, need=("encode",)).family]
     tcfg, vcfg = read_model_configs(model_dir)
-    space = latent_space(tcfg, vcfg)
-    default_frames, default_height, default_width = default_video_size(tcfg)
+    space = family.latent_space(tcfg, vcfg)
+    default_frames, default_height, default_width = family.default_video_size(tcfg)
     num_frames, height, width = num_frames or default_frames, height or default_height, width or default_width
-    if height % VAE_SPATIAL or width % VAE_SPATIAL:
-        raise ConfigError(f"height and width must be multiples of {VAE_SPATIAL}, not {height}x{width}")
-    check_latent_size(tcfg, latent_frames(num_frames), height // VAE_SPATIAL, width // VAE_SPATIAL)
-    max_sequence_length = max_sequence_length or tcfg["max_text_seq_length"]
+    family.check_video_size(tcfg, num_frames, height, width)
     if dtype is None:
         dtype = "bfloat16" if torch.device(device).type == "cuda" else "float32"
     if dtype not in ("bfloat16", "float32"):
@@ -189,11 +200,12 @@ def cache_pairs(
     torch_dtype = getattr(torch, dtype)
 
     with PeakMemory(device) as peak:
-        # 2. Text: T5 alone, each prompt once.
-        text = encode_prompts(model_dir, [e["prompt"] for e in entries], max_sequence_length, device, torch_dtype)
+        # 2. Text: the text encoder alone (T5 / UMT5), each prompt once.
+        text, max_sequence_length = encode_prompts(model_dir, [e["prompt"] for e in entries], max_sequence_length,
+                                                   device, torch_dtype, family)
         gc.collect()
         # 3. Video: the VAE alone.
-        vae = load_vae(model_dir, device, torch_dtype)
+        vae = load_vae(model_dir, device, torch_dtype, family)
 
         def pairs():
             for n, entry in enumerate(entries):
@@ -205,8 +217,8 @@ def cache_pairs(
                     image_latents = encode_condition_image(vae, image)  # (1, C, h, w)
                 yield Pair(
                     prompt=entry["prompt"],
-                    winner_latents=encode_frames(vae, winner),
-                    loser_latents=encode_frames(vae, loser),
+                    winner_latents=encode_frames(vae, winner, family),
+                    loser_latents=encode_frames(vae, loser, family),
                     prompt_embeds=text[entry["prompt"]],
                     image_latents=image_latents,
                     winner_score=float(entry.get("winner_score", float("nan"))),
@@ -223,8 +235,11 @@ def cache_pairs(
             output,
             pairs(),
             model=str(model_dir),
+            family=family.name,
+            latent_layout=family.latent_layout,
             latent_space=space,
-            extra={"frames": num_frames, "height": height, "width": width, "encoded_with": "vgpa cache",
+            extra={"frames": num_frames, "height": height, "width": width, "text_length": max_sequence_length,
+                   "encoded_with": "vgpa cache",
                    "encode": encoded},
         )
     # The peak is known only now: add it to the summary the writer just wrote.

@@ -5,16 +5,18 @@ Layout of a pairs directory (format "videogpa-pairs", version 1)::
     pairs/
       summary.json        # dataset-wide facts, see below
       pairs.parquet       # one row per pair, see below
-      latents/<pair_id>.winner.safetensors   # key "latents": (F, C, h, w)
-      latents/<pair_id>.loser.safetensors    # key "latents": (F, C, h, w)
-      latents/<pair_id>.image.safetensors    # key "latents": (1, C, h, w), image-to-video only
+      latents/<pair_id>.winner.safetensors   # key "latents": (F, C, h, w) CogVideoX, (C, F, h, w) Wan
+      latents/<pair_id>.loser.safetensors    # key "latents": as the winner's
+      latents/<pair_id>.image.safetensors    # key "latents": (1, C, h, w), image-to-video only (CogVideoX)
       text/<sha1(prompt)[:16]>.safetensors   # key "prompt_embeds": (L, D), shared by pairs of one prompt
 
 Tensors:
-    - latents are VAE encodings of frames in [-1, 1], multiplied by the VAE's `scaling_factor`,
-      in the transformer's layout (F latent frames, C channels, h x w); float32 or bfloat16.
-    - image latents (I2V): the condition frame's encoding, scaled the same way, one latent frame.
-    - prompt_embeds: the T5 encoder's last hidden state for the prompt padded/truncated to L tokens.
+    - latents are VAE encodings of frames in [-1, 1] in the transformer's space and layout, as the
+      model family's adapter (`common.families`) defines them: CogVideoX multiplies by the VAE's
+      `scaling_factor` and stores (F latent frames, C channels, h x w); Wan normalises per channel
+      with the VAE's `latents_mean` / `latents_std` and stores (C, F, h, w). float32 or bfloat16.
+    - image latents (CogVideoX I2V): the condition frame's encoding, scaled the same way, one latent frame.
+    - prompt_embeds: the text encoder's (T5; Wan: UMT5) last hidden state, padded/truncated to L tokens.
 
 `pairs.parquet` columns:
     pair_id (string, unique), prompt (string),
@@ -24,13 +26,21 @@ Tensors:
     winner_video, loser_video (string or null: where the clips came from, informational).
 
 `summary.json`:
-    {"format": "videogpa-pairs", "version": 1, "num_pairs": N, "latent_shape": [F, C, h, w],
-     "text_shape": [L, D], "i2v": bool, "dtype": "float32", "scaling_factor_applied": true,
+    {"format": "videogpa-pairs", "version": 1, "num_pairs": N, "latent_shape": [F, C, h, w] or [C, F, h, w],
+     "text_shape": [L, D], "i2v": bool, "dtype": "float32",
+     "family": "cogvideox" | "wan" (the model family; the trainer refuses pairs of another family),
+     "latent_layout": "FChw" | "CFhw", "latents_normalised": true (latents are in the transformer's
+         space: x scaling_factor for CogVideoX, (z - mean) / std for Wan),
      "model": str or null (the pipeline folder/name that encoded it), "metric_id": str or null,
-     "latent_space": {"family", "scaling_factor", "latent_channels", "invert_scale_latents", "i2v"}
-         (`common.cogvideox.latent_space` of the encoding model; the trainer compares it with the
-         model it trains, at start and on resume),
+     "latent_space": the family adapter's `latent_space` of the encoding model (CogVideoX: family
+         "cogvideox-1.0"/"-1.5", scaling_factor, latent_channels, invert_scale_latents, i2v; Wan:
+         family "wan", latent_channels, latents_mean, latents_std, i2v); the trainer compares it with
+         the model it trains, at start and on resume,
      ...any extra keys the writer adds (mining settings)}
+
+Datasets written before Wan was supported have neither "family" nor "latent_layout" and say
+"scaling_factor_applied": true instead of "latents_normalised": they are CogVideoX (F, C, h, w) and
+read as such.
 
 F is the video's own latent frame count ((T - 1) / 4 + 1); CogVideoX 1.5's padding to a multiple
 of patch_size_t happens in the trainer, as in the pipeline.
@@ -51,6 +61,7 @@ from typing import Iterable, Optional
 import torch
 
 from common.errors import VideoGPAError
+from common.families import FAMILIES, family_of_latent_space
 
 FORMAT = "videogpa-pairs"
 VERSION = 1
@@ -67,7 +78,8 @@ class PairsDatasetError(VideoGPAError):
 
 @dataclass
 class Pair:
-    """One preference pair in memory. Shapes: latents (F, C, h, w), image_latents (1, C, h, w), prompt_embeds (L, D)."""
+    """One preference pair in memory. Shapes: latents (F, C, h, w) (Wan: (C, F, h, w)), image_latents (1, C, h, w),
+    prompt_embeds (L, D)."""
 
     prompt: str
     winner_latents: torch.Tensor
@@ -95,13 +107,20 @@ def write_pairs_dataset(
     model: Optional[str] = None,
     metric_id: Optional[str] = None,
     latent_space: Optional[dict] = None,
+    family: Optional[str] = None,
+    latent_layout: Optional[str] = None,
     extra: Optional[dict] = None,
 ) -> Path:
     """Write `pairs` in the layout above (overwriting the table and summary) and validate it.
 
     All pairs must share one latent shape, one text shape, and either all or none carry
-    image latents. Text embeddings of the same prompt are stored once. Returns the directory.
+    image latents. Text embeddings of the same prompt are stored once. `family` defaults to that
+    of `latent_space` (else cogvideox), `latent_layout` to the family's. Returns the directory.
     """
+    family = family or family_of_latent_space(latent_space) or "cogvideox"
+    if family not in FAMILIES:
+        raise PairsDatasetError(f"unknown model family {family!r} (supported: {', '.join(FAMILIES)})")
+    latent_layout = latent_layout or FAMILIES[family].latent_layout
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -117,7 +136,8 @@ def write_pairs_dataset(
         shape = tuple(pair.winner_latents.shape)
         if len(shape) != 4 or tuple(pair.loser_latents.shape) != shape:
             raise PairsDatasetError(
-                f"pair {pair_id}: winner {shape} and loser {tuple(pair.loser_latents.shape)} latents must both be (F, C, h, w)"
+                f"pair {pair_id}: winner {shape} and loser {tuple(pair.loser_latents.shape)} latents must both be "
+                f"({', '.join(latent_layout)})"
             )
         latent_shape = latent_shape or shape
         text_shape = text_shape or tuple(pair.prompt_embeds.shape)
@@ -167,7 +187,9 @@ def write_pairs_dataset(
         "text_shape": list(text_shape),
         "i2v": bool(i2v),
         "dtype": str(dtype).removeprefix("torch."),
-        "scaling_factor_applied": True,
+        "family": family,
+        "latent_layout": latent_layout,
+        "latents_normalised": True,
         "model": model,
         "metric_id": metric_id,
         "latent_space": latent_space,
@@ -197,6 +219,11 @@ class PairsIndex:
     @property
     def i2v(self) -> bool:
         return bool(self.summary["i2v"])
+
+    @property
+    def family(self) -> str:
+        """The model family the pairs were encoded for ("cogvideox" or "wan")."""
+        return self.summary["family"]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -244,12 +271,20 @@ def load_pairs_index(directory: str | Path) -> PairsIndex:
     for key in ("latent_shape", "text_shape", "i2v"):
         if key not in summary:
             raise PairsDatasetError(f"{summary_path} lacks {key!r}")
+    # Datasets from before Wan: CogVideoX latents (F, C, h, w), "scaling_factor_applied" for "latents_normalised".
+    summary.setdefault("family", family_of_latent_space(summary.get("latent_space")) or "cogvideox")
+    if summary["family"] not in FAMILIES:
+        raise PairsDatasetError(f"{summary_path}: unknown model family {summary['family']!r} "
+                                f"(supported: {', '.join(FAMILIES)})")
+    summary.setdefault("latent_layout", FAMILIES[summary["family"]].latent_layout)
+    if "latents_normalised" not in summary:
+        summary["latents_normalised"] = bool(summary.pop("scaling_factor_applied", True))
 
     rows = pq.read_table(table_path).to_pylist()
     if not rows:
         raise PairsDatasetError(f"{table_path} holds no pairs: the pairs dataset is empty")
     latent_shape, text_shape = tuple(summary["latent_shape"]), tuple(summary["text_shape"])
-    image_shape = (1, *latent_shape[1:])
+    image_shape = (1, *latent_shape[1:])  # CogVideoX I2V only: (1, C, h, w)
     ids = set()
     for row in rows:
         pid = row.get("pair_id")
@@ -300,5 +335,6 @@ class PairsDataset(torch.utils.data.Dataset):
 
 
 def collate_pairs(items: list[dict]) -> dict:
-    """Stack items into a batch: latents (B, F, C, h, w), image_latents (B, 1, C, h, w), prompt_embeds (B, L, D)."""
+    """Stack items into a batch: latents (B, F, C, h, w) (Wan: (B, C, F, h, w)), image_latents (B, 1, C, h, w),
+    prompt_embeds (B, L, D)."""
     return {key: torch.stack([item[key] for item in items]) for key in items[0]}

@@ -1,4 +1,8 @@
-"""LoRA Diffusion-DPO trainer for CogVideoX on Ray Train (`TorchTrainer`) + DeepSpeed ZeRO.
+"""LoRA Diffusion-DPO trainer for CogVideoX and Wan on Ray Train (`TorchTrainer`) + DeepSpeed ZeRO.
+
+What differs between the families (the transformer and scheduler classes, the noisy input and the
+regression target, the folder checks) comes from the model folder's `common.families` adapter;
+pairs encoded for another family than the model's are refused before any worker starts.
 
 Read top to bottom:
 
@@ -11,7 +15,7 @@ Read top to bottom:
          output_dir/pytorch_lora_weights.safetensors, write train_summary.json
 
     train_loop_per_worker(loop_config)                    # on every Ray Train worker
-      1. load the transformer, freeze it, add LoRA (rank 64 / alpha 128 on to_q,k,v,out.0)
+      1. load the family's transformer, freeze it, add LoRA (rank 64 / alpha 128 on to_q,k,v,out.0)
       2. deepspeed.initialize (ZeRO-2 default, bf16 on GPU / fp32 on CPU, clipping, accumulation)
       3. resume from ray.train.get_checkpoint() when there is one
       4. for each optimizer step: micro-batches chosen by (seed, step, rank) -> dpo_step ->
@@ -41,10 +45,10 @@ from typing import Callable, Literal, Optional
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from common.cogvideox import (VAE_SPATIAL, VAE_TEMPORAL, check_latent_size, latent_space, latent_space_differences,
-                              read_model_configs, sample_video)
+from common.cogvideox import sample_video
 from common.config import ScoreConfig
 from common.errors import ConfigError, VideoGPAError
+from common.families import FAMILIES, latent_space_differences, read_model_configs
 from training.dpo import LossType, dpo_step
 from common.lora import adapter_metadata, read_lora, save_lora
 from common.sampling import inspect_video_model
@@ -247,7 +251,7 @@ def resolve_gpus_per_worker(requested: Optional[float], cluster_gpus: float, num
     if gpus > 0:
         return gpus, f"training on {num_workers} worker(s) x {gpus:g} GPU (NCCL)"
     return 0.0, (f"no GPU in the Ray cluster: training runs on the CPU ({num_workers} worker(s), gloo, fp32 unless "
-                 "precision is bf16); fine for tiny models and tests, far too slow for CogVideoX")
+                 "precision is bf16); fine for tiny models and tests, far too slow for CogVideoX or Wan")
 
 
 def resolved_precision(cfg: TrainConfig) -> str:
@@ -393,7 +397,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import deepspeed
     import ray.train
     import ray.train.torch
-    from diffusers import CogVideoXDPMScheduler, CogVideoXTransformer3DModel
     from ray.train import Checkpoint
 
     cfg = TrainConfig.model_validate(loop_config["config"])
@@ -416,16 +419,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     # 1. The policy: frozen transformer + fresh LoRA (seeded, identical on every rank). Loaded in
     #    bf16 directly when training in bf16 (a 5B model in fp32 would need 22 GB per worker first).
-    transformer = CogVideoXTransformer3DModel.from_pretrained(
-        loop_config["model_dir"], subfolder="transformer",
-        torch_dtype=torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32,
-    )
+    family = FAMILIES[index.family]
+    transformer = family.load_transformer(loop_config["model_dir"],
+                                          torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32)
     torch.manual_seed(cfg.seed)
     add_lora(transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout)
     if cfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()
-    scheduler = CogVideoXDPMScheduler.from_pretrained(loop_config["model_dir"], subfolder="scheduler")
+    scheduler = family.load_scheduler(loop_config["model_dir"])  # CogVideoX DPM (v-prediction); Wan's own flow scheduler
 
     # 2. DeepSpeed. On CPU nothing may be compiled: no shared-memory comm extension, torch AdamW.
     params = lora_parameters(transformer)
@@ -553,26 +555,29 @@ def run_validation(model, model_dir: str, cfg: TrainConfig, step: int, out_dir: 
                    cache: dict) -> dict:
     """Sample `cfg.validation_prompts` with the current LoRA (fixed seeds), save MP4s, score them.
 
-    Videos have the training pairs' size (frames, height, width from their latent shape).
+    Videos have the training pairs' size (frames, height, width from their latent shape), the
+    prompt the pairs' text length; the pipeline is the family's (CogVideoX T2V / I2V, WanPipeline).
 
     Videos: out_dir/step_<step>/<i>.mp4 (+ scores.json). Returns metrics `val/score` (mean E over
     scorable videos; NaN if none), `val/scored`, `val/unscorable`. The pipeline (VAE, T5) is loaded
     once and shares the training transformer, so no weights are copied.
     """
+    import diffusers
     import numpy as np
-    from diffusers import CogVideoXImageToVideoPipeline, CogVideoXPipeline
 
     from common.video import write_video
 
     i2v = index.i2v
+    family = FAMILIES[index.family]
     if "pipe" not in cache:
         param = next(model.parameters())
-        cls = CogVideoXImageToVideoPipeline if i2v else CogVideoXPipeline
-        pipe = cls.from_pretrained(model_dir, transformer=model, torch_dtype=param.dtype).to(param.device)
+        name = next(n for n, is_i2v in family.pipelines.items() if is_i2v == i2v)
+        pipe = getattr(diffusers, name).from_pretrained(model_dir, transformer=model, torch_dtype=param.dtype).to(param.device)
         pipe.set_progress_bar_config(disable=True)
         cache["pipe"] = pipe
     pipe = cache["pipe"]
-    frames, _, latent_height, latent_width = index.latent_shape
+    num_frames, height, width = family.video_size_of_latents(index.latent_shape)
+    text_length = index.text_shape[0]
     folder = out_dir / f"step_{step:08d}"
     was_training = model.training
     model.eval()
@@ -585,8 +590,7 @@ def run_validation(model, model_dir: str, cfg: TrainConfig, step: int, out_dir: 
 
                 image = Image.open(cfg.validation_images[i]).convert("RGB")
             video = sample_video(pipe, prompt, cfg.validation_seed + i, cfg.validation_inference_steps,
-                                 (frames - 1) * VAE_TEMPORAL + 1, latent_height * VAE_SPATIAL,
-                                 latent_width * VAE_SPATIAL, image=image)
+                                 num_frames, height, width, image=image, max_sequence_length=text_length)
             paths.append(write_video(folder / f"{i:02d}.mp4", video))
     finally:
         model.train(was_training)
@@ -635,38 +639,23 @@ def _progress_actor_class():
 def check_model_folder(model_dir: Path, index: PairsIndex) -> dict:
     """The transformer config of a diffusers pipeline folder, checked against the pairs.
 
-    Refused with a sentence saying why: not a CogVideoX folder, a scheduler that is not
-    v-prediction, latents encoded for another latent space (model family, VAE scaling factor,
-    latent channels, the I2V condition's scaling) or another task (T2V vs I2V), text of another
-    width, latent sizes the transformer cannot train on (see `common.cogvideox.check_latent_size`).
+    Refused with a sentence saying why: not a folder of a family videogpa trains (CogVideoX, Wan),
+    pairs encoded for another family, a scheduler the family's objective cannot use (CogVideoX:
+    v-prediction; Wan: flow matching), latents of another task (T2V vs I2V) or channel count, text of
+    another width, latent sizes the transformer cannot train on (the family adapter's
+    `check_training_folder`), latents encoded in another latent space (VAE scaling factor or
+    latents_mean / latents_std, latent channels, the I2V condition's scaling).
     """
+    info = inspect_video_model(model_dir, need=("train",))  # a complete pipeline folder (the sampler's check)
+    family = FAMILIES[info.family]
+    if index.family != family.name:
+        raise ConfigError(
+            f"the pairs in {index.directory} were encoded for a {index.family} model, but {model_dir} holds a "
+            f"{info.pipeline} ({family.name}): train on pairs encoded with this model (vgpa cache / vgpa mine --model "
+            f"{model_dir}) or pass the {index.family} model they came from")
     tcfg, vcfg = read_model_configs(model_dir)
-    inspect_video_model(model_dir)  # a complete CogVideoX pipeline folder (the sampler's check; scheduler/ included)
-    scheduler_config = model_dir / "scheduler" / "scheduler_config.json"
-    if scheduler_config.is_file():
-        prediction = json.loads(scheduler_config.read_text()).get("prediction_type", "epsilon")
-        if prediction != "v_prediction":
-            raise ConfigError(f"the scheduler in {model_dir} predicts {prediction!r}; this trainer needs v_prediction")
-    frames, channels, height, width = index.latent_shape
-    in_channels = tcfg["in_channels"]
-    expected = in_channels // 2 if index.i2v else in_channels  # I2V: noisy latent ++ image latent on C
-    if channels != expected:
-        kind = "image-to-video" if index.i2v else "text-to-video"
-        hint = ""
-        if index.i2v and in_channels == channels:
-            hint = " (it is a text-to-video model)"
-        elif not index.i2v and in_channels == 2 * channels:
-            hint = " (it is an image-to-video model: the pairs need image latents)"
-        raise ConfigError(
-            f"the pairs hold {kind} latents with {channels} channels, but the transformer in {model_dir} "
-            f"has in_channels={in_channels} and expects {expected}-channel latents{hint}"
-        )
-    check_pairs_latent_space(index, latent_space(tcfg, vcfg), f"the model in {model_dir}")
-    if index.text_shape[1] != tcfg["text_embed_dim"]:
-        raise ConfigError(
-            f"the pairs' text embeddings are {index.text_shape[1]}-dimensional, the transformer expects {tcfg['text_embed_dim']}"
-        )
-    check_latent_size(tcfg, frames, height, width)
+    family.check_training_folder(model_dir, tcfg, index.latent_shape, index.text_shape[1], index.i2v)
+    check_pairs_latent_space(index, family.latent_space(tcfg, vcfg), f"the model in {model_dir}")
     return tcfg
 
 
@@ -747,7 +736,7 @@ def train(
     Args:
         cfg: the run's settings.
         pairs_dir: a pairs dataset (training.pairs); validated here before any worker starts.
-        model_dir: a diffusers CogVideoX pipeline folder (transformer/ and scheduler/ are read).
+        model_dir: a diffusers CogVideoX or Wan pipeline folder (transformer/ and scheduler/ are read).
         output_dir: receives pytorch_lora_weights.safetensors, train_summary.json, metrics.jsonl and
             validation/step_*/ (videos and scores) when validation is on.
         address: a Ray cluster address; None joins the running Ray or starts an embedded one.
@@ -871,6 +860,8 @@ def train(
         "pairs": str(pairs_dir),
         "num_pairs": len(index),
         "model": str(model_dir),
+        "family": index.family,
+        "pipeline": inspect_video_model(model_dir, need=()).pipeline,
         "device": where,
         "precision": state.get("precision"),
         "config": cfg.model_dump(mode="json"),

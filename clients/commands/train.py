@@ -80,12 +80,15 @@ def _print_summary(summary: dict) -> None:
         click.echo(f"best LoRA      {summary['best']['lora']} (step {summary['best']['step']}, "
                    f"held-out loss {_fmt(summary['best']['eval/loss'])})")
     click.echo(f"checkpoint     {summary['checkpoint']}")
-    click.echo(f"load with      CogVideoXPipeline.load_lora_weights('{Path(summary['lora']).parent}')")
+    click.echo(f"load with      {summary.get('pipeline') or 'CogVideoXPipeline'}.load_lora_weights('{Path(summary['lora']).parent}')")
 
 
-@click.command(help="Train a LoRA with Diffusion-DPO on geometry preference pairs (Ray Train + DeepSpeed).")
+@click.command(help="Train a LoRA with Diffusion-DPO on geometry preference pairs (Ray Train + DeepSpeed), for CogVideoX "
+                    "(v-prediction) or Wan (flow matching).")
 @click.option("--pairs", "pairs_dir", required=True, type=click.Path(path_type=Path), help="Pairs dataset folder (vgpa cache / mining job).")
-@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path), help="Diffusers CogVideoX pipeline folder.")
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
+              help="Diffusers pipeline folder the pairs were encoded with: CogVideoX (CogVideoXPipeline, "
+                   "CogVideoXImageToVideoPipeline) or Wan (WanPipeline).")
 @click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path), help="Receives pytorch_lora_weights.safetensors.")
 @click.option("--workers", type=int, default=None, help="Ray Train workers (default 1).")
 @click.option("--gpus-per-worker", type=float, default=None,
@@ -154,14 +157,17 @@ def _train_one(cfg, pairs_dir: Path, model_dir: Path, output_dir: Path, address:
         bar.close()
 
 
-@click.command(help="Encode a folder of videos + prompts (pairs.jsonl) into a pairs dataset with the model's VAE and T5.")
+@click.command(help="Encode a folder of videos + prompts (pairs.jsonl) into a pairs dataset with the model's VAE and text "
+                    "encoder (CogVideoX: T5; Wan: UMT5).")
 @click.option("--videos", "folder", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Folder with the clips and pairs.jsonl ({prompt, winner, loser[, image, winner_score, loser_score]}).")
-@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path), help="Diffusers CogVideoX pipeline folder.")
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
+              help="Diffusers pipeline folder: CogVideoX (CogVideoXPipeline, CogVideoXImageToVideoPipeline) or Wan (WanPipeline).")
 @click.option("--output", required=True, type=click.Path(path_type=Path), help="Pairs dataset folder to write.")
-@click.option("--frames", type=int, default=None, help="Pixel frames per clip (default: the transformer's sample_frames).")
-@click.option("--height", type=int, default=None, help="Pixel height (default: the model's sample size).")
-@click.option("--width", type=int, default=None, help="Pixel width (default: the model's sample size).")
+@click.option("--frames", type=int, default=None,
+              help="Pixel frames per clip, 4k+1 (default: the model's: CogVideoX its sample_frames, Wan 81).")
+@click.option("--height", type=int, default=None, help="Pixel height (default: the model's; Wan 480).")
+@click.option("--width", type=int, default=None, help="Pixel width (default: the model's; Wan 832).")
 @click.option("--device", default=None, help="Where the VAE and T5 run (default: cuda when available, else cpu).")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default=None,
               help="Encoding precision (default: bfloat16 on a GPU, float32 on the CPU).")
@@ -188,10 +194,12 @@ def cache(folder, model_dir, output, frames, height, width, device, dtype):
         bar.close()
     index = load_pairs_index(out)
     encoded = index.summary["encode"]
-    click.echo(f"wrote {len(index)} pairs to {out}: latents {list(index.latent_shape)} (F, C, h, w), "
+    layout = ", ".join(index.summary["latent_layout"])
+    text_encoder = "UMT5" if index.family == "wan" else "T5"
+    click.echo(f"wrote {len(index)} pairs to {out} ({index.family}): latents {list(index.latent_shape)} ({layout}), "
                f"text {list(index.text_shape)} (L, D){', image-to-video' if index.i2v else ''}")
     click.echo(f"encoded on {encoded['device']} in {encoded['dtype']}{' with VAE tiling' if encoded['tiling'] else ''} "
-               f"(VAE and T5 only, no transformer): peak memory {encoded['peak_memory_mb']:.0f} MB "
+               f"(VAE and {text_encoder} only, no transformer): peak memory {encoded['peak_memory_mb']:.0f} MB "
                f"({encoded['peak_memory_kind']})")
 
 

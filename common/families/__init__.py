@@ -23,6 +23,9 @@ under `training/fixtures/`.
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
 from typing import Mapping, Optional
 
 from common.errors import ConfigError
@@ -48,6 +51,16 @@ class VideoFamily:
     parts: tuple[str, ...] = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer")
     #: The latent layout one sample's latents are stored and trained in.
     latent_layout: str = "FChw"
+    #: diffusers VAE class name (what `vgpa cache` and the pair writer load alone).
+    vae_class: str = ""
+    #: VAE compression: pixels per latent (spatial), frames per latent frame after the first (temporal).
+    vae_spatial: int = 8
+    vae_temporal: int = 4
+
+    @property
+    def t2v_pipeline(self) -> str:
+        """The family's text-to-video pipeline class name (what encodes prompts)."""
+        return next(name for name, i2v in self.pipelines.items() if not i2v)
 
     def uses(self, pipeline: str) -> frozenset[str]:
         """What videogpa can do with a folder holding `pipeline` (a subset of `USES`)."""
@@ -73,6 +86,46 @@ class VideoFamily:
         """The video's latents (1, ...) in the transformer's space -> pixels (1, 3, T, H, W) in [-1, 1]."""
         raise NotImplementedError
 
+    # ---- the latent space (vgpa cache, the pair writer, the trainer's checks) ----
+    def latent_space(self, transformer_config: Mapping, vae_config: Mapping) -> dict:
+        """What latents encoded for this model mean: pairs record it, the trainer compares it.
+
+        Always has "family" (this family's name, or "<name>-<version>") and "i2v"."""
+        raise NotImplementedError
+
+    def encode_latents(self, posterior_mean, vae_config: Mapping):
+        """One clip's VAE posterior mean (C, F, h, w) -> the latents stored in pairs, in `latent_layout`."""
+        raise NotImplementedError
+
+    def encode_text_length(self, transformer_config: Mapping, pipe) -> int:
+        """Prompt tokens `vgpa cache` encodes (the pipeline `pipe` holds the tokenizer)."""
+        return self.max_sequence_length(pipe)
+
+    def check_video_size(self, transformer_config: Mapping, frames: int, height: int, width: int) -> None:
+        """ConfigError unless (frames, height, width) pixels can be encoded for and trained on by this model."""
+        raise NotImplementedError
+
+    def video_size_of_latents(self, latent_shape) -> tuple[int, int, int]:
+        """One sample's latent shape (in `latent_layout`) -> its (frames, height, width) in pixels."""
+        sizes = dict(zip(self.latent_layout.replace("hw", "HW"), latent_shape))
+        return ((sizes["F"] - 1) * self.vae_temporal + 1, sizes["H"] * self.vae_spatial, sizes["W"] * self.vae_spatial)
+
+    # ---- training (training.trainer) ----
+    def check_training_folder(self, model_dir: Path, transformer_config: Mapping, latent_shape, text_dim: int,
+                              i2v: bool) -> None:
+        """ConfigError unless this model can train on pairs of `latent_shape` / `text_dim` (scheduler included)."""
+        raise NotImplementedError
+
+    def load_transformer(self, model_dir, dtype):
+        """The folder's transformer (frozen weights, to receive LoRA) in `dtype`."""
+        import diffusers
+
+        return getattr(diffusers, self.transformer_class).from_pretrained(model_dir, subfolder="transformer", torch_dtype=dtype)
+
+    def load_scheduler(self, model_dir):
+        """The noise scheduler the DPO step draws timesteps with."""
+        raise NotImplementedError
+
     # ---- training (training.dpo.dpo_step) ----
     def training_inputs(self, model, scheduler, batch: dict, generator=None, timesteps=None, noise=None,
                         compute_dtype=None) -> tuple[dict, "object", slice]:
@@ -90,6 +143,47 @@ def pair_tensors(batch: dict, layout: str):
     if not (w.is_floating_point() and l.is_floating_point() and text.is_floating_point()):
         raise ValueError("latents and text embeddings must be floating point")
     return w, l, text
+
+
+def read_model_configs(model_dir: str | Path) -> tuple[dict, dict]:
+    """(transformer config, VAE config) of a diffusers pipeline folder, as dicts (numbers only, no weights)."""
+    model_dir = Path(model_dir)
+    configs = []
+    for component in ("transformer", "vae"):
+        path = model_dir / component / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"{model_dir} is not a diffusers video pipeline folder: {component}/config.json is missing")
+        configs.append(json.loads(path.read_text()))
+    return configs[0], configs[1]
+
+
+def family_of_latent_space(space: Optional[Mapping]) -> Optional[str]:
+    """The family name a recorded `latent_space` belongs to ("cogvideox-1.5" -> "cogvideox"); None when unknown."""
+    if not space or not space.get("family"):
+        return None
+    return str(space["family"]).split("-")[0]
+
+
+def latent_space_differences(recorded: Mapping, model: Mapping) -> list[str]:
+    """Human-readable differences between two `latent_space` dicts (empty: the same latent space).
+
+    Keys both dicts have are compared: numbers (and lists of numbers) to a relative 1e-6, the rest exactly.
+    """
+    def same(a, b) -> bool:
+        if isinstance(a, bool) or isinstance(b, bool) or isinstance(a, str) or isinstance(b, str):
+            return a == b
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+            return math.isclose(a, b, rel_tol=1e-6)
+        if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+            return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        return a == b
+
+    out = []
+    for key in recorded:
+        if key in model and not same(recorded[key], model[key]):
+            shown = [v if not isinstance(v, (list, tuple)) else f"[{len(v)} values]" for v in (recorded[key], model[key])]
+            out.append(f"{key} {shown[0]} (pairs) vs {shown[1]} (model)")
+    return out
 
 
 def _families() -> dict[str, VideoFamily]:
@@ -122,5 +216,5 @@ def family_of_transformer(model) -> VideoFamily:
                       + ", ".join(f"{f.name} ({f.transformer_class})" for f in FAMILIES.values()))
 
 
-__all__ = ["FAMILIES", "FULL_STACK", "USES", "VideoFamily", "family_of_pipeline", "family_of_transformer", "pair_tensors",
-           "supported_pipelines"]
+__all__ = ["FAMILIES", "FULL_STACK", "USES", "VideoFamily", "family_of_latent_space", "family_of_pipeline",
+           "family_of_transformer", "latent_space_differences", "pair_tensors", "read_model_configs", "supported_pipelines"]

@@ -16,7 +16,12 @@ from typing import Optional
 
 import torch
 
-from common.cogvideox import check_latent_size, default_video_size, latent_frames, padded_latent_frames
+import json
+from pathlib import Path
+
+from common.cogvideox import (VAE_SPATIAL, check_latent_size, default_video_size, latent_frames, latent_space,
+                              padded_latent_frames)
+from common.errors import ConfigError
 from common.families import VideoFamily, pair_tensors
 
 
@@ -94,11 +99,62 @@ def check_batch(batch: dict, transformer_config) -> None:
         )
 
 
+def check_channels(transformer_config, channels: int, i2v: bool, model_dir) -> None:
+    """The pairs' latent channels against the transformer's in_channels (I2V: noisy latent ++ condition on C)."""
+    in_channels = transformer_config["in_channels"]
+    expected = in_channels // 2 if i2v else in_channels
+    if channels != expected:
+        kind = "image-to-video" if i2v else "text-to-video"
+        hint = ""
+        if i2v and in_channels == channels:
+            hint = " (it is a text-to-video model)"
+        elif not i2v and in_channels == 2 * channels:
+            hint = " (it is an image-to-video model: the pairs need image latents)"
+        raise ConfigError(
+            f"the pairs hold {kind} latents with {channels} channels, but the transformer in {model_dir} "
+            f"has in_channels={in_channels} and expects {expected}-channel latents{hint}"
+        )
+
+
 class CogVideoXFamily(VideoFamily):
     name = "cogvideox"
     pipelines = {"CogVideoXPipeline": False, "CogVideoXImageToVideoPipeline": True}
     transformer_class = "CogVideoXTransformer3DModel"
     latent_layout = "FChw"
+    vae_class = "AutoencoderKLCogVideoX"
+
+    def latent_space(self, transformer_config, vae_config) -> dict:
+        return latent_space(transformer_config, vae_config)  # family "cogvideox-1.0" / "cogvideox-1.5"
+
+    def encode_latents(self, posterior_mean, vae_config):
+        # (C, F, h, w) -> the transformer's (F, C, h, w), x scaling_factor (as CogVideoX's pipelines scale).
+        return posterior_mean.permute(1, 0, 2, 3).contiguous() * vae_config["scaling_factor"]
+
+    def encode_text_length(self, transformer_config, pipe) -> int:
+        return int(transformer_config["max_text_seq_length"])
+
+    def check_video_size(self, transformer_config, frames, height, width) -> None:
+        if height % VAE_SPATIAL or width % VAE_SPATIAL:
+            raise ConfigError(f"height and width must be multiples of {VAE_SPATIAL}, not {height}x{width}")
+        check_latent_size(transformer_config, latent_frames(frames), height // VAE_SPATIAL, width // VAE_SPATIAL)
+
+    def check_training_folder(self, model_dir, transformer_config, latent_shape, text_dim, i2v) -> None:
+        scheduler_config = Path(model_dir) / "scheduler" / "scheduler_config.json"
+        if scheduler_config.is_file():
+            prediction = json.loads(scheduler_config.read_text()).get("prediction_type", "epsilon")
+            if prediction != "v_prediction":
+                raise ConfigError(f"the scheduler in {model_dir} predicts {prediction!r}; this trainer needs v_prediction")
+        frames, channels, height, width = latent_shape
+        check_channels(transformer_config, channels, i2v, model_dir)
+        if text_dim != transformer_config["text_embed_dim"]:
+            raise ConfigError(f"the pairs' text embeddings are {text_dim}-dimensional, the transformer expects "
+                              f"{transformer_config['text_embed_dim']}")
+        check_latent_size(transformer_config, frames, height, width)
+
+    def load_scheduler(self, model_dir):
+        from diffusers import CogVideoXDPMScheduler
+
+        return CogVideoXDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
 
     def default_video_size(self, transformer_config):
         return default_video_size(transformer_config)

@@ -23,12 +23,12 @@ sigmas, so training puts its weight where sampling spends its steps. `u` is clam
 
 The text condition is the UMT5 encoder's output (B, L, 4096 in the real model); the transformer
 computes its rotary positions itself. Supported so far: the single-transformer text-to-video
-layout (Wan 2.1 T2V 1.3B / 14B, Wan 2.2 T2V with one transformer) for sampling, the DPO step and
-LoRA (not yet the cache encoder, mining or `vgpa train`). Wan 2.2's
+layout (Wan 2.1 T2V 1.3B / 14B, Wan 2.2 T2V with one transformer) for sampling, the cache encoder,
+mining, `vgpa train` (the DPO step) and LoRA. Wan 2.2's
 two-expert folders (transformer + transformer_2 switched at boundary_ratio) and the TI2V layout
 (expand_timesteps: one timestep per latent token) are refused with that reason; image-to-video
 (`WanImageToVideoPipeline`: CLIP image embeddings plus a masked first-frame video latent on 36
-channels) is recognised but not yet taken by any part of videogpa.
+channels) is recognised but refused by every part of videogpa.
 """
 
 from __future__ import annotations
@@ -111,9 +111,63 @@ class WanFamily(VideoFamily):
     pipelines = {"WanPipeline": False, "WanImageToVideoPipeline": True}
     transformer_class = "WanTransformer3DModel"
     latent_layout = "CFhw"
+    vae_class = "AutoencoderKLWan"
+
+    def latent_space(self, transformer_config, vae_config) -> dict:
+        latent_stats(vae_config)  # the VAE config has one mean and std per channel
+        return {
+            "family": self.name,
+            "latent_channels": int(vae_config["z_dim"]),
+            "latents_mean": [float(v) for v in vae_config["latents_mean"]],
+            "latents_std": [float(v) for v in vae_config["latents_std"]],
+            "i2v": int(transformer_config["in_channels"]) != int(vae_config["z_dim"]),
+        }
+
+    def encode_latents(self, posterior_mean, vae_config):
+        # (C, F, h, w) stays in Wan's layout; normalised per channel as WanPipeline's latents are.
+        return normalise_latents(posterior_mean.unsqueeze(0), vae_config)[0].contiguous()
+
+    def check_video_size(self, transformer_config, frames, height, width) -> None:
+        if frames < 1 or (frames - 1) % self.vae_temporal:
+            raise ConfigError(f"Wan takes 4k + 1 frames (its VAE compresses 4 frames after the first), not {frames}")
+        _, p_h, p_w = transformer_config["patch_size"]
+        step_h, step_w = self.vae_spatial * p_h, self.vae_spatial * p_w
+        if height % step_h or width % step_w:
+            raise ConfigError(f"height and width must be multiples of {step_h}x{step_w} (VAE {self.vae_spatial} x patch "
+                              f"{p_h}x{p_w}) for this Wan model, not {height}x{width}")
+
+    def check_training_folder(self, model_dir, transformer_config, latent_shape, text_dim, i2v) -> None:
+        if i2v:
+            raise ConfigError("Wan image-to-video training is not supported yet (text-to-video only)")
+        self.load_scheduler(model_dir)  # a flow-matching scheduler, or the reason it is not one
+        channels, _, height, width = latent_shape
+        if channels != transformer_config["in_channels"]:
+            raise ConfigError(f"the pairs hold latents with {channels} channels (Wan's layout is (C, F, h, w)), but the "
+                              f"transformer in {model_dir} has in_channels={transformer_config['in_channels']}")
+        if text_dim != transformer_config["text_dim"]:
+            raise ConfigError(f"the pairs' text embeddings are {text_dim}-dimensional, the transformer expects "
+                              f"{transformer_config['text_dim']}")
+        _, p_h, p_w = transformer_config["patch_size"]
+        if height % p_h or width % p_w:
+            raise ConfigError(f"latent size {height}x{width} is not a multiple of the patch size {p_h}x{p_w}")
+
+    def load_scheduler(self, model_dir):
+        """The folder's own scheduler class (Wan ships UniPC with flow sigmas), checked to be flow matching."""
+        import json
+        from pathlib import Path
+
+        import diffusers
+
+        config = json.loads((Path(model_dir) / "scheduler" / "scheduler_config.json").read_text())
+        cls = getattr(diffusers, str(config.get("_class_name")), None)
+        if cls is None:
+            raise ConfigError(f"the scheduler in {model_dir} ({config.get('_class_name')}) is not a diffusers scheduler")
+        scheduler = cls.from_pretrained(model_dir, subfolder="scheduler")
+        flow_shift(scheduler)  # ConfigError when it is not a flow-matching scheduler
+        return scheduler
 
     def uses(self, pipeline: str) -> frozenset[str]:
-        return frozenset({"sample", "dpo", "lora"}) if pipeline == "WanPipeline" else frozenset()
+        return frozenset({"sample", "encode", "mine", "train", "dpo", "lora"}) if pipeline == "WanPipeline" else frozenset()
 
     def default_video_size(self, transformer_config):
         return DEFAULT_VIDEO_SIZE  # Wan's configs carry no sample size

@@ -62,3 +62,31 @@ def test_compare_lora_samples_base_and_scales_on_the_same_seeds(tmp_path, capsys
         return load_video(tmp_path / "cmp" / label / f"{name}.mp4", max_side=4096).frames
     assert not torch.equal(frames("base", "cube-seed0"), frames("scale-1", "cube-seed0"))  # the LoRA acts
     assert not torch.equal(frames("base", "cube-seed0"), frames("base", "cube-seed1"))  # seeds differ
+
+
+def test_compare_lora_on_wan(tmp_path, capsys):
+    """The same comparison on a tiny Wan 2.1: the LoRA (WanPipeline's loading path) at scale 1 changes the video."""
+    from diffusers import WanTransformer3DModel
+
+    from training.fixtures import tiny_wan
+
+    model = tiny_wan.save_tiny_wan(tmp_path / "model")
+    transformer = WanTransformer3DModel.from_pretrained(model, subfolder="transformer")
+    add_lora(transformer, rank=4, alpha=8)
+    with torch.no_grad():
+        for p in lora_parameters(transformer):
+            p.copy_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    export_lora(tmp_path / "lora", transformer)
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt_id": "cube", "prompt": "a red cube"}) + "\n")
+    main(["compare-lora", "--model", str(model), "--lora", str(tmp_path / "lora"), "--prompts",
+          str(tmp_path / "prompts.jsonl"), "--out", str(tmp_path / "cmp"), "--scales", "1", "--seeds", "0",
+          "--steps", "2", "--sample-frames", str(tiny_wan.NUM_FRAMES), "--height", str(tiny_wan.HEIGHT),
+          "--width", str(tiny_wan.WIDTH), "--frames", "4", "--max-side", "32", "--device", "cpu"])
+    assert "scale-1" in capsys.readouterr().out
+    result = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert result["family"] == "wan" and result["pipeline"] == "WanPipeline"
+    assert result["size"] == {"frames": tiny_wan.NUM_FRAMES, "height": tiny_wan.HEIGHT, "width": tiny_wan.WIDTH}
+    from common.video import load_video
+
+    base, scaled = (load_video(tmp_path / "cmp" / label / "cube-seed0.mp4", max_side=4096).frames for label in ("base", "scale-1"))
+    assert base.shape == (tiny_wan.NUM_FRAMES, tiny_wan.HEIGHT, tiny_wan.WIDTH, 3) and not torch.equal(base, scaled)

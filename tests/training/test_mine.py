@@ -71,7 +71,9 @@ def test_bad_inputs_fail_before_sampling(tmp_path, workspace):
         mine(good, tmp_path, tmp_path / "o")
     (tmp_path / "sd").mkdir()
     (tmp_path / "sd" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
-    with pytest.raises(ConfigError, match="holds a StableDiffusionPipeline, not a CogVideoX pipeline"):
+    with pytest.raises(ConfigError, match=r"holds a StableDiffusionPipeline, a model family videogpa does not support "
+                                          r"\(supported: cogvideox \(CogVideoXPipeline, CogVideoXImageToVideoPipeline\); "
+                                          r"wan \(WanPipeline, WanImageToVideoPipeline\)\)"):
         mine(good, tmp_path / "sd", tmp_path / "o")
     (tmp_path / "t2v.jsonl").write_text('{"prompt_id": "a", "prompt": "a cat"}\n')
     with pytest.raises(ConfigError, match="image-to-video but prompt 'a'.* has no first-frame image"):

@@ -99,3 +99,20 @@ def test_writer_rejects_inconsistent_pairs(tmp_path):
     pairs[0].image_latents = None
     with pytest.raises(PairsDatasetError, match="image latents"):
         write_pairs_dataset(tmp_path, pairs)
+
+
+def test_family_is_recorded_and_datasets_from_before_wan_read_as_cogvideox(tmp_path):
+    wan = load_pairs_index(write_pairs_dataset(tmp_path / "wan", _pairs(), latent_space={"family": "wan", "i2v": False}))
+    assert (wan.family, wan.summary["latent_layout"], wan.summary["latents_normalised"]) == ("wan", "CFhw", True)
+    cog = load_pairs_index(write_pairs_dataset(tmp_path / "cog", _pairs(), latent_space={"family": "cogvideox-1.5"}))
+    assert (cog.family, cog.summary["latent_layout"]) == ("cogvideox", "FChw")
+    # An older dataset: no family, no layout, the CogVideoX-only "scaling_factor_applied".
+    summary_path = tmp_path / "cog" / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    for key in ("family", "latent_layout", "latents_normalised", "latent_space"):
+        summary.pop(key)
+    summary_path.write_text(json.dumps({**summary, "scaling_factor_applied": True}))
+    old = load_pairs_index(tmp_path / "cog")
+    assert (old.family, old.summary["latent_layout"], old.summary["latents_normalised"]) == ("cogvideox", "FChw", True)
+    with pytest.raises(PairsDatasetError, match="unknown model family 'hunyuan'"):
+        write_pairs_dataset(tmp_path / "bad", _pairs(), family="hunyuan")

@@ -52,11 +52,17 @@ class TestFolder:
         assert family_of_transformer(pipe.transformer).name == "wan"
         assert inspect_video_model(tiny_cogvideox_dir(model_dir.parent)).family == "cogvideox"
 
-    def test_what_is_not_wired_yet_is_refused_with_what_is_supported(self, model_dir):
-        with pytest.raises(ConfigError, match=r"does not yet encode/mine/train .*supports dpo, lora, sample .*cogvideox supports"):
-            inspect_video_model(model_dir)  # the default: the whole pipeline (sampler, cache, mining, trainer)
-        with pytest.raises(ConfigError, match="does not yet train"):
-            inspect_video_model(model_dir, need=("train",))
+    def test_every_part_takes_wan_t2v_and_i2v_is_refused_with_what_is_supported(self, model_dir, tmp_path):
+        import shutil
+
+        info = inspect_video_model(model_dir)  # the default: the whole pipeline (sampler, cache, mining, trainer)
+        assert info.family == "wan"
+        folder = shutil.copytree(model_dir, tmp_path / "i2v")
+        index = json.loads((folder / "model_index.json").read_text())
+        (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "WanImageToVideoPipeline"}))
+        with pytest.raises(ConfigError, match=r"WanImageToVideoPipeline \(wan\): videogpa does not yet "
+                                              r"sample/encode/mine/train .*nothing yet.*cogvideox, wan supports"):
+            inspect_video_model(folder)
 
     def test_unsupported_family_names_the_supported_ones(self, tmp_path):
         (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "HunyuanVideoPipeline"}))
@@ -117,6 +123,66 @@ def test_latents_are_normalised_as_the_pipeline_undoes_it(model_dir):
     mean, std = wan_family.latent_stats(pipe.vae.config)
     assert std.flatten().unique().numel() > 1, "per-channel statistics, not one scaling factor"
     torch.testing.assert_close(normalised[:, 5], (z[:, 5] - mean[0, 5]) / std[0, 5])
+
+
+class _NoNoise:
+    """A "scheduler" whose scale_noise is the identity: WanVideoToVideoPipeline.prepare_latents at strength 0."""
+
+    def scale_noise(self, sample, timestep, noise):
+        return sample
+
+
+def test_cache_encodes_wan_as_the_pipelines_own_encoding(model_dir, tmp_path, capsys):
+    """`vgpa cache` on a Wan folder: video latents = WanVideoToVideoPipeline.prepare_latents (posterior mean,
+    normalised with latents_mean / latents_std, kept as (C, F, h, w)); text = WanPipeline.encode_prompt (UMT5).
+    The transformer's weights are deleted first: the cache must not need them."""
+    import shutil
+
+    from diffusers import WanPipeline, WanVideoToVideoPipeline
+
+    from clients.cli import main
+    from tests.training.test_cli_train import _first_frames, _write_clip_folder
+    from training.pairs import PairsDataset, load_pairs_index
+
+    clips = _write_clip_folder(tmp_path / "clips", height=tiny.HEIGHT, width=tiny.WIDTH)
+    model = shutil.copytree(model_dir, tmp_path / "model")
+    components = WanPipeline.from_pretrained(model).components
+    for weights in (model / "transformer").glob("*.safetensors"):
+        weights.unlink()
+    main(["cache", "--videos", str(clips), "--model", str(model), "--output", str(tmp_path / "pairs"),
+          "--frames", str(tiny.NUM_FRAMES), "--height", str(tiny.HEIGHT), "--width", str(tiny.WIDTH)])
+    out = capsys.readouterr().out
+    assert "wrote 3 pairs" in out and "(C, F, h, w)" in out and "UMT5" in out
+    index = load_pairs_index(tmp_path / "pairs")
+    assert index.family == "wan" and index.summary["latent_layout"] == "CFhw" and index.summary["latents_normalised"]
+    assert index.latent_shape == LATENT and index.text_shape == (tiny.TEXT_SEQ_LEN, tiny.TEXT_EMBED_DIM) and not index.i2v
+    space = index.summary["latent_space"]
+    assert space["family"] == "wan" and len(space["latents_std"]) == tiny.LATENT_CHANNELS
+    item = PairsDataset(index)[1]
+
+    v2v = WanVideoToVideoPipeline(**{k: v for k, v in components.items() if k != "transformer_2"})
+    v2v.scheduler = _NoNoise()
+    video = v2v.video_processor.preprocess_video(_first_frames(clips / "w1.mkv", tiny.NUM_FRAMES),
+                                                 height=tiny.HEIGHT, width=tiny.WIDTH)
+    with torch.no_grad():
+        expected = v2v.prepare_latents(video, 1, tiny.LATENT_CHANNELS, tiny.HEIGHT, tiny.WIDTH, torch.float32, "cpu",
+                                       torch.Generator().manual_seed(0), timestep=torch.tensor([999]))
+    torch.testing.assert_close(item["winner_latents"], expected[0], rtol=0, atol=1e-5)
+    embeds, _ = WanPipeline(**components).encode_prompt("a red cube 1", do_classifier_free_guidance=False,
+                                                        max_sequence_length=tiny.TEXT_SEQ_LEN)
+    torch.testing.assert_close(item["prompt_embeds"], embeds[0])
+
+
+def test_cache_refuses_sizes_wan_cannot_take(model_dir, tmp_path):
+    from common.errors import ConfigError
+    from tests.training.test_cli_train import _write_clip_folder
+    from training.encode import cache_pairs
+
+    clips = _write_clip_folder(tmp_path / "clips", height=tiny.HEIGHT, width=tiny.WIDTH)
+    with pytest.raises(ConfigError, match="Wan takes 4k \\+ 1 frames"):
+        cache_pairs(clips, model_dir, tmp_path / "pairs", num_frames=8, height=32, width=32)
+    with pytest.raises(ConfigError, match="multiples of 16x16"):
+        cache_pairs(clips, model_dir, tmp_path / "pairs", num_frames=9, height=24, width=32)
 
 
 # ---- flow-matching Diffusion-DPO -------------------------------------------------------------------
@@ -267,6 +333,99 @@ def test_exported_lora_reproduces_the_trained_output_in_wan_pipeline(model_dir, 
             torch.testing.assert_close(pipe.transformer(**inputs)[0], expected, rtol=0, atol=1e-5)
 
 
+# ---- vgpa train: Ray Train + DeepSpeed ZeRO-2 on two workers ---------------------------------------
+def wan_pairs(n=16, seed=0):
+    """Winners ~ N(0.5, 0.3^2), losers ~ N(0, 1.5^2) in Wan's (C, F, h, w): two distributions a LoRA can tell apart."""
+    from training.pairs import Pair
+
+    g = torch.Generator().manual_seed(seed)
+    return [Pair(prompt=f"prompt {i % 4}", winner_latents=0.5 + 0.3 * torch.randn(LATENT, generator=g),
+                 loser_latents=1.5 * torch.randn(LATENT, generator=g),
+                 prompt_embeds=torch.randn(tiny.TEXT_SEQ_LEN, tiny.TEXT_EMBED_DIM, generator=g)) for i in range(n)]
+
+
+def write_wan_pairs(model_dir, directory, pairs):
+    """A pairs dataset that records the Wan model's family and latent space, as `vgpa cache` and the mining job do."""
+    from common.families import read_model_configs
+    from training.pairs import write_pairs_dataset
+
+    space = FAMILIES["wan"].latent_space(*read_model_configs(model_dir))
+    return write_pairs_dataset(directory, pairs, model=str(model_dir), family="wan", latent_space=space)
+
+
+def test_trainer_refuses_pairs_of_the_other_family_before_any_worker(model_dir, tmp_path):
+    from tests.training.test_trainer import small_config, synthetic_pairs, write_pairs_for
+    from training.trainer import train
+
+    cog = tiny_cogvideox_dir(tmp_path)
+    wan_set = write_wan_pairs(model_dir, tmp_path / "wan-pairs", wan_pairs(4))
+    with pytest.raises(ConfigError, match=r"encoded for a wan model, but .* holds a CogVideoXPipeline \(cogvideox\)"):
+        train(small_config(), wan_set, cog, tmp_path / "out")
+    cog_set = write_pairs_for(cog, tmp_path / "cog-pairs", synthetic_pairs(4))
+    with pytest.raises(ConfigError, match=r"encoded for a cogvideox model, but .* holds a WanPipeline \(wan\)"):
+        train(small_config(), cog_set, model_dir, tmp_path / "out")
+    scheduler = model_dir.parent / "euler-less"
+    import shutil
+
+    broken = shutil.copytree(model_dir, scheduler)
+    from training.fixtures.tiny_cogvideox import tiny_scheduler as v_prediction_scheduler
+
+    shutil.rmtree(broken / "scheduler")
+    v_prediction_scheduler().save_pretrained(broken / "scheduler")
+    with pytest.raises(ConfigError, match="not a flow-matching scheduler"):
+        train(small_config(), wan_set, broken, tmp_path / "out")
+    assert not (tmp_path / "out" / "ray").exists()
+
+
+@pytest.mark.ray
+def test_vgpa_train_on_wan_with_two_zero2_workers(ray_cluster, model_dir, tmp_path, capsys):
+    """`vgpa train` on a Wan folder + Wan pairs: 2 Ray Train workers, DeepSpeed ZeRO-2 (gloo, fp32). The loss
+    starts at log 2, the implicit accuracy rises, every rank ends with the same LoRA, and the exported LoRA,
+    loaded with WanPipeline.load_lora_weights, gives the output of the weights DeepSpeed trained."""
+    from pathlib import Path
+
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    from clients.cli import main
+
+    pairs = write_wan_pairs(model_dir, tmp_path / "pairs", wan_pairs(16))
+    (tmp_path / "cfg.yaml").write_text("batch_size: 4\nwarmup_steps: 2\nlearning_rate: 1.0e-3\nbeta: 500\nlora_rank: 4\n"
+                                       "lora_alpha: 8\ncheckpoint_every: 10\nmax_failures: 0\nheldout_fraction: 0\n"
+                                       "zero_stage: 2\n")
+    main(["train", "--pairs", str(pairs), "--model", str(model_dir), "--output", str(tmp_path / "out"), "--steps", "20",
+          "--workers", "2", "--config", str(tmp_path / "cfg.yaml"), "--run-name", "wan"])
+    out = capsys.readouterr().out
+    assert "20 steps, batch 4 (2 worker(s) x 1 x 2 accumulation)" in out and "ZeRO-2" in out
+    assert "WanPipeline.load_lora_weights" in out
+    steps = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == list(range(1, 21))
+    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and steps[0]["rewards/accuracies"] == 0.5
+    late = steps[-5:]
+    assert sum(s["rewards/accuracies"] for s in late) / 5 > 0.8
+    assert sum(s["loss"] for s in late) / 5 < 0.5 * math.log(2)
+    summary = json.loads((tmp_path / "out" / "train_summary.json").read_text())
+    assert summary["family"] == "wan" and summary["pipeline"] == "WanPipeline" and summary["config"]["num_workers"] == 2
+    assert summary["final_metrics"]["lora_rank_spread"] == 0.0
+
+    ckpt = Path(summary["checkpoint"])
+    trained = add_lora(WanTransformer3DModel.from_pretrained(model_dir, subfolder="transformer"), rank=4, alpha=8)
+    module = torch.load(ckpt / "deepspeed" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert module and all("lora_" in k for k in module)
+    assert not [k for k in trained.load_state_dict(module, strict=False).missing_keys if "lora_" in k]
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, *LATENT, generator=g),
+                  encoder_hidden_states=torch.randn(1, tiny.TEXT_SEQ_LEN, tiny.TEXT_EMBED_DIM, generator=g),
+                  timestep=torch.tensor([300.0]), return_dict=False)
+    pipe = WanPipeline.from_pretrained(model_dir)
+    with torch.no_grad():
+        base = pipe.transformer(**inputs)[0]
+        expected = trained(**inputs)[0]
+        pipe.load_lora_weights(tmp_path / "out")
+        loaded = pipe.transformer(**inputs)[0]
+    assert (expected - base).abs().max() > 1e-4  # training moved the policy
+    torch.testing.assert_close(loaded, expected, rtol=0, atol=1e-5)
+
+
 # ---- sampling --------------------------------------------------------------------------------------
 def test_sampler_runs_wan_with_seeds_and_a_per_request_adapter(model_dir, tmp_path):
     """The sampler engine on a Wan folder: N seeds, the pipeline's own latents in Wan's layout, an
@@ -335,3 +494,35 @@ def test_real_wan21_sizes_with_lora_r64_on_meta_device(size, total, share):
     assert trainable == WAN21[size]["num_layers"] * 2 * 4 * 64 * (inner + inner)
     assert trainable / (with_lora - trainable) == pytest.approx(share, abs=0.0002)
     assert all(p.requires_grad == ("lora_" in n) for n, p in model.named_parameters())
+
+
+# ---- messages name both families ---------------------------------------------------------------------
+def test_sample_request_errors_name_both_families():
+    from pydantic import ValidationError
+
+    from common.sampling import SampleRequest
+
+    with pytest.raises(ValidationError, match="the CogVideoX and Wan VAEs compress 4 frames"):
+        SampleRequest(prompt="a", frames=8)
+
+
+@pytest.mark.parametrize("command", ["cache", "mine"])
+def test_cli_refuses_a_folder_of_an_unsupported_family_naming_the_supported_ones(tmp_path, capsys, command):
+    from clients.cli import main
+
+    folder = tmp_path / "hunyuan"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "HunyuanVideoPipeline"}))
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "videos" / "pairs.jsonl").write_text(json.dumps({"prompt": "a", "winner": "pairs.jsonl",
+                                                                "loser": "pairs.jsonl"}) + "\n")
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt_id": "a", "prompt": "a cat"}) + "\n")
+    args = {"cache": ["cache", "--videos", str(tmp_path / "videos"), "--model", str(folder), "--output", str(tmp_path / "o")],
+            "mine": ["mine", "--prompts", str(tmp_path / "prompts.jsonl"), "--model", str(folder), "--out",
+                     str(tmp_path / "o"), "--local"]}[command]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "HunyuanVideoPipeline, a model family videogpa does not support" in err
+    assert "cogvideox (CogVideoXPipeline, CogVideoXImageToVideoPipeline); wan (WanPipeline, WanImageToVideoPipeline)" in err

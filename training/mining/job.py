@@ -92,7 +92,8 @@ def mine(
     model_dir = Path(model_dir).resolve()
     # 1. Everything that can be wrong with the inputs, before any sampling.
     prompts = read_prompt_file(prompts_file)
-    i2v = inspect_video_model(model_dir).i2v
+    model_info = inspect_video_model(model_dir, need=("sample", "mine"))  # CogVideoX or Wan
+    i2v = model_info.i2v
     check_prompts_for_model(prompts, i2v, str(prompts_file))
     sampling = scoring = None
     if local:
@@ -148,7 +149,7 @@ def mine(
             sample_resources = {"num_cpus": 1, **({"num_gpus": settings.sampler_num_gpus} if settings.sampler_num_gpus else {})}
             score_resources = {"num_cpus": 1, **({"num_gpus": settings.scorer_num_gpus} if settings.scorer_num_gpus else {})}
         else:  # the actors only wait on handles
-            check_app(settings.app_name, i2v)
+            check_app(settings.app_name, i2v, model_info.family)
             sample_kwargs = score_kwargs = {"app_name": settings.app_name}
             sample_resources = score_resources = {"num_cpus": 0.05}
         for stage, kwargs, resources, size in ((SampleStage, sample_kwargs, sample_resources, settings.sample_concurrency),

@@ -1,8 +1,9 @@
 """The pairs dataset `vgpa train` reads, written from the selected pairs (`training.pairs` layout).
 
-Winner and loser latents and the prompt's text embeddings are the files the sampler wrote;
-image-to-video pairs also carry the first frame's latents, encoded with the model's VAE at the
-sampled size. Derived data: rebuilt from the records each time, never left stale.
+Winner and loser latents and the prompt's text embeddings are the files the sampler wrote (in the
+model family's space and layout: CogVideoX (F, C, h, w), Wan (C, F, h, w)); image-to-video pairs
+(CogVideoX) also carry the first frame's latents, encoded with the model's VAE at the sampled size.
+The dataset records the family and latent space of the model folder (`common.families`). Derived data: rebuilt from the records each time, never left stale.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def build_pairs(records: list[dict], model_dir: str | Path, out_dir: str | Path,
     """
     import torch
 
-    from common.cogvideox import latent_space, read_model_configs
+    from common.families import FAMILIES, read_model_configs
     from training.pairs import Pair, write_pairs_dataset
 
     pairs, report = select_pairs(records, settings)
@@ -59,7 +60,8 @@ def build_pairs(records: list[dict], model_dir: str | Path, out_dir: str | Path,
     if not pairs:
         report["written"] = None
         return report
-    i2v = inspect_video_model(model_dir).i2v
+    info = inspect_video_model(model_dir, need=("mine",))
+    family, i2v = FAMILIES[info.family], info.i2v
     vae = None
     image_cache: dict[tuple[str, tuple], torch.Tensor] = {}
     tensors: dict[str, torch.Tensor] = {}
@@ -73,14 +75,12 @@ def build_pairs(records: list[dict], model_dir: str | Path, out_dir: str | Path,
         nonlocal vae
         from PIL import Image
 
-        from training.encode import encode_condition_image, fit_frames
+        from training.encode import encode_condition_image, fit_frames, load_vae
 
         key = (path, tuple(latent_shape))
         if key not in image_cache:
             if vae is None:
-                from diffusers import AutoencoderKLCogVideoX
-
-                vae = AutoencoderKLCogVideoX.from_pretrained(Path(model_dir) / "vae").eval()
+                vae = load_vae(Path(model_dir), "cpu", torch.float32, family)
             factor = 2 ** (len(vae.config.block_out_channels) - 1)
             h, w = latent_shape[-2] * factor, latent_shape[-1] * factor
             image = Image.open(path).convert("RGB").resize((w, h))  # as the sampler resized it
@@ -103,6 +103,7 @@ def build_pairs(records: list[dict], model_dir: str | Path, out_dir: str | Path,
 
     metric_ids = report["metric_ids"]
     write_pairs_dataset(out_dir, generate(), model=str(model_dir), metric_id=metric_ids[0] if len(metric_ids) == 1 else None,
-                        latent_space=latent_space(*read_model_configs(model_dir)), extra={"mining": report, **(extra or {})})
+                        family=family.name, latent_space=family.latent_space(*read_model_configs(model_dir)),
+                        extra={"mining": report, **(extra or {})})
     report["written"] = str(out_dir)
     return report

@@ -121,8 +121,8 @@ class ScoreStage(_RowStage):
                 "metric_id": result.metric_id}
 
 
-def check_app(app_name: str, i2v: bool) -> None:
-    """The Serve app must be running with a sampler of the same kind as the model folder."""
+def check_app(app_name: str, i2v: bool, family: Optional[str] = None) -> None:
+    """The Serve app must be running with a sampler of the same family and kind as the model folder."""
     from ray import serve
 
     try:
@@ -137,6 +137,12 @@ def check_app(app_name: str, i2v: bool) -> None:
             raise ConfigError(f"the Serve application {app_name!r} has no {name} deployment "
                               "(configure its sampler: section) ; or mine with --local")
     info = serve.get_deployment_handle("Sampler", app_name=app_name).ready.remote().result(timeout_s=600)
+    from common.families import family_of_pipeline
+
+    served = family_of_pipeline(info["pipeline"])
+    if family is not None and served is not None and served.name != family:
+        raise ConfigError(f"the running sampler serves a {info['pipeline']} ({served.name}), but --model is a {family} "
+                          "model: mine with the model the app serves")
     app_i2v = "ImageToVideo" in info["pipeline"]
     if app_i2v != i2v:
         raise ConfigError(f"the running sampler serves a {info['pipeline']}, but --model is "
