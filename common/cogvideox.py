@@ -18,9 +18,7 @@ config says `invert_scale_latents` (CogVideoX 1.5 I2V: how the model was trained
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from typing import Mapping, Optional
 
 import numpy as np
@@ -35,18 +33,6 @@ VAE_TEMPORAL = 4
 #: CogVideoX1.5-5B's resolution (height, width) from its model card. Its config's sample size (300 x 300
 #: latents = 2400 px) is the size of the rotary-position table, not a resolution to sample at.
 RESOLUTION_1_5 = (768, 1360)
-
-
-def read_model_configs(model_dir: str | Path) -> tuple[dict, dict]:
-    """(transformer config, VAE config) of a diffusers CogVideoX pipeline folder, as dicts."""
-    model_dir = Path(model_dir)
-    configs = []
-    for component in ("transformer", "vae"):
-        path = model_dir / component / "config.json"
-        if not path.is_file():
-            raise ConfigError(f"{model_dir} is not a diffusers CogVideoX pipeline folder: {component}/config.json is missing")
-        configs.append(json.loads(path.read_text()))
-    return configs[0], configs[1]
 
 
 def model_family(transformer_config: Mapping) -> str:

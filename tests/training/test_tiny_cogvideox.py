@@ -63,7 +63,8 @@ def test_tokenizer_is_offline_and_fixed_length():
 def test_cogvideox15_shaped_tiny_model_samples(tmp_path, i2v):
     """patch_size_t = 2 (3 latent frames run as 4, the padding dropped before decoding), sliced rotary
     positions, `ofs` for image-to-video, a VAE with invert_scale_latents: the CogVideoX1.5 shape."""
-    from common.cogvideox import FAMILY_1_5, latent_space, model_family, read_model_configs
+    from common.cogvideox import FAMILY_1_5, latent_space, model_family
+    from common.families import read_model_configs
 
     path = tiny.save_tiny_cogvideox(tmp_path / "m", i2v=i2v, version="1.5")
     tcfg, vcfg = read_model_configs(path)

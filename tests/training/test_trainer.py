@@ -12,7 +12,8 @@ from training.fixtures import tiny_cogvideox as tiny
 from common.errors import ConfigError
 from training.lora import LORA_WEIGHTS_NAME, add_lora, count_parameters
 from training.pairs import Pair, PairsDatasetError, write_pairs_dataset
-from common.cogvideox import latent_space, read_model_configs
+from common.cogvideox import latent_space
+from common.families import read_model_configs
 from training.trainer import (FAULT_MARKER, TrainConfig, deepspeed_config, heldout_split, lr_multiplier,
                               micro_batch_indices, resolve_gpus_per_worker, train)
 
