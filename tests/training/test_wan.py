@@ -52,7 +52,8 @@ class TestFolder:
         assert family_of_transformer(pipe.transformer).name == "wan"
         assert inspect_video_model(tiny_cogvideox_dir(model_dir.parent)).family == "cogvideox"
 
-    def test_every_part_takes_wan_t2v_and_i2v_is_refused_with_what_is_supported(self, model_dir, tmp_path):
+    def test_every_part_takes_wan_t2v_and_a_t2v_transformer_under_the_i2v_pipeline_is_refused(self, model_dir,
+                                                                                                 tmp_path):
         import shutil
 
         info = inspect_video_model(model_dir)  # the default: the whole pipeline (sampler, cache, mining, trainer)
@@ -60,8 +61,8 @@ class TestFolder:
         folder = shutil.copytree(model_dir, tmp_path / "i2v")
         index = json.loads((folder / "model_index.json").read_text())
         (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "WanImageToVideoPipeline"}))
-        with pytest.raises(ConfigError, match=r"WanImageToVideoPipeline \(wan\): videogpa does not yet "
-                                              r"sample/encode/mine/train .*nothing yet.*cogvideox, wan supports"):
+        with pytest.raises(ConfigError, match=r"holds a WanImageToVideoPipeline whose transformer has in_channels=16; "
+                                              r"with this VAE \(z_dim 16\) it needs 36"):
             inspect_video_model(folder)
 
     def test_unsupported_family_names_the_supported_ones(self, tmp_path):
