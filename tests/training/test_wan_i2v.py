@@ -316,3 +316,31 @@ def test_sampler_and_pair_writer_on_wan_i2v(model_dir, pipe, tmp_path):
     torch.testing.assert_close(item["image_latents"], condition[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(item["image_embeds"], embeds[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(item["winner_latents"], lat[0])
+
+
+def test_trainer_validation_samples_the_i2v_pipeline_with_the_training_transformer(model_dir, tmp_path):
+    """The trainer's validation videos come from WanImageToVideoPipeline around the LoRA transformer being
+    trained, with the validation image as first frame, at the pairs' size."""
+    from diffusers import WanTransformer3DModel
+
+    from common.families import read_model_configs
+    from common.video import load_video
+    from training.pairs import Pair, load_pairs_index, write_pairs_dataset
+    from training.trainer import TrainConfig, run_validation
+
+    g = torch.Generator().manual_seed(0)
+    pairs = [Pair(prompt="a red cube", winner_latents=torch.randn(LATENT, generator=g),
+                  loser_latents=torch.randn(LATENT, generator=g),
+                  prompt_embeds=torch.randn(tiny.TEXT_SEQ_LEN, tiny.TEXT_EMBED_DIM, generator=g),
+                  image_latents=torch.randn(CONDITION, generator=g), image_embeds=torch.randn(EMBEDS, generator=g))]
+    index = load_pairs_index(write_pairs_dataset(tmp_path / "pairs", pairs, family="wan",
+                                                 latent_space=WAN.latent_space(*read_model_configs(model_dir))))
+    _image(2).save(tmp_path / "first.png")
+    cfg = TrainConfig(validation_prompts=["a red cube"], validation_images=[str(tmp_path / "first.png")],
+                      validation_inference_steps=2, validation_score=False)
+    model = add_lora(WanTransformer3DModel.from_pretrained(model_dir, subfolder="transformer"), rank=4, alpha=8)
+    cache: dict = {}
+    run_validation(model, str(model_dir), cfg, 3, tmp_path / "val", index, cache)
+    assert type(cache["pipe"]).__name__ == "WanImageToVideoPipeline" and cache["pipe"].transformer is model
+    frames = load_video(tmp_path / "val" / "step_00000003" / "00.mp4").frames
+    assert tuple(frames.shape) == (tiny.NUM_FRAMES, tiny.HEIGHT, tiny.WIDTH, 3)
