@@ -186,7 +186,7 @@ class WanFamily(VideoFamily):
         return (self.vae_temporal + channels, *rest)
 
     def image_encoder(self, model_dir, device, dtype):
-        """`WanImageToVideoPipeline.encode_image` (CLIP's penultimate hidden state) when the transformer has image_dim."""
+        """`WanImageToVideoPipeline.encode_image` (CLIP's penultimate hidden state), if the transformer has image_dim."""
         import json
         from pathlib import Path
 

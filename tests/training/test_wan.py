@@ -304,10 +304,11 @@ def test_default_targets_are_wans_attention_projections():
     assert adapted == sorted(f"blocks.0.{attn}.{proj}" for attn in ("attn1", "attn2") for proj in DEFAULT_TARGETS)
 
 
-@pytest.mark.parametrize("rank,alpha,targets", [(4, 8, DEFAULT_TARGETS), (4, 3, ("to_q", "to_v", "ffn.net.2"))],
-                         ids=["r4-a8-attention", "r4-a3-with-ffn"])
-def test_exported_lora_reproduces_the_trained_output_in_wan_pipeline(model_dir, tmp_path, rank, alpha, targets):
-    from diffusers import WanPipeline, WanTransformer3DModel
+def assert_exported_lora_reproduces_the_trained_output(pipeline_class, model_dir, lora_dir, make_inputs, rank=4,
+                                                       alpha=8, targets=DEFAULT_TARGETS):
+    """A random LoRA exported with `export_lora`, loaded into `pipeline_class` by its own `load_lora_weights` and
+    by the project's `load_lora`, gives the trained transformer's output on `make_inputs(generator)`."""
+    from diffusers import WanTransformer3DModel
 
     trained = add_lora(WanTransformer3DModel.from_pretrained(model_dir, subfolder="transformer"), rank=rank, alpha=alpha,
                        targets=targets)
@@ -315,23 +316,34 @@ def test_exported_lora_reproduces_the_trained_output_in_wan_pipeline(model_dir, 
     with torch.no_grad():
         for p in lora_parameters(trained):
             p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    export_lora(tmp_path / "lora", trained.eval())
-    inputs = dict(hidden_states=torch.randn(1, *LATENT, generator=g), timestep=torch.tensor([437.0]),
-                  encoder_hidden_states=torch.randn(1, tiny.TEXT_SEQ_LEN, tiny.TEXT_EMBED_DIM, generator=g),
-                  return_dict=False)
+    export_lora(lora_dir, trained.eval())
+    inputs = dict(make_inputs(g), timestep=torch.tensor([437.0]), return_dict=False)
     with torch.no_grad():
         expected = trained(**inputs)[0]
-        base = WanPipeline.from_pretrained(model_dir).transformer(**inputs)[0]
+        base = pipeline_class.from_pretrained(model_dir).transformer(**inputs)[0]
     assert (expected - base).abs().max() > 0.05, "the adapter must change the output for this test to mean anything"
 
     for how in ("diffusers", "videogpa"):  # what a user does, and the project's one loading path
-        pipe = WanPipeline.from_pretrained(model_dir)
+        pipe = pipeline_class.from_pretrained(model_dir)
         if how == "diffusers":
-            pipe.load_lora_weights(tmp_path / "lora")
+            pipe.load_lora_weights(lora_dir)
         else:
-            load_lora(pipe, tmp_path / "lora", "trained")
+            load_lora(pipe, lora_dir, "trained")
         with torch.no_grad():
             torch.testing.assert_close(pipe.transformer(**inputs)[0], expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("rank,alpha,targets", [(4, 8, DEFAULT_TARGETS), (4, 3, ("to_q", "to_v", "ffn.net.2"))],
+                         ids=["r4-a8-attention", "r4-a3-with-ffn"])
+def test_exported_lora_reproduces_the_trained_output_in_wan_pipeline(model_dir, tmp_path, rank, alpha, targets):
+    from diffusers import WanPipeline
+
+    def inputs(g):
+        return dict(hidden_states=torch.randn(1, *LATENT, generator=g),
+                    encoder_hidden_states=torch.randn(1, tiny.TEXT_SEQ_LEN, tiny.TEXT_EMBED_DIM, generator=g))
+
+    assert_exported_lora_reproduces_the_trained_output(WanPipeline, model_dir, tmp_path / "lora", inputs, rank, alpha,
+                                                       targets)
 
 
 # ---- vgpa train: Ray Train + DeepSpeed ZeRO-2 on two workers ---------------------------------------
@@ -428,10 +440,9 @@ def test_vgpa_train_on_wan_with_two_zero2_workers(ray_cluster, model_dir, tmp_pa
 
 
 # ---- sampling --------------------------------------------------------------------------------------
-def test_sampler_runs_wan_with_seeds_and_a_per_request_adapter(model_dir, tmp_path):
-    """The sampler engine on a Wan folder: N seeds, the pipeline's own latents in Wan's layout, an
-    adapter selected per request (it changes the video; the base request stays the base model)."""
-    from diffusers import WanPipeline, WanTransformer3DModel
+def sampler_with_a_random_adapter(model_dir, tmp_path):
+    """The sampler engine on a Wan folder (2 steps, CPU) with adapter "geo": a random LoRA exported by `export_lora`."""
+    from diffusers import WanTransformer3DModel
 
     from common.sampling import Sampler, SamplingConfig
 
@@ -441,8 +452,16 @@ def test_sampler_runs_wan_with_seeds_and_a_per_request_adapter(model_dir, tmp_pa
             if "lora_B" in name:
                 p.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
     adapter = export_lora(tmp_path / "lora", trained).parent
-    sampler = Sampler(SamplingConfig(model_dir=model_dir, device="cpu", adapters={"geo": adapter}, default_steps=2),
-                      output_dir=tmp_path / "samples")
+    return Sampler(SamplingConfig(model_dir=model_dir, device="cpu", adapters={"geo": adapter}, default_steps=2),
+                   output_dir=tmp_path / "samples")
+
+
+def test_sampler_runs_wan_with_seeds_and_a_per_request_adapter(model_dir, tmp_path):
+    """The sampler engine on a Wan folder: N seeds, the pipeline's own latents in Wan's layout, an
+    adapter selected per request (it changes the video; the base request stays the base model)."""
+    from diffusers import WanPipeline
+
+    sampler = sampler_with_a_random_adapter(model_dir, tmp_path)
     sizes = dict(frames=tiny.NUM_FRAMES, height=tiny.HEIGHT, width=tiny.WIDTH, guidance=1.0)
     base = sampler.sample({"prompt": "a red cube", "seeds": [0, 1], **sizes})
     assert base.error is None, base.error
@@ -472,21 +491,26 @@ def test_sampler_runs_wan_with_seeds_and_a_per_request_adapter(model_dir, tmp_pa
 #: Wan-AI/Wan2.1-T2V-1.3B-Diffusers and -14B-Diffusers transformer configs (the keys that differ from
 #: WanTransformer3DModel's defaults, which are the 14B's); no weights and no config files are at hand
 #: here, so the numbers are written out.
+#: Wan-AI/Wan2.1-I2V-14B-480P-Diffusers: the 14B with 36 input channels, CLIP image embeddings (image_dim 1280)
+#: and the image K/V projections in every cross-attention.
 WAN21 = {
     "1.3B": dict(num_attention_heads=12, ffn_dim=8960, num_layers=30),
     "14B": dict(num_attention_heads=40, ffn_dim=13824, num_layers=40),
+    "I2V-14B": dict(num_attention_heads=40, ffn_dim=13824, num_layers=40, in_channels=36, image_dim=1280,
+                    added_kv_proj_dim=5120),
 }
 
 
-@pytest.mark.parametrize("size,total,share", [("1.3B", 1_418_996_800, 0.0333), ("14B", 14_288_491_584, 0.0147)])
+@pytest.mark.parametrize("size,total,share", [("1.3B", 1_418_996_800, 0.0333), ("14B", 14_288_491_584, 0.0147),
+                                              ("I2V-14B", 16_394_878_784, 0.0128)])
 def test_real_wan21_sizes_with_lora_r64_on_meta_device(size, total, share):
     from diffusers import WanTransformer3DModel
 
     from training.lora import count_parameters
 
     with torch.device("meta"):  # no memory
-        model = WanTransformer3DModel(patch_size=(1, 2, 2), attention_head_dim=128, in_channels=16, out_channels=16,
-                                      text_dim=4096, freq_dim=256, **WAN21[size])
+        model = WanTransformer3DModel(**{"patch_size": (1, 2, 2), "attention_head_dim": 128, "in_channels": 16,
+                                         "out_channels": 16, "text_dim": 4096, "freq_dim": 256, **WAN21[size]})
     assert sum(p.numel() for p in model.parameters()) == total
     add_lora(model, rank=64, alpha=128)
     trainable, with_lora = count_parameters(model)

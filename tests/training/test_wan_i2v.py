@@ -22,7 +22,7 @@ from common.families import FAMILIES
 from common.sampling import inspect_video_model, load_video_model
 from training.dpo import dpo_step
 from training.fixtures import tiny_wan as tiny
-from training.lora import add_lora, export_lora, lora_parameters
+from training.lora import add_lora, lora_parameters
 
 WAN = FAMILIES["wan"]
 LATENT = (tiny.LATENT_CHANNELS, tiny.LATENT_FRAMES, tiny.LATENT_HEIGHT, tiny.LATENT_WIDTH)  # (C, F, h, w)
@@ -50,18 +50,17 @@ def _image(seed=0, size=(tiny.WIDTH, tiny.HEIGHT)):
 
 
 def _batch(bsz=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "winner_latents": torch.randn((bsz, *LATENT), generator=g),
-        "loser_latents": torch.randn((bsz, *LATENT), generator=g),
-        "prompt_embeds": torch.randn(bsz, tiny.TEXT_SEQ_LEN, tiny.TEXT_EMBED_DIM, generator=g),
-        "image_latents": torch.randn((bsz, *CONDITION), generator=g),
-        "image_embeds": torch.randn((bsz, *EMBEDS), generator=g),
-    }
+    """The text-to-video batch of `test_wan` plus random image latents (mask ++ condition) and image embeddings."""
+    from tests.training.test_wan import _batch as t2v_batch
+
+    g = torch.Generator().manual_seed(seed + 1000)
+    return dict(t2v_batch(bsz, seed), image_latents=torch.randn((bsz, *CONDITION), generator=g),
+                image_embeds=torch.randn((bsz, *EMBEDS), generator=g))
 
 
 def _pipeline_condition(pipe, image):
-    """(mask ++ condition (1, 20, F, h, w), image embeddings (1, N, D)) as WanImageToVideoPipeline.__call__ builds them."""
+    """(mask ++ condition (1, 20, F, h, w), image embeddings (1, N, D)), as WanImageToVideoPipeline.__call__
+    builds them."""
     tensor = pipe.video_processor.preprocess(image, height=tiny.HEIGHT, width=tiny.WIDTH).to(torch.float32)
     with torch.no_grad():
         _, condition = pipe.prepare_latents(tensor, 1, tiny.LATENT_CHANNELS, tiny.HEIGHT, tiny.WIDTH, tiny.NUM_FRAMES,
@@ -237,54 +236,30 @@ def test_trainer_refuses_t2v_pairs_for_the_i2v_model(model_dir, tmp_path):
 def test_exported_lora_reproduces_the_trained_output_in_the_i2v_pipeline(model_dir, tmp_path):
     """WanImageToVideoPipeline.load_lora_weights (which pads the image K/V projections with zero LoRA) and
     the project's load_lora both give the trained transformer's output on an image-conditioned input."""
-    from diffusers import WanImageToVideoPipeline, WanTransformer3DModel
+    from diffusers import WanImageToVideoPipeline
 
-    from common.lora import load_lora
+    from tests.training.test_wan import assert_exported_lora_reproduces_the_trained_output
 
-    trained = add_lora(WanTransformer3DModel.from_pretrained(model_dir, subfolder="transformer"), rank=4, alpha=8)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in lora_parameters(trained):
-            p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    export_lora(tmp_path / "lora", trained.eval())
-    inputs = dict(hidden_states=torch.randn(1, tiny.LATENT_CHANNELS + tiny.CONDITION_CHANNELS, *LATENT[1:], generator=g),
-                  timestep=torch.tensor([437.0]), encoder_hidden_states_image=torch.randn(1, *EMBEDS, generator=g),
-                  encoder_hidden_states=torch.randn(1, tiny.TEXT_SEQ_LEN, tiny.TEXT_EMBED_DIM, generator=g),
-                  return_dict=False)
-    with torch.no_grad():
-        expected = trained(**inputs)[0]
-        base = WanImageToVideoPipeline.from_pretrained(model_dir).transformer(**inputs)[0]
-    assert (expected - base).abs().max() > 0.05
-    for how in ("diffusers", "videogpa"):
-        pipe = WanImageToVideoPipeline.from_pretrained(model_dir)
-        if how == "diffusers":
-            pipe.load_lora_weights(tmp_path / "lora")
-        else:
-            load_lora(pipe, tmp_path / "lora", "trained")
-        with torch.no_grad():
-            torch.testing.assert_close(pipe.transformer(**inputs)[0], expected, rtol=0, atol=1e-5)
+    def inputs(g):
+        channels = tiny.LATENT_CHANNELS + tiny.CONDITION_CHANNELS
+        return dict(hidden_states=torch.randn(1, channels, *LATENT[1:], generator=g),
+                    encoder_hidden_states_image=torch.randn(1, *EMBEDS, generator=g),
+                    encoder_hidden_states=torch.randn(1, tiny.TEXT_SEQ_LEN, tiny.TEXT_EMBED_DIM, generator=g))
+
+    assert_exported_lora_reproduces_the_trained_output(WanImageToVideoPipeline, model_dir, tmp_path / "lora", inputs)
 
 
 # ---- sampling and mining ---------------------------------------------------------------------------
 def test_sampler_and_pair_writer_on_wan_i2v(model_dir, pipe, tmp_path):
     """The sampler: N seeds from an uploaded first frame (the pipeline's own latents), a per-request adapter,
     no image refused. The pair writer: the mined pairs carry the pipeline's condition of that frame."""
-    from diffusers import WanTransformer3DModel
-
-    from common.sampling import Sampler, SamplingConfig
+    from tests.training.test_wan import sampler_with_a_random_adapter
     from training.mining.config import PairConfig
     from training.mining.pair_writer import build_pairs
     from training.pairs import PairsDataset, load_pairs_index
     from training.trainer import check_model_folder
 
-    trained = add_lora(WanTransformer3DModel.from_pretrained(model_dir, subfolder="transformer"), rank=4, alpha=4)
-    with torch.no_grad():
-        for name, p in trained.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
-    adapter = export_lora(tmp_path / "lora", trained).parent
-    sampler = Sampler(SamplingConfig(model_dir=model_dir, device="cpu", adapters={"geo": adapter}, default_steps=2),
-                      output_dir=tmp_path / "samples")
+    sampler = sampler_with_a_random_adapter(model_dir, tmp_path)
     first = tmp_path / "first.png"
     _image(11, size=(48, 40)).save(first)  # resized to the sample size, as an upload would be
     sizes = dict(frames=tiny.NUM_FRAMES, height=tiny.HEIGHT, width=tiny.WIDTH, guidance=1.0)
