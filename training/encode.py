@@ -20,14 +20,14 @@ frame (both clips of a pair were generated from the same image), as the family's
 
     cogvideox   the first frame's latent (1, C, h, w), scaled as the pipeline scales it
                 (`common.cogvideox.condition_scale`: 1 / scaling_factor for CogVideoX 1.5)
-    wan         mask ++ condition (4 + C, F, h, w): the normalised latents of the first frame followed by
-                T - 1 black frames, and a mask of the first latent frame (WanImageToVideoPipeline.prepare_latents);
-                with an image encoder (Wan 2.1 I2V), also the CLIP image embeddings (N, D) of the first
-                frame (`WanImageToVideoPipeline.encode_image`)
+    wan         mask ++ condition (4 + C, F, h, w): a mask of the first latent frame and the normalised
+                latents of the first frame followed by T - 1 black frames
+                (`WanImageToVideoPipeline.prepare_latents`); with an image encoder (Wan 2.1 I2V), also
+                the CLIP image embeddings (N, D) of the first frame (`WanImageToVideoPipeline.encode_image`)
 
 Memory: the transformer is never loaded. The tokenizer and text encoder encode every distinct prompt
-first and are freed; then the VAE (and, for Wan 2.1 I2V, the CLIP image encoder) encodes the clips (bf16 with tiled encoding on a GPU, as
-CogVideoX's own fine-tuning scripts do). The peak is reported in summary.json under "encode".
+first and are freed; then the VAE (and, for Wan 2.1 I2V, the CLIP image encoder) encodes the clips
+(bf16 with tiled encoding on a GPU, as CogVideoX's own fine-tuning scripts do). The peak is reported in summary.json under "encode".
 """
 
 from __future__ import annotations
