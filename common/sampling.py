@@ -1,4 +1,4 @@
-"""The sampling engine: CogVideoX (text- or image-to-video) or Wan (text-to-video) from a local diffusers folder.
+"""The sampling engine: CogVideoX or Wan (text- or image-to-video) from a local diffusers folder.
 
     info = inspect_video_model("models/CogVideoX-5b-I2V")          # what the folder holds, nothing loaded
     sampler = Sampler(SamplingConfig(model_dir=...), output_dir="samples/")

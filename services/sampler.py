@@ -1,6 +1,6 @@
 """The sampler deployment: a Serve replica holding one `common.sampling.Sampler` engine.
 
-The engine (CogVideoX text-to-video or image-to-video, or Wan text-to-video, from a local diffusers folder, its LoRA
+The engine (CogVideoX or Wan, text- or image-to-video, from a local diffusers folder, its LoRA
 adapters) writes each request's videos, latents and text embeddings under its output folder and
 answers a `SampleAnswer` with their paths: callers inside the cluster (the mining job) read them
 from storage all nodes share; HTTP clients get URLs from the ingress. What is here is Serve's

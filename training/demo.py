@@ -11,9 +11,11 @@ needs no reconstruction (mean absolute frame-to-frame change, lower is better), 
 in the summary (`pairs_ranked_by`, its own metric_id), and trains on those pairs. The numbers mean
 nothing for quality; the point is that every real component runs, connected.
 
-`family="wan"`: the same loop on a tiny random Wan 2.1 text-to-video (`training.fixtures.tiny_wan`):
-camera-motion prompts without first frames, sampled at the tiny model's 9 x 32 x 32 (Wan's own
-default, 81 x 480 x 832, is for the real model), flow-matching DPO.
+`family="wan"`: the same loop on a tiny random Wan 2.1 (`training.fixtures.tiny_wan`), text-to-video
+by default: camera-motion prompts without first frames, sampled at the tiny model's 9 x 32 x 32 (Wan's
+own default, 81 x 480 x 832, is for the real model), flow-matching DPO. `i2v=True` runs it on a tiny
+Wan 2.1 image-to-video (`WanImageToVideoPipeline`, CLIP image encoder included) from the renderer's
+first frames, as the CogVideoX loop does; `i2v=False` runs CogVideoX text-to-video.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from pathlib import Path
 from typing import Optional
 
 STAND_IN_METRIC = "demo-stand-in/frame-change"
-#: The families the tiny demo runs (`vgpa demo --tiny --family`).
-DEMO_FAMILIES = ("cogvideox", "wan")
+#: The families the tiny demo runs (`vgpa demo --tiny --family`) -> image-to-video unless told otherwise?
+DEMO_FAMILIES = {"cogvideox": True, "wan": False}
 
 
 def frame_change(video: str) -> float:
@@ -77,10 +79,11 @@ def _text_prompt_file(out: Path, prompts: int) -> Path:
     return write_prompt_file(out / "prompts.jsonl", rows)
 
 
-def run_tiny_demo(out: str | Path, *, family: str = "cogvideox", prompts: int = 3, seeds: int = 2, train_steps: int = 2,
-                  workers: int = 2, address: Optional[str] = None, log=print) -> dict:
-    """Run the loop on a tiny `family` model ("cogvideox": image-to-video; "wan": text-to-video); write everything
-    under `out`; return (and write) demo_summary.json."""
+def run_tiny_demo(out: str | Path, *, family: str = "cogvideox", i2v: Optional[bool] = None, prompts: int = 3,
+                  seeds: int = 2, train_steps: int = 2, workers: int = 2, address: Optional[str] = None,
+                  log=print) -> dict:
+    """Run the loop on a tiny `family` model, image-to-video if `i2v` (default: CogVideoX image-to-video, Wan
+    text-to-video); write everything under `out`; return (and write) demo_summary.json."""
     from common.config import ScoreConfig
     from common.errors import ConfigError
     from common.scoring import score_video
@@ -93,6 +96,7 @@ def run_tiny_demo(out: str | Path, *, family: str = "cogvideox", prompts: int = 
 
     if family not in DEMO_FAMILIES:
         raise ConfigError(f"the tiny demo runs {' or '.join(DEMO_FAMILIES)}, not {family!r}")
+    i2v = DEMO_FAMILIES[family] if i2v is None else bool(i2v)
     started = time.perf_counter()
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -102,17 +106,21 @@ def run_tiny_demo(out: str | Path, *, family: str = "cogvideox", prompts: int = 
         from training.fixtures import tiny_wan
 
         if not model.is_dir():
-            tiny_wan.save_tiny_wan(model)
+            tiny_wan.save_tiny_wan(model, i2v=i2v)
         sizes = {"frames": tiny_wan.NUM_FRAMES, "height": tiny_wan.HEIGHT, "width": tiny_wan.WIDTH}
-        prompt_file = _text_prompt_file(out, prompts)
-        log(f"[demo] {prompts} text-to-video camera-motion prompts for a tiny random Wan -> {prompt_file}")
     else:
         from training.fixtures.tiny_cogvideox import save_tiny_cogvideox
 
         if not model.is_dir():
-            save_tiny_cogvideox(model, i2v=True)
+            save_tiny_cogvideox(model, i2v=i2v)
+    name = {"cogvideox": "CogVideoX", "wan": "Wan"}[family]
+    if i2v:
         prompt_file = _image_prompt_file(out, prompts)
-        log(f"[demo] {prompts} prompts from the synthetic renderer's first frames -> {prompt_file}")
+        log(f"[demo] {prompts} prompts from the synthetic renderer's first frames for a tiny random {name} "
+            f"image-to-video -> {prompt_file}")
+    else:
+        prompt_file = _text_prompt_file(out, prompts)
+        log(f"[demo] {prompts} text-to-video camera-motion prompts for a tiny random {name} -> {prompt_file}")
 
     # 1. Mine (local mode: no Serve app needed).
     score = {"frames": 4, "recon_frames": 8, "max_side": 64}
@@ -157,6 +165,7 @@ def run_tiny_demo(out: str | Path, *, family: str = "cogvideox", prompts: int = 
     metrics = trained["final_metrics"]
     summary = {
         "family": family,
+        "i2v": i2v,
         "pairs": num_pairs,
         "pairs_ranked_by": ranked_by,
         "mined": {"videos": mined["videos_done"], "statuses": mined["statuses"], "records": mined["records"]},

@@ -14,13 +14,20 @@ family adapter (`common.families`, `encode_latents`):
 
 and whose text embeddings are the pipeline's own `encode_prompt` (CogVideoX: T5, L = the
 transformer's max_text_seq_length; Wan: UMT5, L = 512, or the tokenizer's model_max_length if smaller).
-For image-to-video models (CogVideoX only) the condition latent is the "image" if given, else the
-winner's first frame (both clips of a pair were generated from the same image), scaled as the I2V
-pipeline scales it (`common.cogvideox.condition_scale`: 1 / scaling_factor for CogVideoX 1.5).
+For image-to-video models the condition is built from the "image" if given, else the winner's first
+frame (both clips of a pair were generated from the same image), as the family's I2V pipeline builds it
+(the adapter's `image_condition_frames` / `image_condition_latents`):
+
+    cogvideox   the first frame's latent (1, C, h, w), scaled as the pipeline scales it
+                (`common.cogvideox.condition_scale`: 1 / scaling_factor for CogVideoX 1.5)
+    wan         mask ++ condition (4 + C, F, h, w): a mask of the first latent frame and the normalised
+                latents of the first frame followed by T - 1 black frames
+                (`WanImageToVideoPipeline.prepare_latents`); with an image encoder (Wan 2.1 I2V), also
+                the CLIP image embeddings (N, D) of the first frame (`WanImageToVideoPipeline.encode_image`)
 
 Memory: the transformer is never loaded. The tokenizer and text encoder encode every distinct prompt
-first and are freed; then the VAE alone encodes the clips (bf16 with tiled encoding on a GPU, as
-CogVideoX's own fine-tuning scripts do). The peak is reported in summary.json under "encode".
+first and are freed; then the VAE (and, for Wan 2.1 I2V, the CLIP image encoder) encodes the clips
+(bf16 with tiled encoding on a GPU, as CogVideoX's own fine-tuning scripts do). The peak is reported in summary.json under "encode".
 """
 
 from __future__ import annotations
@@ -33,7 +40,6 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from common.cogvideox import condition_scale
 from common.errors import ConfigError, TooFewFramesError
 from common.families import FAMILIES, VideoFamily, read_model_configs
 from common.sampling import inspect_video_model
@@ -73,9 +79,20 @@ def encode_frames(vae, frames: torch.Tensor, family: VideoFamily = FAMILIES["cog
     return family.encode_latents(posterior_mean(vae, frames), vae.config)
 
 
-def encode_condition_image(vae, image: torch.Tensor) -> torch.Tensor:
-    """The CogVideoX I2V condition: one frame (3, 1, H, W) in [-1, 1] -> (1, C, h, w), scaled as the I2V pipeline does."""
-    return posterior_mean(vae, image).permute(1, 0, 2, 3).contiguous() * condition_scale(vae.config)
+def encode_condition_image(vae, image: torch.Tensor, num_frames: int,
+                           family: VideoFamily = FAMILIES["cogvideox"]) -> torch.Tensor:
+    """The I2V condition latents of one first frame (3, 1, H, W) in [-1, 1] for `num_frames`-frame videos, as the
+    family's I2V pipeline builds them: CogVideoX (1, C, h, w); Wan mask ++ condition (4 + C, F, h, w)."""
+    return family.image_condition_latents(posterior_mean(vae, family.image_condition_frames(image, num_frames)),
+                                          vae.config)
+
+
+def to_image(frame: torch.Tensor):
+    """One frame (3, 1, H, W) in [-1, 1] -> a PIL image (what an I2V pipeline's image encoder takes)."""
+    from PIL import Image
+
+    pixels = ((frame[:, 0].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return Image.fromarray(pixels.numpy())
 
 
 def encode_prompts(model_dir: Path, prompts: list[str], max_sequence_length: Optional[int], device: str,
@@ -144,7 +161,7 @@ def _read_clip(path: Path, num_frames: int, height: int, width: int) -> torch.Te
         import numpy as np
         from PIL import Image
 
-        frame = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"))).unsqueeze(0)
+        frame = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).unsqueeze(0)
         return fit_frames(frame, height, width)
     video = load_video(path, wanted=lambda total: range(min(total, num_frames)), max_side=4096)
     if video.frames.shape[0] < num_frames:
@@ -204,23 +221,26 @@ def cache_pairs(
         text, max_sequence_length = encode_prompts(model_dir, [e["prompt"] for e in entries], max_sequence_length,
                                                    device, torch_dtype, family)
         gc.collect()
-        # 3. Video: the VAE alone.
+        # 3. Video: the VAE (and the image encoder, if the I2V model takes image embeddings).
         vae = load_vae(model_dir, device, torch_dtype, family)
+        image_encoder = family.image_encoder(model_dir, device, torch_dtype) if space["i2v"] else None
 
         def pairs():
             for n, entry in enumerate(entries):
                 winner = _read_clip(folder / entry["winner"], num_frames, height, width)
                 loser = _read_clip(folder / entry["loser"], num_frames, height, width)
-                image_latents = None
+                image_latents = image_embeds = None
                 if space["i2v"]:
                     image = _read_clip(folder / entry["image"], 1, height, width) if "image" in entry else winner[:, :1]
-                    image_latents = encode_condition_image(vae, image)  # (1, C, h, w)
+                    image_latents = encode_condition_image(vae, image, num_frames, family)
+                    image_embeds = image_encoder(to_image(image)) if image_encoder else None  # (N, D)
                 yield Pair(
                     prompt=entry["prompt"],
                     winner_latents=encode_frames(vae, winner, family),
                     loser_latents=encode_frames(vae, loser, family),
                     prompt_embeds=text[entry["prompt"]],
                     image_latents=image_latents,
+                    image_embeds=image_embeds,
                     winner_score=float(entry.get("winner_score", float("nan"))),
                     loser_score=float(entry.get("loser_score", float("nan"))),
                     winner_video=str(entry["winner"]),

@@ -7,7 +7,9 @@ Layout of a pairs directory (format "videogpa-pairs", version 1)::
       pairs.parquet       # one row per pair, see below
       latents/<pair_id>.winner.safetensors   # key "latents": (F, C, h, w) CogVideoX, (C, F, h, w) Wan
       latents/<pair_id>.loser.safetensors    # key "latents": as the winner's
-      latents/<pair_id>.image.safetensors    # key "latents": (1, C, h, w), image-to-video only (CogVideoX)
+      latents/<pair_id>.image.safetensors    # key "latents": image-to-video only, CogVideoX (1, C, h, w),
+                                             #   Wan (4 + C, F, h, w)
+      latents/<pair_id>.image_embeds.safetensors  # key "image_embeds": (N, D), Wan 2.1 I2V only
       text/<sha1(prompt)[:16]>.safetensors   # key "prompt_embeds": (L, D), shared by pairs of one prompt
 
 Tensors:
@@ -15,19 +17,27 @@ Tensors:
       model family's adapter (`common.families`) defines them: CogVideoX multiplies by the VAE's
       `scaling_factor` and stores (F latent frames, C channels, h x w); Wan normalises per channel
       with the VAE's `latents_mean` / `latents_std` and stores (C, F, h, w). float32 or bfloat16.
-    - image latents (CogVideoX I2V): the condition frame's encoding, scaled the same way, one latent frame.
+    - image latents (I2V): the condition as the family's I2V pipeline builds it. CogVideoX: the condition
+      frame's encoding, scaled the same way, one latent frame. Wan: the first-frame mask (4, F, h, w) ++
+      the normalised encoding of [first frame, T - 1 black frames] (C, F, h, w), as
+      `WanImageToVideoPipeline.prepare_latents` returns it.
+    - image embeddings (Wan 2.1 I2V, whose transformer has `image_dim`): the CLIP vision tower's
+      penultimate hidden state of the first frame (`WanImageToVideoPipeline.encode_image`), (257, 1280).
     - prompt_embeds: the text encoder's (T5; Wan: UMT5) last hidden state, padded/truncated to L tokens.
 
 `pairs.parquet` columns:
     pair_id (string, unique), prompt (string),
     winner_latents, loser_latents, prompt_embeds (string: paths relative to the directory),
     image_latents (string or null: relative path; null for text-to-video),
+    image_embeds (string or null: relative path; null unless the model takes image embeddings; absent in
+        datasets written before Wan image-to-video),
     winner_score, loser_score (float64: geometry error E, lower is better; NaN when unknown),
     winner_video, loser_video (string or null: where the clips came from, informational).
 
 `summary.json`:
     {"format": "videogpa-pairs", "version": 1, "num_pairs": N, "latent_shape": [F, C, h, w] or [C, F, h, w],
      "text_shape": [L, D], "i2v": bool, "dtype": "float32",
+     "image_embeds_shape": [N, D] or null (absent: null),
      "family": "cogvideox" | "wan" (the model family; the trainer refuses pairs of another family),
      "latent_layout": "FChw" | "CFhw", "latents_normalised": true (latents are in the transformer's
          space: x scaling_factor for CogVideoX, (z - mean) / std for Wan),
@@ -67,7 +77,7 @@ FORMAT = "videogpa-pairs"
 VERSION = 1
 TABLE_NAME = "pairs.parquet"
 SUMMARY_NAME = "summary.json"
-_PATH_COLUMNS = ("winner_latents", "loser_latents", "prompt_embeds", "image_latents")
+_PATH_COLUMNS = ("winner_latents", "loser_latents", "prompt_embeds", "image_latents", "image_embeds")
 
 
 class PairsDatasetError(VideoGPAError):
@@ -78,14 +88,15 @@ class PairsDatasetError(VideoGPAError):
 
 @dataclass
 class Pair:
-    """One preference pair in memory. Shapes: latents (F, C, h, w) (Wan: (C, F, h, w)), image_latents (1, C, h, w),
-    prompt_embeds (L, D)."""
+    """One preference pair in memory. Shapes: latents (F, C, h, w) (Wan: (C, F, h, w)), image_latents (1, C, h, w)
+    (Wan: (4 + C, F, h, w)), image_embeds (N, D) (Wan 2.1 I2V), prompt_embeds (L, D)."""
 
     prompt: str
     winner_latents: torch.Tensor
     loser_latents: torch.Tensor
     prompt_embeds: torch.Tensor
     image_latents: Optional[torch.Tensor] = None
+    image_embeds: Optional[torch.Tensor] = None
     winner_score: float = math.nan
     loser_score: float = math.nan
     winner_video: Optional[str] = None
@@ -114,7 +125,7 @@ def write_pairs_dataset(
     """Write `pairs` in the layout above (overwriting the table and summary) and validate it.
 
     All pairs must share one latent shape, one text shape, and either all or none carry
-    image latents. Text embeddings of the same prompt are stored once. `family` defaults to that
+    image latents (and image embeddings, of one shape). Text embeddings of the same prompt are stored once. `family` defaults to that
     of `latent_space` (else cogvideox), `latent_layout` to the family's. Returns the directory.
     """
     family = family or family_of_latent_space(latent_space) or "cogvideox"
@@ -129,6 +140,7 @@ def write_pairs_dataset(
     rows: list[dict] = []
     latent_shape = text_shape = None
     i2v = None
+    embeds_shape: Optional[tuple] = None
     dtype = None
     written_text: set[str] = set()
     for index, pair in enumerate(pairs):
@@ -148,6 +160,12 @@ def write_pairs_dataset(
         i2v = has_image if i2v is None else i2v
         if has_image != i2v:
             raise PairsDatasetError(f"pair {pair_id}: either every pair carries image latents or none does")
+        has_embeds = pair.image_embeds is not None
+        this_embeds = tuple(pair.image_embeds.shape) if has_embeds else None
+        embeds_shape = this_embeds if index == 0 else embeds_shape
+        if this_embeds != embeds_shape:
+            raise PairsDatasetError(f"pair {pair_id}: image embeddings {this_embeds} differ from the first pair's "
+                                    f"{embeds_shape} (every pair carries them, of one shape, or none does)")
 
         row = {
             "pair_id": pair_id,
@@ -156,6 +174,7 @@ def write_pairs_dataset(
             "loser_latents": f"latents/{pair_id}.loser.safetensors",
             "prompt_embeds": f"text/{hashlib.sha1(pair.prompt.encode()).hexdigest()[:16]}.safetensors",
             "image_latents": f"latents/{pair_id}.image.safetensors" if has_image else None,
+            "image_embeds": f"latents/{pair_id}.image_embeds.safetensors" if has_embeds else None,
             "winner_score": float(pair.winner_score),
             "loser_score": float(pair.loser_score),
             "winner_video": pair.winner_video,
@@ -165,6 +184,8 @@ def write_pairs_dataset(
         _save_tensor(directory / row["loser_latents"], "latents", pair.loser_latents)
         if has_image:
             _save_tensor(directory / row["image_latents"], "latents", pair.image_latents)
+        if has_embeds:
+            _save_tensor(directory / row["image_embeds"], "image_embeds", pair.image_embeds)
         if row["prompt_embeds"] not in written_text:
             _save_tensor(directory / row["prompt_embeds"], "prompt_embeds", pair.prompt_embeds)
             written_text.add(row["prompt_embeds"])
@@ -186,6 +207,7 @@ def write_pairs_dataset(
         "latent_shape": list(latent_shape),
         "text_shape": list(text_shape),
         "i2v": bool(i2v),
+        "image_embeds_shape": list(embeds_shape) if embeds_shape else None,
         "dtype": str(dtype).removeprefix("torch."),
         "family": family,
         "latent_layout": latent_layout,
@@ -219,6 +241,12 @@ class PairsIndex:
     @property
     def i2v(self) -> bool:
         return bool(self.summary["i2v"])
+
+    @property
+    def image_embeds_shape(self) -> Optional[tuple[int, int]]:
+        """(N, D) of the pairs' image embeddings (Wan 2.1 I2V), None when they have none."""
+        shape = self.summary.get("image_embeds_shape")
+        return tuple(shape) if shape else None
 
     @property
     def family(self) -> str:
@@ -284,7 +312,8 @@ def load_pairs_index(directory: str | Path) -> PairsIndex:
     if not rows:
         raise PairsDatasetError(f"{table_path} holds no pairs: the pairs dataset is empty")
     latent_shape, text_shape = tuple(summary["latent_shape"]), tuple(summary["text_shape"])
-    image_shape = (1, *latent_shape[1:])  # CogVideoX I2V only: (1, C, h, w)
+    image_shape = FAMILIES[summary["family"]].image_latents_shape(latent_shape)  # CogVideoX (1, C, h, w)
+    embeds_shape = tuple(summary["image_embeds_shape"]) if summary.get("image_embeds_shape") else None
     ids = set()
     for row in rows:
         pid = row.get("pair_id")
@@ -295,6 +324,8 @@ def load_pairs_index(directory: str | Path) -> PairsIndex:
                   ("prompt_embeds", "prompt_embeds", text_shape)]
         if summary["i2v"]:
             checks.append(("image_latents", "latents", image_shape))
+        if embeds_shape:
+            checks.append(("image_embeds", "image_embeds", embeds_shape))
         for column, key, expected in checks:
             rel = row.get(column)
             if not rel:
@@ -331,10 +362,12 @@ class PairsDataset(torch.utils.data.Dataset):
         }
         if self.index.i2v:
             item["image_latents"] = load_file(row["image_latents"])["latents"].float()
+        if self.index.image_embeds_shape:
+            item["image_embeds"] = load_file(row["image_embeds"])["image_embeds"].float()
         return item
 
 
 def collate_pairs(items: list[dict]) -> dict:
-    """Stack items into a batch: latents (B, F, C, h, w) (Wan: (B, C, F, h, w)), image_latents (B, 1, C, h, w),
-    prompt_embeds (B, L, D)."""
+    """Stack items into a batch: latents (B, F, C, h, w) (Wan: (B, C, F, h, w)), image_latents (B, 1, C, h, w)
+    (Wan: (B, 4 + C, F, h, w)), image_embeds (B, N, D), prompt_embeds (B, L, D)."""
     return {key: torch.stack([item[key] for item in items]) for key in items[0]}

@@ -556,7 +556,7 @@ def run_validation(model, model_dir: str, cfg: TrainConfig, step: int, out_dir: 
     """Sample `cfg.validation_prompts` with the current LoRA (fixed seeds), save MP4s, score them.
 
     Videos have the training pairs' size (frames, height, width from their latent shape), the
-    prompt the pairs' text length; the pipeline is the family's (CogVideoX T2V / I2V, WanPipeline).
+    prompt the pairs' text length; the pipeline is the family's (CogVideoX T2V / I2V, Wan T2V / I2V).
 
     Videos: out_dir/step_<step>/<i>.mp4 (+ scores.json). Returns metrics `val/score` (mean E over
     scorable videos; NaN if none), `val/scored`, `val/unscorable`. The pipeline (VAE, T5) is loaded
@@ -642,8 +642,8 @@ def check_model_folder(model_dir: Path, index: PairsIndex) -> dict:
     Refused with a sentence saying why: not a folder of a family videogpa trains (CogVideoX, Wan),
     pairs encoded for another family, a scheduler the family's objective cannot use (CogVideoX:
     v-prediction; Wan: flow matching), latents of another task (T2V vs I2V) or channel count, text of
-    another width, latent sizes the transformer cannot train on (the family adapter's
-    `check_training_folder`), latents encoded in another latent space (VAE scaling factor or
+    another width, image embeddings other than the transformer takes (Wan 2.1 I2V), latent sizes the
+    transformer cannot train on (the family adapter's `check_training_folder`), latents encoded in another latent space (VAE scaling factor or
     latents_mean / latents_std, latent channels, the I2V condition's scaling).
     """
     info = inspect_video_model(model_dir, need=("train",))  # a complete pipeline folder (the sampler's check)
@@ -654,7 +654,8 @@ def check_model_folder(model_dir: Path, index: PairsIndex) -> dict:
             f"{info.pipeline} ({family.name}): train on pairs encoded with this model (vgpa cache / vgpa mine --model "
             f"{model_dir}) or pass the {index.family} model they came from")
     tcfg, vcfg = read_model_configs(model_dir)
-    family.check_training_folder(model_dir, tcfg, index.latent_shape, index.text_shape[1], index.i2v)
+    family.check_training_folder(model_dir, tcfg, index.latent_shape, index.text_shape[1], index.i2v,
+                                 image_embeds_shape=index.image_embeds_shape)
     check_pairs_latent_space(index, family.latent_space(tcfg, vcfg), f"the model in {model_dir}")
     return tcfg
 

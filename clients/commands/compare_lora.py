@@ -26,7 +26,7 @@ def _numbers(text: str, kind, option: str) -> list:
           "change against the base. Videos and compare.json go to --out."),
 )
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
-              help="Diffusers pipeline folder: CogVideoX (CogVideoXPipeline, CogVideoXImageToVideoPipeline) or Wan (WanPipeline).")
+              help="Diffusers pipeline folder: CogVideoX (CogVideoXPipeline, CogVideoXImageToVideoPipeline) or Wan (WanPipeline, WanImageToVideoPipeline).")
 @click.option("--lora", "lora_dir", required=True, type=click.Path(path_type=Path), help="Folder with pytorch_lora_weights.safetensors.")
 @click.option("--prompts", "prompts_file", required=True, type=click.Path(path_type=Path),
               help="Prompt file (JSON Lines: prompt_id, prompt[, image]), as `vgpa prompts` writes.")

@@ -1,8 +1,8 @@
 """`vgpa demo`: render the demo scene, score it clean and corrupted, print both results.
 
-`vgpa demo --tiny [--family cogvideox|wan]`: the whole loop on one machine (tiny random CogVideoX
-image-to-video, or Wan text-to-video -> prompts -> mining -> pairs -> LoRA-DPO with two workers ->
-LoRA loaded back -> sample -> score), one JSON summary.
+`vgpa demo --tiny [--family cogvideox|wan] [--i2v|--t2v]`: the whole loop on one machine (tiny random
+CogVideoX image-to-video, or Wan text-to-video, unless --i2v / --t2v says otherwise -> prompts -> mining
+-> pairs -> LoRA-DPO with two workers -> LoRA loaded back -> sample -> score), one JSON summary.
 """
 
 from __future__ import annotations
@@ -23,14 +23,18 @@ from clients.commands.score import StageProgress, format_result
 @click.option("--tiny", is_flag=True,
               help="Instead: run the whole loop (mine -> train -> sample -> score) with a tiny random model; print a JSON summary.")
 @click.option("--family", type=click.Choice(["cogvideox", "wan"]), default="cogvideox", show_default=True,
-              help="--tiny: the model family (cogvideox: image-to-video CogVideoX; wan: Wan 2.1 text-to-video).")
+              help="--tiny: the model family (cogvideox: CogVideoX, image-to-video by default; wan: Wan 2.1, "
+                   "text-to-video by default).")
+@click.option("--i2v/--t2v", "i2v", default=None,
+              help="--tiny: image-to-video (first frames from the synthetic renderer) or text-to-video "
+                   "(default: the family's, see --family).")
 @click.option("--address", default=None, help="--tiny: Ray cluster address (default: RAY_ADDRESS or an embedded local Ray).")
-def demo(out, as_json, tiny, family, address):
+def demo(out, as_json, tiny, family, i2v, address):
     if tiny:
         from training.demo import run_tiny_demo
 
         folder = out or Path(tempfile.mkdtemp(prefix="vgpa-demo-tiny-"))
-        summary = run_tiny_demo(folder, family=family, address=address, log=lambda line: click.echo(line, err=True))
+        summary = run_tiny_demo(folder, family=family, i2v=i2v, address=address, log=lambda line: click.echo(line, err=True))
         click.echo(json.dumps(summary))
         return
     from common.scoring import score_video

@@ -22,7 +22,7 @@ from clients.commands.prompts import prompts
 @click.command(help="Mine geometry preference pairs for `vgpa train` (Ray Data; through the Serve app or --local).")
 @click.option("--prompts", "prompts_file", required=True, type=click.Path(path_type=Path), help="Prompt file (vgpa prompts).")
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
-              help="Diffusers pipeline folder: CogVideoX (CogVideoXPipeline, CogVideoXImageToVideoPipeline) or Wan (WanPipeline).")
+              help="Diffusers pipeline folder: CogVideoX (CogVideoXPipeline, CogVideoXImageToVideoPipeline) or Wan (WanPipeline, WanImageToVideoPipeline).")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Receives records/, pairs/, mine_summary.json.")
 @click.option("--seeds", type=int, default=None, help="Videos per prompt (default 4).")
 @click.option("--address", default=None, help="Ray cluster address; default: RAY_ADDRESS or an embedded local Ray.")

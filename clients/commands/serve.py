@@ -74,7 +74,7 @@ def run_self_check(url: str, token: Optional[str] = None, video: Optional[Path] 
 @click.option("--address", default=None, help="Ray cluster address (ray://... or host:port); default: an embedded local Ray.")
 @click.option("--num-cpus", default=None, type=int, help="Logical CPUs of the embedded Ray (default: max(4, cores)).")
 @click.option("--sampler-model", default=None, type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="A local diffusers CogVideoX (text- or image-to-video) or Wan (WanPipeline) folder: also serve POST /sample.")
+              help="A local diffusers CogVideoX (text- or image-to-video) or Wan (text- or image-to-video) folder: also serve POST /sample.")
 @click.option("--self-check", is_flag=True, help="Once ready, score the demo video through HTTP and print the result.")
 @click.option("--check-video", default=None, type=click.Path(exists=True, path_type=Path),
               help="Video for --self-check (default: render the demo video).")

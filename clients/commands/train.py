@@ -88,7 +88,7 @@ def _print_summary(summary: dict) -> None:
 @click.option("--pairs", "pairs_dir", required=True, type=click.Path(path_type=Path), help="Pairs dataset folder (vgpa cache / mining job).")
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
               help="Diffusers pipeline folder the pairs were encoded with: CogVideoX (CogVideoXPipeline, "
-                   "CogVideoXImageToVideoPipeline) or Wan (WanPipeline).")
+                   "CogVideoXImageToVideoPipeline) or Wan (WanPipeline, WanImageToVideoPipeline).")
 @click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path), help="Receives pytorch_lora_weights.safetensors.")
 @click.option("--workers", type=int, default=None, help="Ray Train workers (default 1).")
 @click.option("--gpus-per-worker", type=float, default=None,
@@ -162,7 +162,7 @@ def _train_one(cfg, pairs_dir: Path, model_dir: Path, output_dir: Path, address:
 @click.option("--videos", "folder", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Folder with the clips and pairs.jsonl ({prompt, winner, loser[, image, winner_score, loser_score]}).")
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
-              help="Diffusers pipeline folder: CogVideoX (CogVideoXPipeline, CogVideoXImageToVideoPipeline) or Wan (WanPipeline).")
+              help="Diffusers pipeline folder: CogVideoX (CogVideoXPipeline, CogVideoXImageToVideoPipeline) or Wan (WanPipeline, WanImageToVideoPipeline).")
 @click.option("--output", required=True, type=click.Path(path_type=Path), help="Pairs dataset folder to write.")
 @click.option("--frames", type=int, default=None,
               help="Pixel frames per clip, 4k+1 (default: the model's: CogVideoX its sample_frames, Wan 81).")
@@ -196,10 +196,15 @@ def cache(folder, model_dir, output, frames, height, width, device, dtype):
     encoded = index.summary["encode"]
     layout = ", ".join(index.summary["latent_layout"])
     text_encoder = "UMT5" if index.family == "wan" else "T5"
+    image = ""
+    if index.i2v:
+        image = ", image-to-video" + (f" with image embeddings {list(index.image_embeds_shape)} (N, D)"
+                                      if index.image_embeds_shape else "")
     click.echo(f"wrote {len(index)} pairs to {out} ({index.family}): latents {list(index.latent_shape)} ({layout}), "
-               f"text {list(index.text_shape)} (L, D){', image-to-video' if index.i2v else ''}")
+               f"text {list(index.text_shape)} (L, D){image}")
+    encoders = f"VAE, {text_encoder} and the image encoder" if index.image_embeds_shape else f"VAE and {text_encoder}"
     click.echo(f"encoded on {encoded['device']} in {encoded['dtype']}{' with VAE tiling' if encoded['tiling'] else ''} "
-               f"(VAE and {text_encoder} only, no transformer): peak memory {encoded['peak_memory_mb']:.0f} MB "
+               f"({encoders} only, no transformer): peak memory {encoded['peak_memory_mb']:.0f} MB "
                f"({encoded['peak_memory_kind']})")
 
 

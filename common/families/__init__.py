@@ -13,9 +13,10 @@ Families (diffusers 0.42.1):
 
     cogvideox  CogVideoXPipeline, CogVideoXImageToVideoPipeline: latents (F, C, h, w) x the VAE's
                scaling_factor; v-prediction (DDIM/DPM schedulers); T5 text; rotary or learned positions
-    wan        WanPipeline (Wan 2.1 / 2.2 single-transformer text-to-video): latents (C, F, h, w)
-               normalised per channel with the VAE's latents_mean / latents_std; rectified flow
-               (x_t = (1 - s) x0 + s e, target e - x0); UMT5 text; rotary positions inside the model
+    wan        WanPipeline, WanImageToVideoPipeline (Wan 2.1 / 2.2 single transformer): latents
+               (C, F, h, w) normalised per channel with the VAE's latents_mean / latents_std; rectified
+               flow (x_t = (1 - s) x0 + s e, target e - x0); UMT5 text; rotary positions inside the
+               model; I2V: a masked first-frame video latent on channels plus CLIP image embeddings
 
 Adding a family is one module here (an adapter and its entry in `FAMILIES`) plus its tiny test config
 under `training/fixtures/`.
@@ -110,10 +111,28 @@ class VideoFamily:
         sizes = dict(zip(self.latent_layout.replace("hw", "HW"), latent_shape))
         return ((sizes["F"] - 1) * self.vae_temporal + 1, sizes["H"] * self.vae_spatial, sizes["W"] * self.vae_spatial)
 
+    # ---- the image-to-video condition (vgpa cache, the pair writer, the trainer's checks) ----
+    def image_condition_frames(self, image, num_frames: int):
+        """The first frame (3, 1, H, W) in [-1, 1] -> the pixels (3, T', H, W) the VAE encodes for the I2V condition."""
+        raise NotImplementedError
+
+    def image_condition_latents(self, posterior_mean, vae_config: Mapping):
+        """The VAE posterior mean (C, F', h, w) of `image_condition_frames` -> the image latents stored in pairs."""
+        raise NotImplementedError
+
+    def image_latents_shape(self, latent_shape) -> tuple[int, ...]:
+        """The stored image latents' shape for pairs of `latent_shape` (in `latent_layout`)."""
+        raise NotImplementedError
+
+    def image_encoder(self, model_dir, device, dtype):
+        """None when the folder's I2V takes no image embedding; else a function first frame (PIL) -> (N, D) fp32 CPU."""
+        return None
+
     # ---- training (training.trainer) ----
     def check_training_folder(self, model_dir: Path, transformer_config: Mapping, latent_shape, text_dim: int,
-                              i2v: bool) -> None:
-        """ConfigError unless this model can train on pairs of `latent_shape` / `text_dim` (scheduler included)."""
+                              i2v: bool, image_embeds_shape=None) -> None:
+        """ConfigError unless this model can train on pairs of `latent_shape` / `text_dim` (scheduler included) and,
+        for image-to-video, image embeddings of `image_embeds_shape` (N, D) (None: the pairs have none)."""
         raise NotImplementedError
 
     def load_transformer(self, model_dir, dtype):

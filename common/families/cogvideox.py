@@ -19,8 +19,8 @@ import torch
 import json
 from pathlib import Path
 
-from common.cogvideox import (VAE_SPATIAL, check_latent_size, default_video_size, latent_frames, latent_space,
-                              padded_latent_frames)
+from common.cogvideox import (VAE_SPATIAL, check_latent_size, condition_scale, default_video_size, latent_frames,
+                              latent_space, padded_latent_frames)
 from common.errors import ConfigError
 from common.families import VideoFamily, pair_tensors
 
@@ -138,7 +138,18 @@ class CogVideoXFamily(VideoFamily):
             raise ConfigError(f"height and width must be multiples of {VAE_SPATIAL}, not {height}x{width}")
         check_latent_size(transformer_config, latent_frames(frames), height // VAE_SPATIAL, width // VAE_SPATIAL)
 
-    def check_training_folder(self, model_dir, transformer_config, latent_shape, text_dim, i2v) -> None:
+    def image_condition_frames(self, image, num_frames):
+        return image  # CogVideoXImageToVideoPipeline encodes the first frame alone
+
+    def image_condition_latents(self, posterior_mean, vae_config):
+        # (C, 1, h, w) -> (1, C, h, w), scaled as the I2V pipeline scales its condition (common.cogvideox).
+        return posterior_mean.permute(1, 0, 2, 3).contiguous() * condition_scale(vae_config)
+
+    def image_latents_shape(self, latent_shape):
+        return (1, *latent_shape[1:])  # one latent frame, zero-padded to F in the trainer (i2v_condition)
+
+    def check_training_folder(self, model_dir, transformer_config, latent_shape, text_dim, i2v,
+                              image_embeds_shape=None) -> None:
         scheduler_config = Path(model_dir) / "scheduler" / "scheduler_config.json"
         if scheduler_config.is_file():
             prediction = json.loads(scheduler_config.read_text()).get("prediction_type", "epsilon")

@@ -22,13 +22,24 @@ sigmas, so training puts its weight where sampling spends its steps. `u` is clam
 [1/T, 1] as the schedulers' own sigmas are (T = num_train_timesteps).
 
 The text condition is the UMT5 encoder's output (B, L, 4096 in the real model); the transformer
-computes its rotary positions itself. Supported so far: the single-transformer text-to-video
-layout (Wan 2.1 T2V 1.3B / 14B, Wan 2.2 T2V with one transformer) for sampling, the cache encoder,
-mining, `vgpa train` (the DPO step) and LoRA. Wan 2.2's
+computes its rotary positions itself.
+
+Image-to-video (`WanImageToVideoPipeline`, Wan 2.1 I2V 14B): the transformer takes 36 channels,
+
+    hidden_states = x_t (16) ++ mask (4) ++ condition (16)              on channels, (B, 36, F, h, w)
+    condition     = normalise(VAE posterior mean of [first frame, T - 1 black frames])  (C, F, h, w)
+    mask          = 1 on the first latent frame (all 4 of the pixel frames it folds), 0 elsewhere
+
+(`WanImageToVideoPipeline.prepare_latents`; mask ++ condition is what pairs store as image latents,
+(4 + C, F, h, w)), and, when its config has `image_dim` (Wan 2.1 I2V), the CLIP vision tower's
+penultimate hidden state of the first frame as `encoder_hidden_states_image` (B, 257, 1280 in the real
+model; `WanImageToVideoPipeline.encode_image`). The condition is the same at every sigma and is not
+noised; the errors are measured on the 16 predicted channels, as for text-to-video.
+
+Supported: the single-transformer layouts (Wan 2.1 T2V 1.3B / 14B, Wan 2.1 I2V 14B, Wan 2.2 with one
+transformer) for sampling, the cache encoder, mining, `vgpa train` (the DPO step) and LoRA. Wan 2.2's
 two-expert folders (transformer + transformer_2 switched at boundary_ratio) and the TI2V layout
-(expand_timesteps: one timestep per latent token) are refused with that reason; image-to-video
-(`WanImageToVideoPipeline`: CLIP image embeddings plus a masked first-frame video latent on 36
-channels) is recognised but refused by every part of videogpa.
+(expand_timesteps: one timestep per latent token) are refused with that reason.
 """
 
 from __future__ import annotations
@@ -91,14 +102,38 @@ def draw_sigmas(scheduler, bsz: int, generator: Optional[torch.Generator] = None
     return shifted_sigmas(u, flow_shift(scheduler))
 
 
+def first_frame_mask(latent_frames: int, height: int, width: int, temporal: int = 4) -> torch.Tensor:
+    """The I2V mask (temporal, F, h, w): 1 on the first latent frame, 0 elsewhere (as `prepare_latents` builds it)."""
+    mask = torch.zeros(temporal, latent_frames, height, width)
+    mask[:, 0] = 1
+    return mask
+
+
 def check_batch(batch: dict, transformer_config) -> None:
-    """Latents (B, C, F, h, w) float in Wan's layout, text (B, L, text_dim) float; no image condition yet."""
+    """Latents (B, C, F, h, w) float in Wan's layout, text (B, L, text_dim) float; for image-to-video also image
+    latents (B, 4 + C, F, h, w) (mask ++ condition) and, with `image_dim`, image embeddings (B, N, image_dim)."""
     w, _, text = pair_tensors(batch, "(B, C, F, h, w)")
-    if batch.get("image_latents") is not None:
-        raise ConfigError("Wan image-to-video DPO is not supported yet (text-to-video only)")
-    if w.shape[1] != transformer_config.in_channels:
-        raise ValueError(f"latents have {w.shape[1]} channels (dim 1: Wan's layout is (B, C, F, h, w)), "
-                         f"the transformer expects {transformer_config.in_channels}")
+    cond, embeds = batch.get("image_latents"), batch.get("image_embeds")
+    cond_channels = 0
+    if cond is not None:
+        if cond.dim() != 5 or cond.shape[0] != w.shape[0] or cond.shape[2:] != w.shape[2:]:
+            raise ValueError(f"image latents {tuple(cond.shape)} must be (B={w.shape[0]}, 4 + C, "
+                             f"{', '.join(map(str, w.shape[2:]))}): the first-frame mask and condition of every frame")
+        cond_channels = cond.shape[1]
+    if w.shape[1] + cond_channels != transformer_config.in_channels:
+        raise ValueError(f"latents have {w.shape[1]} channels (dim 1: Wan's layout is (B, C, F, h, w))"
+                         + (f" and image latents {cond_channels}" if cond is not None else "")
+                         + f", the transformer expects {transformer_config.in_channels} in all"
+                         + (" (image-to-video: latent ++ mask ++ condition)" if cond is None and
+                            transformer_config.in_channels > w.shape[1] else ""))
+    image_dim = transformer_config.image_dim
+    if image_dim is not None and cond is not None:
+        if embeds is None or embeds.dim() != 3 or embeds.shape[0] != w.shape[0] or embeds.shape[2] != image_dim:
+            shown = None if embeds is None else tuple(embeds.shape)
+            raise ValueError(f"image embeddings {shown} must be (B={w.shape[0]}, N, {image_dim}): this transformer "
+                             "takes CLIP image embeddings (image_dim)")
+    elif embeds is not None:
+        raise ValueError("image embeddings given, but this transformer has no image_dim (it takes none)")
     _, p_h, p_w = transformer_config.patch_size
     if w.shape[3] % p_h or w.shape[4] % p_w:
         raise ConfigError(f"latent size {w.shape[3]}x{w.shape[4]} is not a multiple of the patch size {p_h}x{p_w}")
@@ -136,17 +171,64 @@ class WanFamily(VideoFamily):
             raise ConfigError(f"height and width must be multiples of {step_h}x{step_w} (VAE {self.vae_spatial} x patch "
                               f"{p_h}x{p_w}) for this Wan model, not {height}x{width}")
 
-    def check_training_folder(self, model_dir, transformer_config, latent_shape, text_dim, i2v) -> None:
-        if i2v:
-            raise ConfigError("Wan image-to-video training is not supported yet (text-to-video only)")
+    def image_condition_frames(self, image, num_frames):
+        # WanImageToVideoPipeline.prepare_latents: the first frame, then num_frames - 1 black frames ([-1, 1]: 0).
+        return torch.cat([image, image.new_zeros((image.shape[0], num_frames - 1, *image.shape[2:]))], dim=1)
+
+    def image_condition_latents(self, posterior_mean, vae_config):
+        # mask (4, F, h, w) ++ the normalised condition (C, F, h, w), as prepare_latents returns them.
+        _, frames, height, width = posterior_mean.shape
+        mask = first_frame_mask(frames, height, width, self.vae_temporal).to(posterior_mean.dtype)
+        return torch.cat([mask, self.encode_latents(posterior_mean, vae_config)]).contiguous()
+
+    def image_latents_shape(self, latent_shape):
+        channels, *rest = latent_shape
+        return (self.vae_temporal + channels, *rest)
+
+    def image_encoder(self, model_dir, device, dtype):
+        """`WanImageToVideoPipeline.encode_image` (CLIP's penultimate hidden state), if the transformer has image_dim."""
+        import json
+        from pathlib import Path
+
+        transformer_config = json.loads((Path(model_dir) / "transformer" / "config.json").read_text())
+        if transformer_config.get("image_dim") is None:
+            return None
+        from diffusers import WanImageToVideoPipeline
+
+        pipe = WanImageToVideoPipeline.from_pretrained(model_dir, transformer=None, vae=None, text_encoder=None,
+                                                       tokenizer=None, scheduler=None, dtype=dtype).to(device)
+
+        def encode(image):
+            return pipe.encode_image(image, device)[0].float().cpu()  # (N, D)
+
+        return encode
+
+    def check_training_folder(self, model_dir, transformer_config, latent_shape, text_dim, i2v,
+                              image_embeds_shape=None) -> None:
         self.load_scheduler(model_dir)  # a flow-matching scheduler, or the reason it is not one
         channels, _, height, width = latent_shape
-        if channels != transformer_config["in_channels"]:
-            raise ConfigError(f"the pairs hold latents with {channels} channels (Wan's layout is (C, F, h, w)), but the "
-                              f"transformer in {model_dir} has in_channels={transformer_config['in_channels']}")
+        in_channels = transformer_config["in_channels"]
+        expected = in_channels - (self.vae_temporal + channels) if i2v else in_channels
+        if channels != expected:
+            kind = "image-to-video" if i2v else "text-to-video"
+            hint = ""
+            if i2v and in_channels == channels:
+                hint = " (it is a text-to-video model)"
+            elif not i2v and in_channels == 2 * channels + self.vae_temporal:
+                hint = " (it is an image-to-video model: the pairs need image latents, encoded with this model)"
+            raise ConfigError(f"the pairs hold {kind} latents with {channels} channels (Wan's layout is (C, F, h, w)), "
+                              f"but the transformer in {model_dir} has in_channels={in_channels}{hint}")
         if text_dim != transformer_config["text_dim"]:
             raise ConfigError(f"the pairs' text embeddings are {text_dim}-dimensional, the transformer expects "
                               f"{transformer_config['text_dim']}")
+        image_dim = transformer_config.get("image_dim")
+        if i2v and image_dim is not None and (image_embeds_shape is None or image_embeds_shape[-1] != image_dim):
+            have = "none" if image_embeds_shape is None else f"{image_embeds_shape[-1]}-dimensional ones"
+            raise ConfigError(f"the transformer in {model_dir} takes {image_dim}-dimensional CLIP image embeddings "
+                              f"(image_dim), the pairs hold {have}: encode them with this model's folder")
+        if image_embeds_shape is not None and image_dim is None:
+            raise ConfigError(f"the pairs hold CLIP image embeddings, but the transformer in {model_dir} has no "
+                              "image_dim (it takes none)")
         _, p_h, p_w = transformer_config["patch_size"]
         if height % p_h or width % p_w:
             raise ConfigError(f"latent size {height}x{width} is not a multiple of the patch size {p_h}x{p_w}")
@@ -165,9 +247,6 @@ class WanFamily(VideoFamily):
         scheduler = cls.from_pretrained(model_dir, subfolder="scheduler")
         flow_shift(scheduler)  # ConfigError when it is not a flow-matching scheduler
         return scheduler
-
-    def uses(self, pipeline: str) -> frozenset[str]:
-        return frozenset({"sample", "encode", "mine", "train", "dpo", "lora"}) if pipeline == "WanPipeline" else frozenset()
 
     def default_video_size(self, transformer_config):
         return DEFAULT_VIDEO_SIZE  # Wan's configs carry no sample size
@@ -189,7 +268,26 @@ class WanFamily(VideoFamily):
                 "expert saved as its own WanPipeline folder)")
         if index.get("expand_timesteps"):
             raise ConfigError(f"{folder} is a Wan 2.2 TI2V pipeline (expand_timesteps: one timestep per latent token): "
-                              "not supported; videogpa takes single-transformer Wan text-to-video folders")
+                              "not supported; videogpa takes single-transformer Wan folders (WanPipeline, or "
+                              "WanImageToVideoPipeline as Wan 2.1 I2V is laid out)")
+        import json
+        from pathlib import Path
+
+        configs = [Path(folder) / part / "config.json" for part in ("transformer", "vae")]
+        if not all(c.is_file() for c in configs):
+            return  # the parts check names what is missing
+        transformer, vae = (json.loads(c.read_text()) for c in configs)
+        i2v = index.get("_class_name") == "WanImageToVideoPipeline"
+        channels = 2 * vae["z_dim"] + self.vae_temporal if i2v else vae["z_dim"]  # I2V: latent ++ mask ++ condition
+        if transformer["in_channels"] != channels:
+            raise ConfigError(f"{folder} holds a {index.get('_class_name')} whose transformer has in_channels="
+                              f"{transformer['in_channels']}; with this VAE (z_dim {vae['z_dim']}) it needs {channels}"
+                              + (" (latent ++ first-frame mask ++ condition)" if i2v else ""))
+        if i2v and transformer.get("image_dim") is not None:
+            for part in ("image_encoder", "image_processor"):  # what encode_image needs
+                if not (Path(folder) / part).is_dir():
+                    raise ConfigError(f"{folder} is not a complete wan pipeline folder: {part}/ is missing (its "
+                                      "transformer takes CLIP image embeddings: image_dim is set)")
 
     def training_inputs(self, model, scheduler, batch, generator=None, timesteps=None, noise=None,
                         compute_dtype=torch.float32):
@@ -211,8 +309,16 @@ class WanFamily(VideoFamily):
         x_t = (1 - s5) * x0 + s5 * e
         target = e - x0
 
-        # 3. Condition: text only (the transformer adds its own rotary positions).
+        # 3. Condition: text (the transformer adds its own rotary positions); image-to-video: mask ++ condition
+        #    latent on channels and the CLIP image embeddings, as WanImageToVideoPipeline passes them.
         text = torch.cat([batch["prompt_embeds"], batch["prompt_embeds"]]).to(device, compute_dtype)
-        kwargs = dict(hidden_states=x_t.to(compute_dtype), encoder_hidden_states=text,
-                      timestep=s * scheduler.config.num_train_timesteps, return_dict=False)
+        model_input = x_t
+        if batch.get("image_latents") is not None:
+            cond = batch["image_latents"].to(device, torch.float32)
+            model_input = torch.cat([x_t, torch.cat([cond, cond])], dim=1)  # (2B, C + 4 + C, F, h, w)
+        image = batch.get("image_embeds")
+        if image is not None:
+            image = torch.cat([image, image]).to(device, compute_dtype)
+        kwargs = dict(hidden_states=model_input.to(compute_dtype), timestep=s * scheduler.config.num_train_timesteps,
+                      encoder_hidden_states=text, encoder_hidden_states_image=image, return_dict=False)
         return kwargs, target, slice(None)

@@ -38,29 +38,34 @@ def test_demo_tiny_runs_the_whole_loop(ray_cluster, tmp_path, capsys):
     assert request["request"]["adapter"] == "demo"
 
 
-def test_demo_tiny_wan_runs_the_whole_loop(ray_cluster, tmp_path, capsys):
-    """`vgpa demo --tiny --family wan`: a tiny random Wan 2.1 text-to-video mined, paired, trained with two
-    workers (flow-matching DPO), its LoRA loaded back into the sampler, sampled and scored."""
+@pytest.mark.parametrize("i2v", [False, True], ids=["t2v", "i2v"])
+def test_demo_tiny_wan_runs_the_whole_loop(ray_cluster, tmp_path, capsys, i2v):
+    """`vgpa demo --tiny --family wan [--i2v]`: a tiny random Wan 2.1 text-to-video (or image-to-video, from the
+    renderer's first frames) mined, paired, trained with two workers (flow-matching DPO), its LoRA loaded back
+    into the sampler, sampled and scored."""
     from training.fixtures import tiny_wan
     from training.pairs import load_pairs_index
 
-    main(["demo", "--tiny", "--family", "wan", "--out", str(tmp_path)])
+    pipeline = "WanImageToVideoPipeline" if i2v else "WanPipeline"
+    main(["demo", "--tiny", "--family", "wan", "--out", str(tmp_path)] + (["--i2v"] if i2v else []))
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["family"] == "wan"
+    assert summary["family"] == "wan" and summary["i2v"] is i2v
     assert summary["mined"]["videos"] == 6 and sum(summary["mined"]["statuses"].values()) == 6
     index = load_pairs_index(tmp_path / "pairs" if (tmp_path / "pairs").is_dir() else tmp_path / "mined" / "pairs")
-    assert len(index) == summary["pairs"] >= 1 and not index.i2v
+    assert len(index) == summary["pairs"] >= 1 and index.i2v is i2v
+    # Wan 2.1 I2V pairs carry the mask ++ condition latents and the CLIP image embeddings of the first frame.
+    assert index.image_embeds_shape == ((tiny_wan.IMAGE_TOKENS, tiny_wan.IMAGE_EMBED_DIM) if i2v else None)
     assert index.family == "wan" and index.summary["latent_space"]["family"] == "wan"
     assert index.latent_shape == (tiny_wan.LATENT_CHANNELS, tiny_wan.LATENT_FRAMES, tiny_wan.LATENT_HEIGHT,
                                   tiny_wan.LATENT_WIDTH)  # Wan's (C, F, h, w), as the sampler wrote them
     assert summary["steps"] == 2 and summary["workers"] == 2
     assert math.isfinite(summary["final_loss"]) and 0.0 <= summary["implicit_accuracy"] <= 1.0
     train_summary = json.loads((tmp_path / "lora" / "train_summary.json").read_text())
-    assert train_summary["family"] == "wan" and train_summary["pipeline"] == "WanPipeline"
+    assert train_summary["family"] == "wan" and train_summary["pipeline"] == pipeline
     after = summary["after_training"]
     assert len(after) == 3
     for row in after:
         assert row["status"] in ("ok", "unscorable") and Path(row["video"]).is_file()
     request = json.loads((Path(after[0]["video"]).parent / "request.json").read_text())
-    assert request["request"]["adapter"] == "demo" and request["pipeline"] == "WanPipeline"
+    assert request["request"]["adapter"] == "demo" and request["pipeline"] == pipeline
     assert (request["frames"], request["height"], request["width"]) == (tiny_wan.NUM_FRAMES, tiny_wan.HEIGHT, tiny_wan.WIDTH)

@@ -52,7 +52,8 @@ class TestFolder:
         assert family_of_transformer(pipe.transformer).name == "wan"
         assert inspect_video_model(tiny_cogvideox_dir(model_dir.parent)).family == "cogvideox"
 
-    def test_every_part_takes_wan_t2v_and_i2v_is_refused_with_what_is_supported(self, model_dir, tmp_path):
+    def test_every_part_takes_wan_t2v_and_a_t2v_transformer_under_the_i2v_pipeline_is_refused(self, model_dir,
+                                                                                                 tmp_path):
         import shutil
 
         info = inspect_video_model(model_dir)  # the default: the whole pipeline (sampler, cache, mining, trainer)
@@ -60,8 +61,8 @@ class TestFolder:
         folder = shutil.copytree(model_dir, tmp_path / "i2v")
         index = json.loads((folder / "model_index.json").read_text())
         (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "WanImageToVideoPipeline"}))
-        with pytest.raises(ConfigError, match=r"WanImageToVideoPipeline \(wan\): videogpa does not yet "
-                                              r"sample/encode/mine/train .*nothing yet.*cogvideox, wan supports"):
+        with pytest.raises(ConfigError, match=r"holds a WanImageToVideoPipeline whose transformer has in_channels=16; "
+                                              r"with this VAE \(z_dim 16\) it needs 36"):
             inspect_video_model(folder)
 
     def test_unsupported_family_names_the_supported_ones(self, tmp_path):
@@ -303,10 +304,11 @@ def test_default_targets_are_wans_attention_projections():
     assert adapted == sorted(f"blocks.0.{attn}.{proj}" for attn in ("attn1", "attn2") for proj in DEFAULT_TARGETS)
 
 
-@pytest.mark.parametrize("rank,alpha,targets", [(4, 8, DEFAULT_TARGETS), (4, 3, ("to_q", "to_v", "ffn.net.2"))],
-                         ids=["r4-a8-attention", "r4-a3-with-ffn"])
-def test_exported_lora_reproduces_the_trained_output_in_wan_pipeline(model_dir, tmp_path, rank, alpha, targets):
-    from diffusers import WanPipeline, WanTransformer3DModel
+def assert_exported_lora_reproduces_the_trained_output(pipeline_class, model_dir, lora_dir, make_inputs, rank=4,
+                                                       alpha=8, targets=DEFAULT_TARGETS):
+    """A random LoRA exported with `export_lora`, loaded into `pipeline_class` by its own `load_lora_weights` and
+    by the project's `load_lora`, gives the trained transformer's output on `make_inputs(generator)`."""
+    from diffusers import WanTransformer3DModel
 
     trained = add_lora(WanTransformer3DModel.from_pretrained(model_dir, subfolder="transformer"), rank=rank, alpha=alpha,
                        targets=targets)
@@ -314,34 +316,53 @@ def test_exported_lora_reproduces_the_trained_output_in_wan_pipeline(model_dir, 
     with torch.no_grad():
         for p in lora_parameters(trained):
             p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    export_lora(tmp_path / "lora", trained.eval())
-    inputs = dict(hidden_states=torch.randn(1, *LATENT, generator=g), timestep=torch.tensor([437.0]),
-                  encoder_hidden_states=torch.randn(1, tiny.TEXT_SEQ_LEN, tiny.TEXT_EMBED_DIM, generator=g),
-                  return_dict=False)
+    export_lora(lora_dir, trained.eval())
+    inputs = dict(make_inputs(g), timestep=torch.tensor([437.0]), return_dict=False)
     with torch.no_grad():
         expected = trained(**inputs)[0]
-        base = WanPipeline.from_pretrained(model_dir).transformer(**inputs)[0]
+        base = pipeline_class.from_pretrained(model_dir).transformer(**inputs)[0]
     assert (expected - base).abs().max() > 0.05, "the adapter must change the output for this test to mean anything"
 
     for how in ("diffusers", "videogpa"):  # what a user does, and the project's one loading path
-        pipe = WanPipeline.from_pretrained(model_dir)
+        pipe = pipeline_class.from_pretrained(model_dir)
         if how == "diffusers":
-            pipe.load_lora_weights(tmp_path / "lora")
+            pipe.load_lora_weights(lora_dir)
         else:
-            load_lora(pipe, tmp_path / "lora", "trained")
+            load_lora(pipe, lora_dir, "trained")
         with torch.no_grad():
             torch.testing.assert_close(pipe.transformer(**inputs)[0], expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("rank,alpha,targets", [(4, 8, DEFAULT_TARGETS), (4, 3, ("to_q", "to_v", "ffn.net.2"))],
+                         ids=["r4-a8-attention", "r4-a3-with-ffn"])
+def test_exported_lora_reproduces_the_trained_output_in_wan_pipeline(model_dir, tmp_path, rank, alpha, targets):
+    from diffusers import WanPipeline
+
+    def inputs(g):
+        return dict(hidden_states=torch.randn(1, *LATENT, generator=g),
+                    encoder_hidden_states=torch.randn(1, tiny.TEXT_SEQ_LEN, tiny.TEXT_EMBED_DIM, generator=g))
+
+    assert_exported_lora_reproduces_the_trained_output(WanPipeline, model_dir, tmp_path / "lora", inputs, rank, alpha,
+                                                       targets)
+
+
 # ---- vgpa train: Ray Train + DeepSpeed ZeRO-2 on two workers ---------------------------------------
-def wan_pairs(n=16, seed=0):
-    """Winners ~ N(0.5, 0.3^2), losers ~ N(0, 1.5^2) in Wan's (C, F, h, w): two distributions a LoRA can tell apart."""
+def wan_pairs(n=16, seed=0, i2v=False):
+    """Winners ~ N(0.5, 0.3^2), losers ~ N(0, 1.5^2) in Wan's (C, F, h, w): two distributions a LoRA can tell apart.
+
+    `i2v`: with random image latents (mask ++ condition, (20, F, h, w)) and image embeddings (5, 24) per pair."""
     from training.pairs import Pair
 
     g = torch.Generator().manual_seed(seed)
+
+    def image() -> dict:
+        return dict(image_latents=torch.randn(tiny.CONDITION_CHANNELS, *LATENT[1:], generator=g),
+                    image_embeds=torch.randn(tiny.IMAGE_TOKENS, tiny.IMAGE_EMBED_DIM, generator=g))
+
     return [Pair(prompt=f"prompt {i % 4}", winner_latents=0.5 + 0.3 * torch.randn(LATENT, generator=g),
                  loser_latents=1.5 * torch.randn(LATENT, generator=g),
-                 prompt_embeds=torch.randn(tiny.TEXT_SEQ_LEN, tiny.TEXT_EMBED_DIM, generator=g)) for i in range(n)]
+                 prompt_embeds=torch.randn(tiny.TEXT_SEQ_LEN, tiny.TEXT_EMBED_DIM, generator=g),
+                 **(image() if i2v else {})) for i in range(n)]
 
 
 def write_wan_pairs(model_dir, directory, pairs):
@@ -378,17 +399,23 @@ def test_trainer_refuses_pairs_of_the_other_family_before_any_worker(model_dir, 
 
 
 @pytest.mark.ray
-def test_vgpa_train_on_wan_with_two_zero2_workers(ray_cluster, model_dir, tmp_path, capsys):
+@pytest.mark.parametrize("i2v", [False, True], ids=["t2v", "i2v"])
+def test_vgpa_train_on_wan_with_two_zero2_workers(ray_cluster, model_dir, tmp_path, capsys, i2v):
     """`vgpa train` on a Wan folder + Wan pairs: 2 Ray Train workers, DeepSpeed ZeRO-2 (gloo, fp32). The loss
     starts at log 2, the implicit accuracy rises, every rank ends with the same LoRA, and the exported LoRA,
-    loaded with WanPipeline.load_lora_weights, gives the output of the weights DeepSpeed trained."""
+    loaded with WanPipeline.load_lora_weights (image-to-video: WanImageToVideoPipeline's, on pairs with the
+    condition and image embeddings), gives the output of the weights DeepSpeed trained."""
     from pathlib import Path
 
-    from diffusers import WanPipeline, WanTransformer3DModel
+    import diffusers
+    from diffusers import WanTransformer3DModel
 
     from clients.cli import main
 
-    pairs = write_wan_pairs(model_dir, tmp_path / "pairs", wan_pairs(16))
+    pipeline = "WanImageToVideoPipeline" if i2v else "WanPipeline"
+    if i2v:
+        model_dir = tiny.save_tiny_wan(tmp_path / "i2v-model", i2v=True)
+    pairs = write_wan_pairs(model_dir, tmp_path / "pairs", wan_pairs(16, i2v=i2v))
     (tmp_path / "cfg.yaml").write_text("batch_size: 4\nwarmup_steps: 2\nlearning_rate: 1.0e-3\nbeta: 500\nlora_rank: 4\n"
                                        "lora_alpha: 8\ncheckpoint_every: 10\nmax_failures: 0\nheldout_fraction: 0\n"
                                        "zero_stage: 2\n")
@@ -396,7 +423,7 @@ def test_vgpa_train_on_wan_with_two_zero2_workers(ray_cluster, model_dir, tmp_pa
           "--workers", "2", "--config", str(tmp_path / "cfg.yaml"), "--run-name", "wan"])
     out = capsys.readouterr().out
     assert "20 steps, batch 4 (2 worker(s) x 1 x 2 accumulation)" in out and "ZeRO-2" in out
-    assert "WanPipeline.load_lora_weights" in out
+    assert f"{pipeline}.load_lora_weights" in out
     steps = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == list(range(1, 21))
     assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and steps[0]["rewards/accuracies"] == 0.5
@@ -404,7 +431,7 @@ def test_vgpa_train_on_wan_with_two_zero2_workers(ray_cluster, model_dir, tmp_pa
     assert sum(s["rewards/accuracies"] for s in late) / 5 > 0.8
     assert sum(s["loss"] for s in late) / 5 < 0.5 * math.log(2)
     summary = json.loads((tmp_path / "out" / "train_summary.json").read_text())
-    assert summary["family"] == "wan" and summary["pipeline"] == "WanPipeline" and summary["config"]["num_workers"] == 2
+    assert summary["family"] == "wan" and summary["pipeline"] == pipeline and summary["config"]["num_workers"] == 2
     assert summary["final_metrics"]["lora_rank_spread"] == 0.0
 
     ckpt = Path(summary["checkpoint"])
@@ -413,10 +440,13 @@ def test_vgpa_train_on_wan_with_two_zero2_workers(ray_cluster, model_dir, tmp_pa
     assert module and all("lora_" in k for k in module)
     assert not [k for k in trained.load_state_dict(module, strict=False).missing_keys if "lora_" in k]
     g = torch.Generator().manual_seed(0)
-    inputs = dict(hidden_states=torch.randn(1, *LATENT, generator=g),
+    channels = tiny.LATENT_CHANNELS + (tiny.CONDITION_CHANNELS if i2v else 0)
+    inputs = dict(hidden_states=torch.randn(1, channels, *LATENT[1:], generator=g),
                   encoder_hidden_states=torch.randn(1, tiny.TEXT_SEQ_LEN, tiny.TEXT_EMBED_DIM, generator=g),
                   timestep=torch.tensor([300.0]), return_dict=False)
-    pipe = WanPipeline.from_pretrained(model_dir)
+    if i2v:
+        inputs["encoder_hidden_states_image"] = torch.randn(1, tiny.IMAGE_TOKENS, tiny.IMAGE_EMBED_DIM, generator=g)
+    pipe = getattr(diffusers, pipeline).from_pretrained(model_dir)
     with torch.no_grad():
         base = pipe.transformer(**inputs)[0]
         expected = trained(**inputs)[0]
@@ -427,10 +457,9 @@ def test_vgpa_train_on_wan_with_two_zero2_workers(ray_cluster, model_dir, tmp_pa
 
 
 # ---- sampling --------------------------------------------------------------------------------------
-def test_sampler_runs_wan_with_seeds_and_a_per_request_adapter(model_dir, tmp_path):
-    """The sampler engine on a Wan folder: N seeds, the pipeline's own latents in Wan's layout, an
-    adapter selected per request (it changes the video; the base request stays the base model)."""
-    from diffusers import WanPipeline, WanTransformer3DModel
+def sampler_with_a_random_adapter(model_dir, tmp_path):
+    """The sampler engine on a Wan folder (2 steps, CPU) with adapter "geo": a random LoRA exported by `export_lora`."""
+    from diffusers import WanTransformer3DModel
 
     from common.sampling import Sampler, SamplingConfig
 
@@ -440,8 +469,16 @@ def test_sampler_runs_wan_with_seeds_and_a_per_request_adapter(model_dir, tmp_pa
             if "lora_B" in name:
                 p.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
     adapter = export_lora(tmp_path / "lora", trained).parent
-    sampler = Sampler(SamplingConfig(model_dir=model_dir, device="cpu", adapters={"geo": adapter}, default_steps=2),
-                      output_dir=tmp_path / "samples")
+    return Sampler(SamplingConfig(model_dir=model_dir, device="cpu", adapters={"geo": adapter}, default_steps=2),
+                   output_dir=tmp_path / "samples")
+
+
+def test_sampler_runs_wan_with_seeds_and_a_per_request_adapter(model_dir, tmp_path):
+    """The sampler engine on a Wan folder: N seeds, the pipeline's own latents in Wan's layout, an
+    adapter selected per request (it changes the video; the base request stays the base model)."""
+    from diffusers import WanPipeline
+
+    sampler = sampler_with_a_random_adapter(model_dir, tmp_path)
     sizes = dict(frames=tiny.NUM_FRAMES, height=tiny.HEIGHT, width=tiny.WIDTH, guidance=1.0)
     base = sampler.sample({"prompt": "a red cube", "seeds": [0, 1], **sizes})
     assert base.error is None, base.error
@@ -471,21 +508,26 @@ def test_sampler_runs_wan_with_seeds_and_a_per_request_adapter(model_dir, tmp_pa
 #: Wan-AI/Wan2.1-T2V-1.3B-Diffusers and -14B-Diffusers transformer configs (the keys that differ from
 #: WanTransformer3DModel's defaults, which are the 14B's); no weights and no config files are at hand
 #: here, so the numbers are written out.
+#: Wan-AI/Wan2.1-I2V-14B-480P-Diffusers: the 14B with 36 input channels, CLIP image embeddings (image_dim 1280)
+#: and the image K/V projections in every cross-attention.
 WAN21 = {
     "1.3B": dict(num_attention_heads=12, ffn_dim=8960, num_layers=30),
     "14B": dict(num_attention_heads=40, ffn_dim=13824, num_layers=40),
+    "I2V-14B": dict(num_attention_heads=40, ffn_dim=13824, num_layers=40, in_channels=36, image_dim=1280,
+                    added_kv_proj_dim=5120),
 }
 
 
-@pytest.mark.parametrize("size,total,share", [("1.3B", 1_418_996_800, 0.0333), ("14B", 14_288_491_584, 0.0147)])
+@pytest.mark.parametrize("size,total,share", [("1.3B", 1_418_996_800, 0.0333), ("14B", 14_288_491_584, 0.0147),
+                                              ("I2V-14B", 16_394_878_784, 0.0128)])
 def test_real_wan21_sizes_with_lora_r64_on_meta_device(size, total, share):
     from diffusers import WanTransformer3DModel
 
     from training.lora import count_parameters
 
     with torch.device("meta"):  # no memory
-        model = WanTransformer3DModel(patch_size=(1, 2, 2), attention_head_dim=128, in_channels=16, out_channels=16,
-                                      text_dim=4096, freq_dim=256, **WAN21[size])
+        model = WanTransformer3DModel(**{"patch_size": (1, 2, 2), "attention_head_dim": 128, "in_channels": 16,
+                                         "out_channels": 16, "text_dim": 4096, "freq_dim": 256, **WAN21[size]})
     assert sum(p.numel() for p in model.parameters()) == total
     add_lora(model, rank=64, alpha=128)
     trainable, with_lora = count_parameters(model)

@@ -2,7 +2,8 @@
 
 Winner and loser latents and the prompt's text embeddings are the files the sampler wrote (in the
 model family's space and layout: CogVideoX (F, C, h, w), Wan (C, F, h, w)); image-to-video pairs
-(CogVideoX) also carry the first frame's latents, encoded with the model's VAE at the sampled size.
+also carry the first frame's condition latents, encoded with the model's VAE at the sampled size as the
+family's I2V pipeline encodes them (and, for Wan 2.1 I2V, the first frame's CLIP image embeddings).
 The dataset records the family and latent space of the model folder (`common.families`). Derived data: rebuilt from the records each time, never left stale.
 """
 
@@ -44,8 +45,8 @@ def build_pairs(records: list[dict], model_dir: str | Path, out_dir: str | Path,
                 extra: Optional[dict] = None) -> dict:
     """Select pairs and write them with `training.pairs.write_pairs_dataset` (the layout `vgpa train` reads).
 
-    Image-to-video pairs carry the first frame's latents, encoded with the model's VAE at the
-    sampled size. Returns the report (also written into the dataset's summary.json). With no pair
+    Image-to-video pairs carry the first frame's condition (and image embeddings, where the model takes
+    them), encoded with the model's VAE (and image encoder) at the sampled size. Returns the report (also written into the dataset's summary.json). With no pair
     to write, nothing is written and the report says why.
     """
     import torch
@@ -62,8 +63,8 @@ def build_pairs(records: list[dict], model_dir: str | Path, out_dir: str | Path,
         return report
     info = inspect_video_model(model_dir, need=("mine",))
     family, i2v = FAMILIES[info.family], info.i2v
-    vae = None
-    image_cache: dict[tuple[str, tuple], torch.Tensor] = {}
+    vae = image_encoder = None
+    image_cache: dict[tuple[str, tuple], tuple] = {}
     tensors: dict[str, torch.Tensor] = {}
 
     def load(path: str) -> torch.Tensor:  # a path, or a storage URI (samples of a sampler writing to one)
@@ -71,8 +72,10 @@ def build_pairs(records: list[dict], model_dir: str | Path, out_dir: str | Path,
             tensors[path] = torch.load(io.BytesIO(read_bytes(path)), map_location="cpu", weights_only=True).float()
         return tensors[path]
 
-    def image_latents(path: str, latent_shape: tuple) -> torch.Tensor:
-        nonlocal vae
+    def image_condition(path: str, latent_shape: tuple) -> tuple:
+        """(image latents, image embeddings or None) of a first frame, for videos of `latent_shape`."""
+        nonlocal vae, image_encoder
+        import numpy as np
         from PIL import Image
 
         from training.encode import encode_condition_image, fit_frames, load_vae
@@ -81,22 +84,21 @@ def build_pairs(records: list[dict], model_dir: str | Path, out_dir: str | Path,
         if key not in image_cache:
             if vae is None:
                 vae = load_vae(Path(model_dir), "cpu", torch.float32, family)
-            factor = 2 ** (len(vae.config.block_out_channels) - 1)
-            h, w = latent_shape[-2] * factor, latent_shape[-1] * factor
+                image_encoder = family.image_encoder(model_dir, "cpu", torch.float32)
+            num_frames, h, w = family.video_size_of_latents(latent_shape)
             image = Image.open(path).convert("RGB").resize((w, h))  # as the sampler resized it
-            import numpy as np
-
             frames = torch.from_numpy(np.asarray(image).copy())[None]  # (1, H, W, 3)
-            image_cache[key] = encode_condition_image(vae, fit_frames(frames, h, w))
+            image_cache[key] = (encode_condition_image(vae, fit_frames(frames, h, w), num_frames, family),
+                                image_encoder(image) if image_encoder else None)
         return image_cache[key]
 
     def generate():
         for winner, loser in pairs:
             wl = load(winner["latents"])
+            image_latents, image_embeds = image_condition(winner["image"], tuple(wl.shape)) if i2v else (None, None)
             yield Pair(
                 prompt=winner["prompt"], winner_latents=wl, loser_latents=load(loser["latents"]),
-                prompt_embeds=load(winner["prompt_embeds"]),
-                image_latents=image_latents(winner["image"], tuple(wl.shape)) if i2v else None,
+                prompt_embeds=load(winner["prompt_embeds"]), image_latents=image_latents, image_embeds=image_embeds,
                 winner_score=float(winner["score"]), loser_score=float(loser["score"]),
                 winner_video=winner["video"], loser_video=loser["video"], pair_id=pair_id(winner, loser),
             )
