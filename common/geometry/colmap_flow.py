@@ -91,6 +91,9 @@ class ColmapFlowBackend(GeometryBackend):
         min_calibrated_fov_deg: when bundle adjustment narrows the field of view below this
             (degrees, long side), the cameras are re-estimated with the focal length fixed at
             COLMAP's prior (1.2 x the long side, about 45 degrees): see `_structure_from_motion`.
+        neighbour_angle_deg: the parallax (degrees, over the scene depth) a triangulation neighbour
+            must reach; the closest frame on each side that reaches it is taken. Wider baselines
+            lower the depth noise of slow cameras (measured on the validity benchmark, issue 9).
     """
 
     name = "colmap-flow"
@@ -107,7 +110,9 @@ class ColmapFlowBackend(GeometryBackend):
         min_blob: float = 0.005,
         moving_fb: float = 3.0,
         min_calibrated_fov_deg: float = 30.0,
+        neighbour_angle_deg: float = 0.1,
     ) -> None:
+        self.neighbour_angle_deg = neighbour_angle_deg
         self.min_calibrated_fov_deg = min_calibrated_fov_deg
         self.moving_fb = moving_fb
         self.min_blob = min_blob
@@ -296,7 +301,7 @@ class ColmapFlowBackend(GeometryBackend):
             for j in candidates:
                 pick = j
                 baseline = float((camera_centers(poses[j][None])[0] - centre).norm())
-                if math.degrees(math.atan2(baseline, depth)) >= 2 * self.min_angle_deg:
+                if math.degrees(math.atan2(baseline, depth)) >= self.neighbour_angle_deg:
                     break
             if pick is not None:
                 chosen.append(pick)
