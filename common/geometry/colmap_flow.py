@@ -6,7 +6,8 @@
    pass (finer SIFT, more features, every pair up to 25 frames) runs once. A focal length that
    bundle adjustment narrows below `min_calibrated_fov_deg` is fixed at the prior instead.
 2. Depth: dense DIS optical flow from each scored frame to two registered neighbours (one on
-   each side in time, far enough for a usable triangulation angle), triangulated with the
+   each side in time, the closest with `neighbour_angle_deg` = 1.5 degrees of parallax: a wider
+   baseline lowers the depth noise of slow cameras), triangulated with the
    recovered cameras. A pixel's depth from one neighbour is kept when it passes a
    forward-backward flow check, lies in front of both cameras and has at least
    `min_angle_deg` of triangulation angle; estimates are fused by their median, and the
@@ -110,7 +111,7 @@ class ColmapFlowBackend(GeometryBackend):
         min_blob: float = 0.005,
         moving_fb: float = 3.0,
         min_calibrated_fov_deg: float = 30.0,
-        neighbour_angle_deg: float = 0.1,
+        neighbour_angle_deg: float = 1.5,
     ) -> None:
         self.neighbour_angle_deg = neighbour_angle_deg
         self.min_calibrated_fov_deg = min_calibrated_fov_deg
