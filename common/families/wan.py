@@ -44,12 +44,13 @@ two-expert folders (transformer + transformer_2 switched at boundary_ratio) and 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Mapping, Optional
 
 import torch
 
 from common.errors import ConfigError
-from common.families import VideoFamily, pair_tensors
+from common.families import VideoFamily, pair_tensors, read_model_configs
 
 
 #: (frames, height, width) WanPipeline samples by default (Wan 2.1's 480p setting).
@@ -187,10 +188,7 @@ class WanFamily(VideoFamily):
 
     def image_encoder(self, model_dir, device, dtype):
         """`WanImageToVideoPipeline.encode_image` (CLIP's penultimate hidden state), if the transformer has image_dim."""
-        import json
-        from pathlib import Path
-
-        transformer_config = json.loads((Path(model_dir) / "transformer" / "config.json").read_text())
+        transformer_config, _ = read_model_configs(model_dir)
         if transformer_config.get("image_dim") is None:
             return None
         from diffusers import WanImageToVideoPipeline
@@ -270,13 +268,9 @@ class WanFamily(VideoFamily):
             raise ConfigError(f"{folder} is a Wan 2.2 TI2V pipeline (expand_timesteps: one timestep per latent token): "
                               "not supported; videogpa takes single-transformer Wan folders (WanPipeline, or "
                               "WanImageToVideoPipeline as Wan 2.1 I2V is laid out)")
-        import json
-        from pathlib import Path
-
-        configs = [Path(folder) / part / "config.json" for part in ("transformer", "vae")]
-        if not all(c.is_file() for c in configs):
+        if not all((Path(folder) / part / "config.json").is_file() for part in ("transformer", "vae")):
             return  # the parts check names what is missing
-        transformer, vae = (json.loads(c.read_text()) for c in configs)
+        transformer, vae = read_model_configs(folder)
         i2v = index.get("_class_name") == "WanImageToVideoPipeline"
         channels = 2 * vae["z_dim"] + self.vae_temporal if i2v else vae["z_dim"]  # I2V: latent ++ mask ++ condition
         if transformer["in_channels"] != channels:
