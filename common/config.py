@@ -70,7 +70,10 @@ class ScoreConfig(BaseModel):
     device: str = Field("auto", description="'auto' (CUDA when available), 'cpu' or 'cuda[:N]'.")
 
     def metric_id(self, backend: str, perceptual_metric: str) -> str:
-        """Everything that changes a score's scale. Scores with different ids are not comparable."""
+        """Everything that changes a score's scale. Scores with different ids are not comparable.
+
+        backend: the geometry backend's `score_id` (its name and revision, `colmap-flow.r2`).
+        """
         lam = f"{self.lambda_:g}"
         excl = "" if self.exclude_self else "+self"
         return f"{backend}/{perceptual_metric}/lambda={lam}/T={self.frames}/side={self.max_side}/pairwise@{self.compare_scale}{excl}"

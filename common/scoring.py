@@ -83,7 +83,7 @@ def score_video(
     metric = create_metric(config.perceptual, config.lpips_weights, device)
     base = dict(
         perceptual_metric=metric.name,
-        metric_id=config.metric_id(backend.name, metric.name),
+        metric_id=config.metric_id(backend.score_id, metric.name),
         backend=backend.name,
         frames=T,
         frame_indices=plan["scored"],

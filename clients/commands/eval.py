@@ -71,7 +71,7 @@ def eval_command(set_a, set_b, out, names, frames, backend, weights, max_side, u
     rows_b = run_set(videos_b, labels[1], "B") if videos_b is not None else None
     summary = summarise(rows_a, rows_b)
     settings = dict(sets=[str(set_a)] + ([str(set_b)] if set_b else []), names=list(labels), backend=geometry.name,
-                    metric_id=config.metric_id(geometry.name, "eval"), frames=config.frames, max_side=config.max_side)
+                    metric_id=config.metric_id(geometry.score_id, "eval"), frames=config.frames, max_side=config.max_side)
     paths = write_outputs(out, rows_a + (rows_b or []), summary, settings, labels)
     if as_json:
         sys.stdout.write(json.dumps({"summary": summary, "outputs": {k: str(v) for k, v in paths.items()}}) + "\n")

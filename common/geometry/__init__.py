@@ -101,7 +101,7 @@ class _Serialized(GeometryBackend):
 
     def __init__(self, backend: GeometryBackend) -> None:
         self._backend, self._lock = backend, threading.Lock()
-        self.name = backend.name
+        self.name, self.revision = backend.name, backend.revision
 
     def reconstruct(self, frames, scored, video_indices) -> SceneGeometry:
         with self._lock:

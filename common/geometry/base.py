@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -62,10 +62,18 @@ class GeometryBackend(ABC):
 
     #: Short, stable name; part of a score's metric_id.
     name: str = "abstract"
+    #: Raised when a change to the backend changes the scores it gives, so that scores from before
+    #: and after are never compared (part of `score_id`); None for a backend never revised.
+    revision: Optional[int] = None
     #: True when `reconstruct` may run in several threads at once and give what it gives alone. A
     #: scorer replica scoring several videos at once (max_batch_size > 1) serialises the calls of a
     #: backend that is not (pycolmap seeds one process-wide random generator per call, for example).
     thread_safe: bool = False
+
+    @property
+    def score_id(self) -> str:
+        """The backend's part of a score's metric_id: its name, and its revision when it has one."""
+        return self.name if self.revision is None else f"{self.name}.r{self.revision}"
 
     @abstractmethod
     def reconstruct(self, frames: Tensor, scored: Sequence[int], video_indices: Sequence[int]) -> SceneGeometry:

@@ -2,9 +2,11 @@
 
 1. Cameras: SIFT features, sequential matching (with quadratic overlap for longer-range pairs;
    every pair for short inputs) and global mapping over a dense subset of the video, one shared
-   pinhole camera. When the fast settings leave too many scored frames unregistered, a denser
-   pass (finer SIFT, more features, every pair up to 25 frames) runs once. A focal length that
-   bundle adjustment narrows below `min_calibrated_fov_deg` is fixed at the prior instead.
+   pinhole camera. When the fast settings leave too many scored frames unregistered, one second
+   pass of bounded cost: a denser one (finer SIFT, every pair up to 25 frames) for clips that
+   matched little, the same matches verified to a looser tolerance for clips that matched a lot.
+   A focal length that bundle adjustment narrows below `min_calibrated_fov_deg` is fixed at the
+   prior instead.
 2. Depth: dense DIS optical flow from each scored frame to two registered neighbours (one on
    each side in time, the closest with `neighbour_angle_deg` = 1.5 degrees of parallax: a wider
    baseline lowers the depth noise of slow cameras), triangulated with the
@@ -23,7 +25,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -56,11 +58,13 @@ class SfmSettings:
 # bundle adjustment sums vary from run to run, and so did the cameras (a focal of 433 px in one run,
 # 133 px in the next, on the same clip). The rest of the pipeline uses the other core.
 FAST = SfmSettings(max_side=480, first_octave=0, max_features=2048)
-# When the fast pass leaves too many scored frames unregistered (wide baselines, low texture),
-# one denser pass on every decoded frame (at most recon_frames): the kitchen capture registers
-# 5 of 10 scored frames on a subset of 19 and all of them on its 25 frames matched exhaustively.
-# Both passes are deterministic, so whether the second runs is too.
-DENSE = SfmSettings(max_side=480, first_octave=-1, max_features=4096, overlap=8, exhaustive_up_to=25)
+# When the fast pass leaves too many scored frames unregistered and matched little (wide
+# baselines, low texture), one denser pass: SIFT at 720 px (from the upsampled octave when the
+# frames are smaller) with more features on up to `dense_frames` frames, every pair matched up to
+# 25. On the kitchen capture (fast pass: 3 of 10 scored frames) it registers all of them on its 25
+# frames in 6 s and ranks the clean capture above 4 of its 5 corruptions; the earlier setting,
+# SIFT from the upsampled octave at 480 px, took 12 s and ranked 3. See ColmapFlowBackend._second_pass.
+DENSE = SfmSettings(max_side=720, first_octave=0, max_features=4096, overlap=8, exhaustive_up_to=25)
 
 
 @dataclass
@@ -70,6 +74,12 @@ class Cameras:
     scene_depth: dict[int, float]  # frame position -> median depth of its SfM points (picks neighbours)
     # frame position -> (n, 3) float64 rows (u, v, z): its SfM points' pixels (our convention) and camera depths
     observations: dict[int, np.ndarray] = field(default_factory=dict)
+    # seconds of each SfM pass that ran: "fast", then "dense" or "relaxed" (see ColmapFlowBackend.cameras)
+    passes: dict[str, float] = field(default_factory=dict)
+
+    def timings(self) -> dict[str, float]:
+        """Seconds per SfM pass, as a backend's timings (`sfm_fast`, `sfm_dense`, `sfm_relaxed`)."""
+        return {f"sfm_{name}": seconds for name, seconds in self.passes.items()}
 
 
 class ColmapFlowBackend(GeometryBackend):
@@ -95,9 +105,19 @@ class ColmapFlowBackend(GeometryBackend):
         neighbour_angle_deg: the parallax (degrees, over the scene depth) a triangulation neighbour
             must reach; the closest frame on each side that reaches it is taken. Wider baselines
             lower the depth noise of slow cameras (measured on the validity benchmark, issue 9).
+        dense_frames: frames the dense second pass uses at most (all of them when there are
+            fewer; the scored ones always).
+        dense_match_budget: the dense second pass runs only when the fast pass's verified
+            matches, scaled to the dense pass's frames and pixels, are at most this many: its
+            mapping's cost grows with them (the kitchen capture: 2,100, a 6 s pass; a forward
+            dolly at 320 px: 19,600, 6 s; the textured bear clip: about 57,000, over a minute).
+        relaxed_ransac_px: RANSAC tolerance (px at 480 px) of the second pass of a clip that matched
+            too much for the dense pass (COLMAP's default is 4).
     """
 
     name = "colmap-flow"
+    # 2: the second SfM pass chosen by the fast pass's matches (dense at 720 px, or relaxed RANSAC).
+    revision = 2
 
     def __init__(
         self,
@@ -112,7 +132,13 @@ class ColmapFlowBackend(GeometryBackend):
         moving_fb: float = 3.0,
         min_calibrated_fov_deg: float = 30.0,
         neighbour_angle_deg: float = 1.5,
+        dense_frames: int = 25,
+        dense_match_budget: int = 30_000,
+        relaxed_ransac_px: float = 8.0,
     ) -> None:
+        self.dense_frames = dense_frames
+        self.dense_match_budget = dense_match_budget
+        self.relaxed_ransac_px = relaxed_ransac_px
         self.neighbour_angle_deg = neighbour_angle_deg
         self.min_calibrated_fov_deg = min_calibrated_fov_deg
         self.moving_fb = moving_fb
@@ -131,6 +157,7 @@ class ColmapFlowBackend(GeometryBackend):
         start = time.perf_counter()
         cameras = self.cameras(frames, scored)
         timings["sfm"] = time.perf_counter() - start
+        timings.update(cameras.timings())
         K, world_to_cam, registered_set = cameras.K, cameras.poses, set(cameras.poses)
         if not registered_set:
             raise ReconstructionFailed("structure-from-motion found no consistent cameras (static camera, no parallax or no texture?)")
@@ -215,79 +242,53 @@ class ColmapFlowBackend(GeometryBackend):
     def cameras(self, frames: Tensor, scored: Sequence[int]) -> Cameras:
         """SfM cameras of `frames` (M, H, W, 3) uint8, keyed by position in `frames`.
 
-        One fast pass on `sfm_frames` of them (plus the scored ones); when it registers fewer
-        than `min_registered` of the scored frames, one denser pass on all of them, and the
-        better of the two. Also used by the hybrid backend (`common.geometry.hybrid`).
+        One fast pass on `sfm_frames` of them (plus the scored ones). When it registers fewer
+        than `min_registered` of the scored frames, one second pass, chosen by how much the fast
+        pass matched so that its cost stays bounded (`_second_pass`), and the better of the two.
+        Also used by the hybrid backend (`common.geometry.hybrid`).
         """
         subset = sorted(set(uniform_indices(len(frames), self.sfm_frames)) | set(scored))
-        cameras = self._structure_from_motion(frames, FAST, subset)
-        registered = sum(i in cameras.poses for i in scored)
-        if registered < self.min_registered * len(scored):
-            dense = self._structure_from_motion(frames, DENSE, range(len(frames)))
-            if sum(i in dense.poses for i in scored) > registered:
-                cameras = dense
+        with tempfile.TemporaryDirectory(prefix="vgpa-sfm-") as tmp:
+            start = time.perf_counter()
+            fast = _Workspace(Path(tmp) / "fast", frames, FAST, subset)
+            cameras = fast.cameras(self.min_calibrated_fov_deg)
+            passes = {"fast": time.perf_counter() - start}
+            registered = sum(i in cameras.poses for i in scored)
+            if registered < self.min_registered * len(scored):
+                start = time.perf_counter()
+                name, second = self._second_pass(fast, frames, scored, Path(tmp) / "dense")
+                passes[name] = time.perf_counter() - start
+                if sum(i in second.poses for i in scored) > registered:
+                    cameras = second
+        cameras.passes = passes
         return cameras
 
-    def _structure_from_motion(self, frames: Tensor, settings: SfmSettings, positions: Sequence[int]) -> "Cameras":
-        pycolmap.set_random_seed(0)
-        H, W = frames.shape[1:3]
-        scale = min(1.0, settings.max_side / max(H, W))
-        size = (max(16, round(W * scale)), max(16, round(H * scale)))
-        with tempfile.TemporaryDirectory(prefix="vgpa-sfm-") as tmp:
-            tmp = Path(tmp)
-            images = tmp / "images"
-            images.mkdir()
-            for i in positions:
-                frame = frames[i].numpy()
-                if size != (W, H):
-                    frame = cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
-                # BMP: no compression library involved, the fastest round trip to COLMAP's reader.
-                cv2.imwrite(str(images / f"{i:06d}.bmp"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-            database = tmp / "database.db"
-            extraction = pycolmap.FeatureExtractionOptions()
-            extraction.sift.first_octave = settings.first_octave
-            extraction.sift.max_num_features = settings.max_features
-            extraction.num_threads = 1
-            pycolmap.extract_features(
-                database,
-                images,
-                camera_mode=pycolmap.CameraMode.SINGLE,
-                reader_options=pycolmap.ImageReaderOptions(camera_model=settings.camera_model),
-                extraction_options=extraction,
-                device=pycolmap.Device.cpu,
-            )
-            matching = pycolmap.FeatureMatchingOptions()
-            matching.num_threads = 1
-            if len(positions) <= settings.exhaustive_up_to:
-                pycolmap.match_exhaustive(database, matching_options=matching, device=pycolmap.Device.cpu)
-            else:
-                pairing = pycolmap.SequentialPairingOptions(overlap=settings.overlap, quadratic_overlap=True)
-                pycolmap.match_sequential(database, matching_options=matching, pairing_options=pairing, device=pycolmap.Device.cpu)
-            model = _global_mapping(database, images, tmp / "refined", refine_focal=True)
-            # Self-calibration is ill-conditioned when the camera mostly rotates or barely moves
-            # (pans, slow generated clips): bundle adjustment then lengthens the focal towards a
-            # near-orthographic camera that explains away inconsistency (a panning clip's
-            # corrupted copies reached 2,500-7,000 px at 720 px, and scored better than the clean
-            # clip). A narrow field of view is re-estimated with the focal fixed at the prior, so
-            # such videos are judged with one camera model; the decision depends on the input only.
-            if model is not None and _fov_deg(model, size) < self.min_calibrated_fov_deg:
-                model = _global_mapping(database, images, tmp / "fixed", refine_focal=False) or model
-        if model is None:
-            return Cameras(np.eye(3), {}, {})
-        camera = next(iter(model.cameras.values()))
-        poses = {}
-        for image in model.images.values():
-            if not image.has_pose:
-                continue
-            pose = image.cam_from_world() if callable(image.cam_from_world) else image.cam_from_world
-            poses[int(Path(image.name).stem)] = torch.from_numpy(np.vstack([pose.matrix(), [0, 0, 0, 1]]))
-        # COLMAP's pixel centres are at +0.5, ours at 0; scale the SfM frames' intrinsics to ours.
-        K = camera.calibration_matrix()
-        K[:2] /= scale
-        K[0, 2] -= 0.5
-        K[1, 2] -= 0.5
-        observations = _point_observations(model, scale)
-        return Cameras(K, poses, {i: float(np.median(obs[:, 2])) for i, obs in observations.items()}, observations)
+    def _second_pass(self, fast: "_Workspace", frames: Tensor, scored: Sequence[int], folder: Path) -> tuple[str, Cameras]:
+        """("dense" or "relaxed", its cameras): a second, bounded attempt after the fast pass
+        registered too few of the scored frames.
+
+        Few matches per frame (wide baselines, low texture: the kitchen capture's fast pass keeps
+        about 37 per frame) -> "dense": SIFT at 720 px (from the upsampled octave for smaller
+        frames) with more features on up to `dense_frames` frames, every pair matched up to 25. Its cost grows with
+        the matches it finds, so it runs only when the fast pass's matches, scaled to the dense
+        pass's frames and pixels, stay under `dense_match_budget`. Many matches and still too few
+        cameras (a jittering copy of a textured clip: about 900 per frame) -> "relaxed": the fast
+        pass's matches verified again to `relaxed_ransac_px` and mapped again with the focal
+        fixed; its views do not fit one two-view geometry to COLMAP's 4 px, and more features
+        would only make a slow pass slower. The choice depends on the input only, so a video always gets the same cameras.
+        """
+        long_side = max(frames.shape[1:3])
+        dense = DENSE if long_side >= DENSE.max_side else replace(DENSE, first_octave=-1)
+        dense_side = min(dense.max_side, long_side) * (2 if dense.first_octave < 0 else 1)
+        positions = sorted(set(uniform_indices(len(frames), self.dense_frames)) | set(scored))
+        scale = len(positions) / len(fast.positions) * (dense_side / min(FAST.max_side, long_side)) ** 2
+        predicted = fast.inlier_matches() * scale
+        if predicted <= self.dense_match_budget:
+            return "dense", _Workspace(folder, frames, dense, positions).cameras(self.min_calibrated_fov_deg)
+        fast.verify_again(self.relaxed_ransac_px)
+        # Views that agree only to the relaxed tolerance are the worst ones to self-calibrate from
+        # (and a mapping costs seconds on such clips): the focal is fixed at the prior.
+        return "relaxed", fast.cameras(self.min_calibrated_fov_deg, self_calibrate=False)
 
     # --- 2. depth -------------------------------------------------------------------------------
 
@@ -367,6 +368,105 @@ class ColmapFlowBackend(GeometryBackend):
         with np.errstate(divide="ignore", invalid="ignore"):
             miss = np.abs(a * u2 + b * v2 + c) / np.sqrt(a * a + b * b)
         return np.where(valid, depth_i, np.nan).astype(np.float32), np.where(roughly_consistent, miss, np.nan).astype(np.float32)
+
+
+class _Workspace:
+    """One SfM attempt's folder: `positions` of the frames at the settings' size, their SIFT
+    features and verified matches; `cameras` maps them (and may be called again after
+    `verify_again`). COLMAP runs on one thread with fixed seeds (see FAST)."""
+
+    def __init__(self, folder: Path, frames: Tensor, settings: SfmSettings, positions: Sequence[int]) -> None:
+        self.folder, self.settings, self.positions = folder, settings, list(positions)
+        self.images, self.database = folder / "images", folder / "database.db"
+        self.images.mkdir(parents=True)
+        H, W = frames.shape[1:3]
+        self.scale = min(1.0, settings.max_side / max(H, W))
+        self.size = (max(16, round(W * self.scale)), max(16, round(H * self.scale)))
+        self._mappings = 0
+        pycolmap.set_random_seed(0)
+        for i in self.positions:
+            frame = frames[i].numpy()
+            if self.size != (W, H):
+                frame = cv2.resize(frame, self.size, interpolation=cv2.INTER_AREA)
+            # BMP: no compression library involved, the fastest round trip to COLMAP's reader.
+            cv2.imwrite(str(self.images / f"{i:06d}.bmp"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+        extraction = pycolmap.FeatureExtractionOptions()
+        extraction.sift.first_octave = settings.first_octave
+        extraction.sift.max_num_features = settings.max_features
+        extraction.num_threads = 1
+        pycolmap.extract_features(
+            self.database,
+            self.images,
+            camera_mode=pycolmap.CameraMode.SINGLE,
+            reader_options=pycolmap.ImageReaderOptions(camera_model=settings.camera_model),
+            extraction_options=extraction,
+            device=pycolmap.Device.cpu,
+        )
+        matching = pycolmap.FeatureMatchingOptions()
+        matching.num_threads = 1
+        if len(self.positions) <= settings.exhaustive_up_to:
+            pycolmap.match_exhaustive(self.database, matching_options=matching, device=pycolmap.Device.cpu)
+        else:
+            pairing = pycolmap.SequentialPairingOptions(overlap=settings.overlap, quadratic_overlap=True)
+            pycolmap.match_sequential(self.database, matching_options=matching, pairing_options=pairing, device=pycolmap.Device.cpu)
+
+    def inlier_matches(self) -> int:
+        """Geometrically verified matches over all pairs (what global mapping's cost grows with)."""
+        database = pycolmap.Database.open(self.database)
+        try:
+            return int(database.num_inlier_matches())
+        finally:
+            database.close()
+
+    def verify_again(self, ransac_px: float) -> None:
+        """Replace the pairs' two-view geometries with ones verified to `ransac_px` (SfM pixels)."""
+        database = pycolmap.Database.open(self.database)
+        try:
+            database.clear_two_view_geometries()
+        finally:
+            database.close()
+        two_view = pycolmap.TwoViewGeometryOptions()
+        two_view.ransac.max_error = ransac_px
+        two_view.ransac.random_seed = 0
+        verifier = pycolmap.GeometricVerifierOptions()
+        verifier.num_threads = 1
+        pycolmap.set_random_seed(0)
+        pycolmap.geometric_verification(self.database, verifier_options=verifier, two_view_geometry_options=two_view)
+
+    def cameras(self, min_calibrated_fov_deg: float, self_calibrate: bool = True) -> Cameras:
+        """Global SfM of the workspace's matches; cameras in the frames' pixels (no poses: none found).
+
+        self_calibrate: False fixes the focal length at COLMAP's prior from the start.
+        """
+        model = self._map(refine_focal=self_calibrate)
+        # Self-calibration is ill-conditioned when the camera mostly rotates or barely moves
+        # (pans, slow generated clips): bundle adjustment then lengthens the focal towards a
+        # near-orthographic camera that explains away inconsistency (a panning clip's
+        # corrupted copies reached 2,500-7,000 px at 720 px, and scored better than the clean
+        # clip). A narrow field of view is re-estimated with the focal fixed at the prior, so
+        # such videos are judged with one camera model; the decision depends on the input only.
+        if self_calibrate and model is not None and _fov_deg(model, self.size) < min_calibrated_fov_deg:
+            model = self._map(refine_focal=False) or model
+        if model is None:
+            return Cameras(np.eye(3), {}, {})
+        camera = next(iter(model.cameras.values()))
+        poses = {}
+        for image in model.images.values():
+            if not image.has_pose:
+                continue
+            pose = image.cam_from_world() if callable(image.cam_from_world) else image.cam_from_world
+            poses[int(Path(image.name).stem)] = torch.from_numpy(np.vstack([pose.matrix(), [0, 0, 0, 1]]))
+        # COLMAP's pixel centres are at +0.5, ours at 0; scale the SfM frames' intrinsics to ours.
+        K = camera.calibration_matrix()
+        K[:2] /= self.scale
+        K[0, 2] -= 0.5
+        K[1, 2] -= 0.5
+        observations = _point_observations(model, self.scale)
+        return Cameras(K, poses, {i: float(np.median(obs[:, 2])) for i, obs in observations.items()}, observations)
+
+    def _map(self, refine_focal: bool):
+        self._mappings += 1
+        return _global_mapping(self.database, self.images, self.folder / f"model{self._mappings}", refine_focal)
 
 
 def _global_mapping(database: Path, images: Path, output: Path, refine_focal: bool):

@@ -96,6 +96,7 @@ class HybridBackend(GeometryBackend):
         self.min_points = min_points
         self.sfm = ColmapFlowBackend()
         self.name = f"hybrid+{self.model.config.model_type}"
+        self.revision = self.sfm.revision  # its cameras are colmap-flow's
 
     @torch.no_grad()
     def predict(self, frames: Tensor) -> Tensor:
@@ -114,6 +115,7 @@ class HybridBackend(GeometryBackend):
         start = time.perf_counter()
         cameras = self.sfm.cameras(frames, scored)
         timings["sfm"] = time.perf_counter() - start
+        timings.update(cameras.timings())
         if not cameras.poses:
             raise ReconstructionFailed("structure-from-motion found no consistent cameras (static camera, no parallax or no texture?)")
         start = time.perf_counter()

@@ -68,7 +68,7 @@ def test_result_carries_settings_and_is_json(clean_scores):
     for key in ("status", "reason", "score", "mse", "perceptual", "perceptual_metric", "metric_id", "coverage",
                 "motion", "backend", "frames", "per_frame", "timings_s"):
         assert key in data
-    assert data["metric_id"] == "colmap-flow/align/lambda=1/T=10/side=240/pairwise@2"
+    assert data["metric_id"] == "colmap-flow.r2/align/lambda=1/T=10/side=240/pairwise@2"
     assert data["score"] == pytest.approx(data["mse"] + data["lambda"] * data["perceptual"])
     assert data["frame_indices"][0] == 0 and data["frame_indices"][-1] == 23
     assert data["motion"] > 0.001
@@ -83,6 +83,17 @@ def test_lambda_and_frames_change_the_metric_id():
     assert c.metric_id != a.metric_id and c.metric_id.endswith("pairwise@1")
     assert a.metric_id != b.metric_id and b.frames == 6
     assert b.score == pytest.approx(b.mse)
+
+
+def test_a_backend_revision_changes_the_metric_id():
+    """Scores of a revised backend are never compared with the ones it gave before."""
+    video = render_video("boxes", "orbit", frames=12, size=SIZE)
+    oracle = OracleBackend.from_render(video)
+    before = score_video(video.frames, CONFIG, backend=oracle)
+    oracle.revision = 3
+    after = score_video(video.frames, CONFIG, backend=oracle)
+    assert before.metric_id.startswith("oracle/") and after.metric_id.startswith("oracle.r3/")
+    assert after.score == before.score and after.backend == before.backend == "oracle"
 
 
 def test_lpips_runs_from_a_local_backbone_file_and_is_named(tmp_path):
@@ -177,3 +188,22 @@ def test_the_same_input_scores_the_same_and_thread_counts_barely_move_it():
         torch.set_num_threads(threads[0])
         cv2.setNumThreads(threads[1])
     assert single.score == pytest.approx(first.score, rel=1e-3)
+
+
+@pytest.mark.parametrize("budget, expected", [(10**9, "dense"), (0, "relaxed")])
+def test_the_second_sfm_pass_is_chosen_by_the_fast_pass_matches_and_repeats(budget, expected):
+    """A fast pass that registers too few frames (forced here: it must register 101%) is followed
+    by one second pass: the dense one within the match budget, else the relaxed one. Either is
+    deterministic, and its time is reported next to the fast pass's."""
+    from common.geometry.colmap_flow import ColmapFlowBackend
+    from common.video import uniform_indices
+
+    frames = render_video("boxes", "orbit", frames=12, size=(120, 160)).frames
+    scored = uniform_indices(len(frames), 6)
+    backend = ColmapFlowBackend(min_registered=1.01, dense_match_budget=budget)
+    first, again = backend.cameras(frames, scored), backend.cameras(frames, scored)
+    assert list(first.passes) == ["fast", expected]
+    assert sum(i in first.poses for i in scored) == len(scored)
+    assert first.poses.keys() == again.poses.keys()
+    assert all(torch.equal(first.poses[i], again.poses[i]) for i in first.poses)
+    assert set(first.timings()) == {"sfm_fast", f"sfm_{expected}"}
