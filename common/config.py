@@ -40,7 +40,7 @@ class ScoreConfig(BaseModel):
 
     # --- reconstruction of the default backend ---
     recon_frames: int = Field(
-        32, ge=2, le=512, description="Frames decoded for structure-from-motion (a dense subset containing the T scored ones); the default backend uses about half in its fast pass and all in its thorough fallback."
+        32, ge=2, le=512, description="Frames decoded for structure-from-motion (a dense subset containing the T scored ones); the default backend uses about half in its fast pass and up to 25 in its dense second pass."
     )
     min_confidence: float = Field(0.5, ge=0.0, le=1.0, description="Pixels with lower depth confidence are not lifted to 3D.")
 

@@ -105,8 +105,8 @@ class ColmapFlowBackend(GeometryBackend):
         neighbour_angle_deg: the parallax (degrees, over the scene depth) a triangulation neighbour
             must reach; the closest frame on each side that reaches it is taken. Wider baselines
             lower the depth noise of slow cameras (measured on the validity benchmark, issue 9).
-        dense_frames: frames the dense second pass uses at most (all of them when there are
-            fewer; the scored ones always).
+        dense_frames: evenly spaced frames the dense second pass uses (all of them when there
+            are fewer), plus any scored frame they miss.
         dense_match_budget: the dense second pass runs only when the fast pass's verified
             matches, scaled to the dense pass's frames and pixels, are at most this many: its
             mapping's cost grows with them (the kitchen capture: 2,100, a 6 s pass; a forward
@@ -269,13 +269,14 @@ class ColmapFlowBackend(GeometryBackend):
 
         Few matches per frame (wide baselines, low texture: the kitchen capture's fast pass keeps
         about 37 per frame) -> "dense": SIFT at 720 px (from the upsampled octave for smaller
-        frames) with more features on up to `dense_frames` frames, every pair matched up to 25. Its cost grows with
-        the matches it finds, so it runs only when the fast pass's matches, scaled to the dense
-        pass's frames and pixels, stay under `dense_match_budget`. Many matches and still too few
-        cameras (a jittering copy of a textured clip: about 900 per frame) -> "relaxed": the fast
-        pass's matches verified again to `relaxed_ransac_px` and mapped again with the focal
-        fixed; its views do not fit one two-view geometry to COLMAP's 4 px, and more features
-        would only make a slow pass slower. The choice depends on the input only, so a video always gets the same cameras.
+        frames) with more features, on `dense_frames` evenly spaced frames plus the scored ones,
+        every pair matched up to 25. Its mapping's cost grows with the matches it finds, so it
+        runs only when the fast pass's matches, scaled to the dense pass's frames and pixels,
+        stay under `dense_match_budget`. Many matches and still too few cameras (a jittering copy
+        of a textured clip: about 900 per frame) -> "relaxed": the fast pass's matches verified
+        again to `relaxed_ransac_px` and mapped again with the focal fixed; its views do not fit
+        one two-view geometry to COLMAP's 4 px, and more features would only make a slow pass
+        slower. The choice depends on the input only, so a video always gets the same cameras.
         """
         long_side = max(frames.shape[1:3])
         dense = DENSE if long_side >= DENSE.max_side else replace(DENSE, first_octave=-1)
