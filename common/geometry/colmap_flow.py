@@ -110,7 +110,8 @@ class ColmapFlowBackend(GeometryBackend):
         dense_match_budget: the dense second pass runs only when the fast pass's verified
             matches, scaled to the dense pass's frames and pixels, are at most this many: its
             mapping's cost grows with them (the kitchen capture: 2,100, a 6 s pass; a forward
-            dolly at 320 px: 19,600, 6 s; the textured bear clip: about 57,000, over a minute).
+            dolly at 320 px: 19,600, 6 s; the textured bear clip: about 57,000, where a dense pass on
+            its frames took 55-120 s).
         relaxed_ransac_px: RANSAC tolerance (px at 480 px) of the second pass of a clip that matched
             too much for the dense pass (COLMAP's default is 4).
     """
@@ -377,7 +378,7 @@ class _Workspace:
     `verify_again`). COLMAP runs on one thread with fixed seeds (see FAST)."""
 
     def __init__(self, folder: Path, frames: Tensor, settings: SfmSettings, positions: Sequence[int]) -> None:
-        self.folder, self.settings, self.positions = folder, settings, list(positions)
+        self.folder, self.positions = folder, list(positions)
         self.images, self.database = folder / "images", folder / "database.db"
         self.images.mkdir(parents=True)
         H, W = frames.shape[1:3]
