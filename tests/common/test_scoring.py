@@ -191,19 +191,26 @@ def test_the_same_input_scores_the_same_and_thread_counts_barely_move_it():
 
 
 @pytest.mark.parametrize("budget, expected", [(10**9, "dense"), (0, "relaxed")])
-def test_the_second_sfm_pass_is_chosen_by_the_fast_pass_matches_and_repeats(budget, expected):
+def test_the_second_sfm_pass_is_chosen_by_the_fast_pass_matches_and_repeats(budget, expected, tmp_path):
     """A fast pass that registers too few frames (forced here: it must register 101%) is followed
-    by one second pass: the dense one within the match budget, else the relaxed one. Either is
-    deterministic, and its time is reported next to the fast pass's."""
-    from common.geometry.colmap_flow import ColmapFlowBackend
+    by one second pass: the dense one within the match budget, else the relaxed one. The second
+    pass's own cameras are deterministic, and its time is reported next to the fast pass's."""
+    from common.geometry.colmap_flow import FAST, ColmapFlowBackend, _Workspace
     from common.video import uniform_indices
 
     frames = render_video("boxes", "orbit", frames=12, size=(120, 160)).frames
     scored = uniform_indices(len(frames), 6)
     backend = ColmapFlowBackend(min_registered=1.01, dense_match_budget=budget)
-    first, again = backend.cameras(frames, scored), backend.cameras(frames, scored)
-    assert list(first.passes) == ["fast", expected]
-    assert sum(i in first.poses for i in scored) == len(scored)
+    cameras = backend.cameras(frames, scored)
+    assert list(cameras.passes) == ["fast", expected]
+    assert sum(i in cameras.poses for i in scored) == len(scored)
+    assert set(cameras.timings()) == {"sfm_fast", f"sfm_{expected}"}
+
+    def second_pass(run: str):
+        fast = _Workspace(tmp_path / run / "fast", frames, FAST, range(len(frames)))
+        return backend._second_pass(fast, frames, scored, tmp_path / run / "second")
+
+    (name, first), (_, again) = second_pass("a"), second_pass("b")
+    assert name == expected and sum(i in first.poses for i in scored) == len(scored)
     assert first.poses.keys() == again.poses.keys()
     assert all(torch.equal(first.poses[i], again.poses[i]) for i in first.poses)
-    assert set(first.timings()) == {"sfm_fast", f"sfm_{expected}"}
