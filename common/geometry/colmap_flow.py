@@ -6,8 +6,7 @@
    pass of bounded cost: a denser one (finer SIFT, every pair up to 25 frames) for clips that
    matched little, the same matches verified to a looser tolerance for clips that matched a lot.
    A focal length that bundle adjustment narrows below `min_calibrated_fov_deg` is fixed at the
-   prior instead (that mapping runs beside the self-calibrating one on the second core:
-   `common.geometry.global_sfm`).
+   prior instead.
 2. Depth: dense DIS optical flow from each scored frame to two registered neighbours (one on
    each side in time, the closest with `neighbour_angle_deg` = 1.5 degrees of parallax: a wider
    baseline lowers the depth noise of slow cameras), triangulated with the
@@ -38,8 +37,9 @@ from torch import Tensor
 
 from common.camera import camera_centers
 from common.geometry.base import GeometryBackend, ReconstructionFailed, SceneGeometry
-from common.geometry.global_sfm import MappingInChild, global_mapping
 from common.video import uniform_indices
+
+pycolmap.logging.minloglevel = 2  # errors only: COLMAP's INFO lines would drown the CLI's output
 
 
 @dataclass(frozen=True)
@@ -440,23 +440,15 @@ class _Workspace:
 
         self_calibrate: False fixes the focal length at COLMAP's prior from the start.
         """
+        model = self._map(refine_focal=self_calibrate)
         # Self-calibration is ill-conditioned when the camera mostly rotates or barely moves
         # (pans, slow generated clips): bundle adjustment then lengthens the focal towards a
         # near-orthographic camera that explains away inconsistency (a panning clip's
         # corrupted copies reached 2,500-7,000 px at 720 px, and scored better than the clean
         # clip). A narrow field of view is re-estimated with the focal fixed at the prior, so
         # such videos are judged with one camera model; the decision depends on the input only.
-        # That mapping runs meanwhile on the other core, and is waited for only when needed.
-        if not self_calibrate:
-            model = global_mapping(self.database, self.images, self._output(), refine_focal=False)
-        else:
-            fixed = MappingInChild(self.database, self.images, self._output(), refine_focal=False)
-            try:
-                model = global_mapping(self.database, self.images, self._output(), refine_focal=True)
-                if model is not None and _fov_deg(model, self.size) < min_calibrated_fov_deg:
-                    model = fixed.result() or model
-            finally:
-                fixed.cancel()
+        if self_calibrate and model is not None and _fov_deg(model, self.size) < min_calibrated_fov_deg:
+            model = self._map(refine_focal=False) or model
         if model is None:
             return Cameras(np.eye(3), {}, {})
         camera = next(iter(model.cameras.values()))
@@ -474,10 +466,24 @@ class _Workspace:
         observations = _point_observations(model, self.scale)
         return Cameras(K, poses, {i: float(np.median(obs[:, 2])) for i, obs in observations.items()}, observations)
 
-    def _output(self) -> Path:
-        """A new folder name for the next mapping's models."""
+    def _map(self, refine_focal: bool):
         self._mappings += 1
-        return self.folder / f"model{self._mappings}"
+        return _global_mapping(self.database, self.images, self.folder / f"model{self._mappings}", refine_focal)
+
+
+def _global_mapping(database: Path, images: Path, output: Path, refine_focal: bool):
+    """Global SfM (GLOMAP) on one thread with fixed seeds; its largest model, or None."""
+    output.mkdir()
+    mapping = pycolmap.GlobalPipelineOptions()
+    mapping.min_model_size = 3
+    mapping.num_threads = 1
+    mapping.random_seed = 0
+    mapping.mapper.num_threads = 1
+    mapping.mapper.random_seed = 0
+    mapping.mapper.bundle_adjustment.refine_focal_length = refine_focal
+    pycolmap.set_random_seed(0)
+    models = pycolmap.global_mapping(database, images, output, mapping)
+    return max(models.values(), key=lambda m: m.num_reg_images()) if models else None
 
 
 def _fov_deg(model, size: tuple[int, int]) -> float:

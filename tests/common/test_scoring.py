@@ -214,25 +214,3 @@ def test_the_second_sfm_pass_is_chosen_by_the_fast_pass_matches_and_repeats(budg
     assert name == expected and sum(i in first.poses for i in scored) == len(scored)
     assert first.poses.keys() == again.poses.keys()
     assert all(torch.equal(first.poses[i], again.poses[i]) for i in first.poses)
-
-
-def test_the_fixed_focal_mapping_in_a_child_process_is_the_one_mapped_here(tmp_path):
-    """The fixed-focal mapping that runs beside the self-calibrating one (in a child process)
-    gives this process's model bit for bit, and a child that dies is mapped again here."""
-    from common.geometry.colmap_flow import FAST, _Workspace
-    from common.geometry.global_sfm import MappingInChild, global_mapping
-
-    frames = render_video("boxes", "orbit", frames=12, size=(120, 160)).frames
-    workspace = _Workspace(tmp_path / "fast", frames, FAST, range(len(frames)))
-    args = (workspace.database, workspace.images)
-
-    def summary(model):
-        poses = {image.name: image.cam_from_world().matrix().tolist() for image in model.images.values() if image.has_pose}
-        return poses, next(iter(model.cameras.values())).calibration_matrix().tolist(), model.num_points3D()
-
-    here = summary(global_mapping(*args, tmp_path / "here", refine_focal=False))
-    assert len(here[0]) >= 10
-    assert summary(MappingInChild(*args, tmp_path / "child", refine_focal=False).result()) == here
-    killed = MappingInChild(*args, tmp_path / "killed", refine_focal=False)
-    killed.cancel()  # before the child has mapped anything: its answer must come from here
-    assert summary(killed.result()) == here
