@@ -15,6 +15,13 @@ clean one is strictly better), unscorable counts, the smallest margin over the c
 repeat spread (the clean video scored again, and once with one thread), and the median and worst
 time per video.
 
+Repeats are bit-identical, so the repeat spread says nothing about how far apart two equally
+consistent videos can score. Each clean video therefore also gets two neutral copies, as
+3D-consistent as itself: sensor noise (Gaussian, 2 grey levels) and the whole video moved by half
+a pixel (a principal point shift). The neutral spread is the largest relative change of the
+clean score over them; a pair is "right beyond neutral" when the corrupted copy scores worse than
+the clean one by more than that. Both are measured for the baseline too.
+
     python benchmarks/bench_validity.py [--sets statue,kitchen,...] [--cache DIR] [--json OUT]
 """
 
@@ -32,6 +39,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import cv2
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,6 +54,25 @@ from common.video import load_video, uniform_indices, write_video  # noqa: E402
 SHARED = Path(os.environ.get("VGPA_SHARED_DATA", REPO.parent / "shared" / "data"))
 CORRUPTIONS = ["warp3", "warp8", "drift6", "drift16", "deform"]
 _IMAGE_CORRUPTION = {"warp3": ("warp", 3.0), "warp8": ("warp", 8.0), "drift6": ("drift", 6.0), "drift16": ("drift", 16.0)}
+NEUTRAL = ["noise2", "shift0.5"]
+
+
+def _noise(frames: torch.Tensor, sigma: float = 2.0) -> torch.Tensor:
+    """(N, H, W, 3) uint8 plus Gaussian noise of `sigma` grey levels (seeded)."""
+    noise = torch.randn(frames.shape, generator=torch.Generator().manual_seed(0)) * sigma
+    return (frames.float() + noise).round().clamp(0, 255).to(torch.uint8)
+
+
+def _shift(frames: torch.Tensor, px: float = 0.5) -> torch.Tensor:
+    """(N, H, W, 3) uint8 moved by `px` right and down (bilinear): the same scene, another principal point."""
+    H, W = frames.shape[1:3]
+    move = np.float32([[1, 0, px], [0, 1, px]])
+    return torch.from_numpy(np.stack([
+        cv2.warpAffine(f.numpy(), move, (W, H), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101) for f in frames
+    ]))
+
+
+_NEUTRAL_COPY = {"noise2": _noise, "shift0.5": _shift}
 
 
 @dataclass
@@ -98,17 +125,21 @@ def video_sets() -> list[VideoSet]:
 
 
 def build_files(video_set: VideoSet, cache: Path) -> dict[str, Path]:
-    """clean + corruptions as H.264 files (reused from the cache folder when present)."""
+    """clean, corruptions and neutral copies as H.264 files (those in the cache folder are reused)."""
     folder = cache / video_set.name
-    paths = {kind: folder / f"{kind}.mp4" for kind in ["clean", *CORRUPTIONS]}
-    if all(p.is_file() for p in paths.values()):
+    paths = {kind: folder / f"{kind}.mp4" for kind in ["clean", *CORRUPTIONS, *NEUTRAL]}
+    missing = [kind for kind, path in paths.items() if not path.is_file()]
+    if not missing:
         return paths
     folder.mkdir(parents=True, exist_ok=True)
     clean = video_set.clean()
-    write_video(paths["clean"], clean, fps=video_set.fps)
-    for kind in CORRUPTIONS:
-        if kind == "deform":
+    for kind in missing:
+        if kind == "clean":
+            frames = clean
+        elif kind == "deform":
             frames = video_set.deform(clean)
+        elif kind in _NEUTRAL_COPY:
+            frames = _NEUTRAL_COPY[kind](clean)
         else:
             corruption, amplitude = _IMAGE_CORRUPTION[kind]
             frames = corrupt_frames(clean, corruption, seed=1, amplitude_px=amplitude)
@@ -173,60 +204,81 @@ def main() -> None:
         times += [(repeat.seconds, f"{video_set.name}/clean again"), (one_thread.seconds, f"{video_set.name}/clean 1 thread")]
         base = {} if args.no_baseline else {kind: score_baseline(path, config.frames) for kind, path in paths.items()}
         clean = ours["clean"].score
-        spread = 0.0
-        if clean is not None:
-            others = [s.score for s in (repeat, one_thread)]
-            spread = max(abs(o - clean) / clean if o is not None else float("inf") for o in others)
+        spread = _relative_spread(clean, [repeat.score, one_thread.score])
+        neutral = _relative_spread(clean, [ours[k].score for k in NEUTRAL])
         for kind in CORRUPTIONS:
             row = {"set": video_set.name, "corruption": kind, "clean": clean, "corrupted": ours[kind].score,
                    "clean_s": ours["clean"].seconds, "corrupted_s": ours[kind].seconds,
                    "clean_reason": ours["clean"].reason, "corrupted_reason": ours[kind].reason,
-                   "spread": spread, "clean_extra": ours["clean"].extra, "corrupted_extra": ours[kind].extra}
+                   "spread": spread, "neutral_spread": neutral,
+                   "neutral": {k: ours[k].score for k in NEUTRAL},
+                   "clean_extra": ours["clean"].extra, "corrupted_extra": ours[kind].extra}
             if base:
-                row.update(baseline_clean=base["clean"].score, baseline_corrupted=base[kind].score)
+                row.update(baseline_clean=base["clean"].score, baseline_corrupted=base[kind].score,
+                           baseline_neutral_spread=_relative_spread(base["clean"].score, [base[k].score for k in NEUTRAL]))
             rows.append(row)
         print(f"{video_set.name:>16}: clean {_fmt(clean)} ({ours['clean'].reason or 'ok'}; "
-              f"repeat {_fmt(repeat.score)}, 1 thread {_fmt(one_thread.score)}) "
+              f"repeat {_fmt(repeat.score)}, 1 thread {_fmt(one_thread.score)}; neutral "
+              + " ".join(f"{k}={_fmt(ours[k].score)}" for k in NEUTRAL) + ") "
               + " ".join(f"{k}={_fmt(ours[k].score)}" for k in CORRUPTIONS)
-              + (f" | baseline clean {_fmt(base['clean'].score)} " + " ".join(f"{k}={_fmt(base[k].score)}" for k in CORRUPTIONS) if base else ""),
+              + (f" | baseline clean {_fmt(base['clean'].score)} (neutral "
+                 + " ".join(f"{k}={_fmt(base[k].score)}" for k in NEUTRAL) + ") "
+                 + " ".join(f"{k}={_fmt(base[k].score)}" for k in CORRUPTIONS) if base else ""),
               flush=True)
     _report(rows, times, with_baseline=not args.no_baseline)
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "seconds": [seconds for seconds, _ in times]}, indent=1))
 
 
+def _percent(x: Optional[float]) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
 def _fmt(x: Optional[float]) -> str:
     return "unscorable" if x is None else f"{x:.4f}"
 
 
-def _right(clean: Optional[float], corrupted: Optional[float]) -> bool:
-    return clean is not None and corrupted is not None and clean < corrupted
+def _relative_spread(clean: Optional[float], others: list[Optional[float]]) -> Optional[float]:
+    """Largest |other - clean| / clean (inf when another is unscorable); None when clean is."""
+    if clean is None:
+        return None
+    return max((abs(o - clean) / clean if o is not None else float("inf") for o in others), default=0.0)
+
+
+def _right(clean: Optional[float], corrupted: Optional[float], margin: float = 0.0) -> bool:
+    """Both scored and the clean video better; with `margin`, better by more than that fraction."""
+    return clean is not None and corrupted is not None and clean * (1 + margin) < corrupted
 
 
 def _report(rows: list[dict], times: list[tuple[float, str]], with_baseline: bool) -> None:
     """times: (seconds, which video) of every scoring of ours."""
-    print("\nper corruption: pairs right / total (unscorable clean, corrupted); smallest margin over spread")
-    header = f"{'corruption':>10} | {'ours':>8} {'unscorable':>10} {'margin/spread':>13}"
-    print(header + (f" | {'baseline':>8} {'unscorable':>10}" if with_baseline else ""))
+    print("\nper corruption: pairs right / total (unscorable clean, corrupted); smallest margin over the repeat "
+          "spread; pairs right beyond the neutral spread")
+    header = f"{'corruption':>10} | {'ours':>8} {'unscorable':>10} {'margin/spread':>13} {'beyond':>6}"
+    print(header + (f" | {'baseline':>8} {'unscorable':>10} {'beyond':>6}" if with_baseline else ""))
     groups = {k: [r for r in rows if r["corruption"] == k] for k in CORRUPTIONS}
     groups["all"] = rows
     for kind, group in groups.items():
         right = sum(_right(r["clean"], r["corrupted"]) for r in group)
+        beyond = sum(_right(r["clean"], r["corrupted"], r["neutral_spread"] or 0.0) for r in group)
         uns = (sum(r["clean"] is None for r in group), sum(r["corrupted"] is None for r in group))
         ratios = [((r["corrupted"] - r["clean"]) / r["clean"]) / r["spread"] if r["spread"] > 0 else float("inf")
                   for r in group if _right(r["clean"], r["corrupted"])]
-        line = f"{kind:>10} | {right:>3} / {len(group):<3} {uns[0]:>4}, {uns[1]:<4} {min(ratios, default=float('nan')):>13.1f}"
+        line = (f"{kind:>10} | {right:>3} / {len(group):<3} {uns[0]:>4}, {uns[1]:<4} "
+                f"{min(ratios, default=float('nan')):>13.1f} {beyond:>6}")
         if with_baseline:
             b_right = sum(_right(r["baseline_clean"], r["baseline_corrupted"]) for r in group)
+            b_beyond = sum(_right(r["baseline_clean"], r["baseline_corrupted"], r["baseline_neutral_spread"] or 0.0) for r in group)
             b_uns = (sum(r["baseline_clean"] is None for r in group), sum(r["baseline_corrupted"] is None for r in group))
-            line += f" | {b_right:>3} / {len(group):<3} {b_uns[0]:>4}, {b_uns[1]:<4}"
+            line += f" | {b_right:>3} / {len(group):<3} {b_uns[0]:>4}, {b_uns[1]:<4} {b_beyond:>6}"
         print(line)
-    print("\nper set: ours right / baseline right")
+    print("\nper set: ours right / baseline right; neutral spread, ours / baseline")
     for name in dict.fromkeys(r["set"] for r in rows):
         group = [r for r in rows if r["set"] == name]
         ours = sum(_right(r["clean"], r["corrupted"]) for r in group)
         base = sum(_right(r["baseline_clean"], r["baseline_corrupted"]) for r in group) if with_baseline else "-"
-        print(f"{name:>16}: {ours} / {base} of {len(group)}")
+        spreads = _percent(group[0]["neutral_spread"]) + (" / " + _percent(group[0]["baseline_neutral_spread"]) if with_baseline else "")
+        print(f"{name:>16}: {ours} / {base} of {len(group)}; {spreads}")
     seconds = [t for t, _ in times]
     slowest = sorted(times, reverse=True)[:3]
     print(f"\ntime per video (ours): median {statistics.median(seconds):.1f} s, worst {max(seconds):.1f} s "

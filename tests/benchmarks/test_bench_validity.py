@@ -1,0 +1,49 @@
+"""benchmarks/bench_validity.py's neutral copies and its counting of pairs (the scoring itself is
+tested in tests/common; the whole benchmark takes about 15 minutes, so it is not run here)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_validity.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_validity", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load()
+
+
+def test_the_shifted_copy_moves_the_picture_by_half_a_pixel():
+    ramp = torch.arange(64, dtype=torch.float32).mul(2).view(1, 1, 64, 1).expand(2, 48, 64, 3)  # 2 grey levels per column
+    shifted = bench._shift(ramp.to(torch.uint8)).float()
+    assert shifted.shape == ramp.shape
+    # Moved right by 0.5 px: each inner pixel now shows the point half a column to its left.
+    assert torch.allclose(shifted[:, 8:-8, 8:-8], ramp[:, 8:-8, 8:-8] - 1.0, atol=0.51)
+    assert torch.equal(shifted[0], shifted[1])
+
+
+def test_the_noisy_copy_is_seeded_and_keeps_the_picture():
+    frames = torch.full((3, 32, 32, 3), 128, dtype=torch.uint8)
+    noisy = bench._noise(frames)
+    assert torch.equal(noisy, bench._noise(frames))
+    difference = noisy.float() - 128
+    assert abs(float(difference.mean())) < 0.1 and 1.8 < float(difference.std()) < 2.2
+
+
+def test_pairs_are_right_only_when_both_are_scored_and_beyond_the_margin():
+    assert bench._right(1.0, 1.05) and not bench._right(1.0, 1.0) and not bench._right(None, 2.0) and not bench._right(1.0, None)
+    assert bench._right(1.0, 1.05, margin=0.04) and not bench._right(1.0, 1.05, margin=0.06)
+    assert math.isclose(bench._relative_spread(2.0, [2.2, 1.9]), 0.1)
+    assert math.isinf(bench._relative_spread(2.0, [2.1, None]))
+    assert bench._relative_spread(None, [1.0]) is None
