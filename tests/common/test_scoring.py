@@ -68,7 +68,7 @@ def test_result_carries_settings_and_is_json(clean_scores):
     for key in ("status", "reason", "score", "mse", "perceptual", "perceptual_metric", "metric_id", "coverage",
                 "motion", "backend", "frames", "per_frame", "timings_s"):
         assert key in data
-    assert data["metric_id"] == "colmap-flow.r2/align/lambda=1/T=10/side=240/pairwise@2"
+    assert data["metric_id"] == "colmap-flow.r3/align/lambda=1/T=10/side=240/pairwise@2"
     assert data["score"] == pytest.approx(data["mse"] + data["lambda"] * data["perceptual"])
     assert data["frame_indices"][0] == 0 and data["frame_indices"][-1] == 23
     assert data["motion"] > 0.001
