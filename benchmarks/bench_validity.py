@@ -38,18 +38,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-import cv2
-import numpy as np
-import torch
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+# common before cv2: importing common sets OpenCV's pixel limit, which cv2 reads when it loads.
 from common.config import ScoreConfig  # noqa: E402
 from common.metrics import epipolar_error  # noqa: E402
 from common.scoring import score_video  # noqa: E402
 from common.synthetic import corrupt_frames, render_video  # noqa: E402
 from common.video import load_video, uniform_indices, write_video  # noqa: E402
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 SHARED = Path(os.environ.get("VGPA_SHARED_DATA", REPO.parent / "shared" / "data"))
 CORRUPTIONS = ["warp3", "warp8", "drift6", "drift16", "deform"]
