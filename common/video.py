@@ -397,7 +397,8 @@ def _decode(path: Path, kind: str, keep: set[int], *, max_side: int, max_input_s
 def write_video(path: str | Path, frames: Tensor | np.ndarray, fps: float = 8.0, *, lossless: bool = False) -> Path:
     """Write uint8 RGB frames (N, H, W, 3) as H.264 (yuv420p), or FFV1 (bit-exact) with lossless=True.
 
-    H.264 needs even sizes; frames are cropped by one pixel where needed.
+    H.264 needs even sizes; frames are cropped by one pixel where needed. The same frames always
+    give the same file.
     """
     path = Path(path)
     array = torch.as_tensor(frames).numpy() if not isinstance(frames, np.ndarray) else frames
@@ -410,7 +411,10 @@ def write_video(path: str | Path, frames: Tensor | np.ndarray, fps: float = 8.0,
         stream.width, stream.height = width, height
         stream.pix_fmt = "bgr0" if lossless else "yuv420p"
         if not lossless:
-            stream.options = {"crf": "18", "preset": "veryfast"}
+            # No MB-tree: with it, libx264 gave different pictures from the same frames from one
+            # write to the next at most widths (406 or 400 px wide: every time; 384: never),
+            # so a corrupted copy, a sample or a benchmark set written twice scored differently.
+            stream.options = {"crf": "18", "preset": "veryfast", "x264-params": "no-mbtree=1"}
         for image in array:
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image[:height, :width]), format="rgb24")
             for packet in stream.encode(frame):
