@@ -185,7 +185,8 @@ def _with_threads(n: int, fn):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sets", default="", help="comma-separated set names (default: all available)")
-    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "vgpa-validity")
+    # "-2": sets written before write_video was repeatable (no MB-tree) are not these videos.
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "vgpa-validity-2")
     parser.add_argument("--json", type=Path, default=None, help="write every row here")
     parser.add_argument("--no-baseline", action="store_true")
     args = parser.parse_args()
