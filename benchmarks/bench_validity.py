@@ -55,7 +55,7 @@ import torch  # noqa: E402
 SHARED = Path(os.environ.get("VGPA_SHARED_DATA", REPO.parent / "shared" / "data"))
 CORRUPTIONS = ["warp3", "warp8", "drift6", "drift16", "deform"]
 _IMAGE_CORRUPTION = {"warp3": ("warp", 3.0), "warp8": ("warp", 8.0), "drift6": ("drift", 6.0), "drift16": ("drift", 16.0)}
-NEUTRAL = ["noise2", "shift0.5"]
+NEUTRAL = ["noise2", "shift0.5", "reencoded"]
 
 
 def _noise(frames: torch.Tensor, sigma: float = 2.0) -> torch.Tensor:
@@ -73,7 +73,17 @@ def _shift(frames: torch.Tensor, px: float = 0.5) -> torch.Tensor:
     ]))
 
 
-_NEUTRAL_COPY = {"noise2": _noise, "shift0.5": _shift}
+def _reencoded(frames: torch.Tensor) -> torch.Tensor:
+    """(N, H, W, 3) uint8 after one H.264 round trip: written like every file, a second generation.
+
+    Videos reach a scorer re-encoded (uploads, players, the sampler's own files): the same
+    pictures with other compression noise, as 3D-consistent as the first generation.
+    """
+    with tempfile.TemporaryDirectory(prefix="vgpa-reencode-") as tmp:
+        return load_video(write_video(Path(tmp) / "first.mp4", frames)).frames
+
+
+_NEUTRAL_COPY = {"noise2": _noise, "shift0.5": _shift, "reencoded": _reencoded}
 
 
 @dataclass

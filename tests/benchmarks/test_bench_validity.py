@@ -41,6 +41,18 @@ def test_the_noisy_copy_is_seeded_and_keeps_the_picture():
     assert abs(float(difference.mean())) < 0.1 and 1.8 < float(difference.std()) < 2.2
 
 
+def test_the_reencoded_copy_is_a_close_second_generation():
+    from common.synthetic import render_video
+
+    first = bench._reencoded(render_video("boxes", "orbit", frames=8, size=(96, 128)).frames)  # as a file holds it
+    second = bench._reencoded(first)
+    assert second.shape == first.shape and second.dtype == torch.uint8
+    difference = (second.float() - first.float()).abs()
+    # compression noise (this small, saturated clip loses most to 4:2:0 chroma), not another picture
+    assert 0 < float(difference.mean()) < 4.0 < float((first[1:].float() - first[:-1].float()).abs().mean())
+    assert torch.equal(second, bench._reencoded(first))
+
+
 def test_pairs_are_right_only_when_both_are_scored_and_beyond_the_margin():
     assert bench._right(1.0, 1.05) and not bench._right(1.0, 1.0) and not bench._right(None, 2.0) and not bench._right(1.0, None)
     assert bench._right(1.0, 1.05, margin=0.04) and not bench._right(1.0, 1.05, margin=0.06)
