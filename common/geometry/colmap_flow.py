@@ -11,9 +11,10 @@
    each side in time, the closest with `neighbour_angle_deg` = 1.5 degrees of parallax: a wider
    baseline lowers the depth noise of slow cameras), triangulated with the
    recovered cameras. A pixel's depth from one neighbour is kept when it passes a
-   forward-backward flow check, lies in front of both cameras and has at least
-   `min_angle_deg` of triangulation angle; estimates are fused by their median, and the
-   confidence is the fraction of neighbours that gave one.
+   forward-backward flow check, lies in front of both cameras, has at least
+   `min_angle_deg` of triangulation angle and lies where the frame has texture (`min_texture`:
+   on smooth surfaces the flow is interpolated, not measured); estimates are fused by their
+   median, and the confidence is the fraction of neighbours that gave one.
 
 COLMAP's cameras are OpenCV cameras with world-to-camera `cam_from_world`, the convention of
 `common.camera`; intrinsics are in pixels of the frames as written (the scored frames), with the
@@ -120,12 +121,18 @@ class ColmapFlowBackend(GeometryBackend):
             its frames took 55-120 s).
         relaxed_ransac_px: RANSAC tolerance (px at 480 px) of the second pass of a clip that matched
             too much for the dense pass (COLMAP's default is 4).
+        min_texture: a pixel gets depth only where the frame's gradient energy at flow scale (the
+            sum of the structure tensor's eigenvalues over a 7 px window, grey levels in [0, 1];
+            `_texture`) reaches this. Optical flow on a smooth surface is the smoothness prior's
+            interpolation, not a measurement: its depth is noise that scores like inconsistency
+            (docs/backends.md, "No depth without texture"). 0 keeps every pixel.
     """
 
     name = "colmap-flow"
     # 2: the second SfM pass chosen by the fast pass's matches (dense at 720 px, or relaxed RANSAC).
     # 3: DSP-SIFT features in the fast pass.
-    revision = 3
+    # 4: no depth where the frame has no texture (`min_texture`).
+    revision = 4
 
     def __init__(
         self,
@@ -143,7 +150,9 @@ class ColmapFlowBackend(GeometryBackend):
         dense_frames: int = 25,
         dense_match_budget: int = 30_000,
         relaxed_ransac_px: float = 8.0,
+        min_texture: float = 1e-4,
     ) -> None:
+        self.min_texture = min_texture
         self.dense_frames = dense_frames
         self.dense_match_budget = dense_match_budget
         self.relaxed_ransac_px = relaxed_ransac_px
@@ -208,6 +217,7 @@ class ColmapFlowBackend(GeometryBackend):
                 moving[t] = torch.from_numpy(self._moving(agreed, max(H, W)))
                 stack = torch.from_numpy(np.stack(estimates))  # (n, H, W), NaN where invalid
                 stack[:, moving[t]] = float("nan")  # a moving thing has no depth in a rigid scene
+                stack[:, ~self._textured(small_gray(i), H, W)] = float("nan")  # flow there is interpolated
                 valid = ~torch.isnan(stack)
                 depth[t] = torch.nan_to_num(stack.nanmedian(dim=0).values, nan=0.0).float()
                 confidence[t] = valid.float().sum(0) / max(len(neighbours), 2)
@@ -221,6 +231,15 @@ class ColmapFlowBackend(GeometryBackend):
             moving=moving,
             timings_s=timings,
         )
+
+    def _textured(self, small_gray: np.ndarray, height: int, width: int) -> Tensor:
+        """(h, w) uint8 grey frame at flow scale -> (H, W) bool: where its flow can be measured."""
+        if self.min_texture <= 0:
+            return torch.ones(height, width, dtype=torch.bool)
+        energy = _texture(small_gray)
+        if energy.shape != (height, width):
+            energy = cv2.resize(energy, (width, height), interpolation=cv2.INTER_LINEAR)
+        return torch.from_numpy(energy >= self.min_texture)
 
     def _moving(self, miss: np.ndarray, long_side: int) -> np.ndarray:
         """(H, W) epipolar miss in px (NaN: no flow) -> (H, W) bool mask of moving things.
@@ -504,6 +523,15 @@ def _flow_size(height: int, width: int, max_side: int) -> tuple[int, int]:
     """(width, height) for cv2 at which optical flow is computed."""
     scale = min(1.0, max_side / max(height, width))
     return (max(16, round(width * scale)), max(16, round(height * scale)))
+
+
+def _texture(gray: np.ndarray) -> np.ndarray:
+    """(h, w) uint8 grey frame -> (h, w) float32 gradient energy: the trace of the structure
+    tensor over a 7x7 window of 3x3 Sobel derivatives, in OpenCV's scaling. A ramp of g grey levels
+    per pixel reads 4 g^2 / 255^2 (the default `min_texture`, 1e-4, is about 1.3 levels per pixel);
+    sensor noise of 1 grey level reads about 2.4e-5, of 2 levels 9e-5."""
+    eigen = cv2.cornerEigenValsAndVecs(gray, 7, 3)  # (h, w, 6): l1, l2, then the two eigenvectors
+    return (eigen[..., 0] + eigen[..., 1]).astype(np.float32)
 
 
 def _upsample_flow(flow: np.ndarray, height: int, width: int) -> np.ndarray:

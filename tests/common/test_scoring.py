@@ -68,7 +68,7 @@ def test_result_carries_settings_and_is_json(clean_scores):
     for key in ("status", "reason", "score", "mse", "perceptual", "perceptual_metric", "metric_id", "coverage",
                 "motion", "backend", "frames", "per_frame", "timings_s"):
         assert key in data
-    assert data["metric_id"] == "colmap-flow.r3/align/lambda=1/T=10/side=240/pairwise@2"
+    assert data["metric_id"] == "colmap-flow.r4/align/lambda=1/T=10/side=240/pairwise@2"
     assert data["score"] == pytest.approx(data["mse"] + data["lambda"] * data["perceptual"])
     assert data["frame_indices"][0] == 0 and data["frame_indices"][-1] == 23
     assert data["motion"] > 0.001
@@ -161,6 +161,40 @@ def test_a_static_part_too_small_to_judge_is_unscorable(movers_video):
     result = score_video(video.frames, CONFIG.model_copy(update={"max_moving_fraction": 0.0}))
     assert result.status == "unscorable" and result.score is None
     assert "moving things cover" in result.reason and result.moving_fraction > 0
+
+
+def test_no_depth_where_the_frame_has_no_texture():
+    """A wall painted one flat grey gets no depth: optical flow on it is the smoothness prior's
+    interpolation, not a measurement. With the check off (min_texture=0) it does get depth, and the
+    textured rest of the scene has depth either way."""
+    from common.geometry.colmap_flow import ColmapFlowBackend
+    from common.synthetic import make_scene
+    from common.video import uniform_indices
+
+    def video(flat: bool):
+        scene = make_scene("boxes", seed=0)
+        if flat:  # the back wall (box 1, about half the view): every face one grey
+            scene.textures = scene.textures.clone()  # the scene's textures are shared by the process
+            scene.textures[1] = 0.5
+        return render_video(scene, "orbit", frames=24, size=SIZE)
+
+    textured, flat = video(False), video(True)
+    scored = uniform_indices(24, 10)
+    # The flat wall's inside: where the two renders differ, away from its edges (7 px window).
+    wall = (textured.frames[scored].float() - flat.frames[scored].float()).abs().amax(-1) > 0
+    inside = -torch.nn.functional.max_pool2d(-wall[:, None].float(), 9, 1, 4)[:, 0] > 0
+    elsewhere = ~torch.nn.functional.max_pool2d(wall[:, None].float(), 9, 1, 4)[:, 0].bool()
+    assert 0.2 < inside.float().mean() < 0.7, "the flat wall should fill part of the view"
+
+    checked = ColmapFlowBackend().reconstruct(flat.frames, scored, list(range(24)))
+    unchecked = ColmapFlowBackend(min_texture=0).reconstruct(flat.frames, scored, list(range(24)))
+    assert int(checked.registered.sum()) >= 8
+    registered = checked.registered[:, None, None]
+    has_depth = lambda g: (g.confidence > 0) & registered  # noqa: E731
+    on_wall = lambda m: float(m[inside & registered].float().mean())  # noqa: E731
+    assert on_wall(has_depth(checked)) < 0.05
+    assert on_wall(has_depth(unchecked)) > 0.5
+    assert float(has_depth(checked)[elsewhere & registered].float().mean()) > 0.5
 
 
 def test_cameras_collapsed_to_orthographic_are_unscorable():
