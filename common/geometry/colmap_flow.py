@@ -133,6 +133,9 @@ class ColmapFlowBackend(GeometryBackend):
     # 3: DSP-SIFT features in the fast pass.
     # 4: no depth where the frame has no texture (`min_texture`).
     revision = 4
+    # The revision of `cameras` alone (the hybrid backend's part of its metric_id): 4 changed the
+    # depth only.
+    cameras_revision = 3
 
     def __init__(
         self,

@@ -96,7 +96,7 @@ class HybridBackend(GeometryBackend):
         self.min_points = min_points
         self.sfm = ColmapFlowBackend()
         self.name = f"hybrid+{self.model.config.model_type}"
-        self.revision = self.sfm.revision  # its cameras are colmap-flow's
+        self.revision = self.sfm.cameras_revision  # its cameras are colmap-flow's; its depth is its own
 
     @torch.no_grad()
     def predict(self, frames: Tensor) -> Tensor:
