@@ -190,7 +190,8 @@ class PairwiseErrors:
     each source weighs by how much of t it explains. (Weighing every source the same was
     measured too: it lets the far pairs' depth noise dominate, and ranked fewer pairs right.)
     preview: (T, H, W, 3) render of t from its nearest scored frame in time, preview_mask its
-    covered pixels, moving the (T, H, W) moving-pixel mask (all at full resolution).
+    covered pixels, moving the (T, H, W) moving-pixel mask, lifted the (T, H, W) pixels that became
+    3D points (confident depth, static, registered frame; all at full resolution).
     """
 
     squared: Tensor
@@ -202,6 +203,7 @@ class PairwiseErrors:
     preview: Tensor
     preview_mask: Tensor
     moving: Tensor
+    lifted: Tensor
 
     def frame_errors(self, t: int) -> tuple[Optional[float], Optional[float]]:
         """(MSE, perceptual) of target frame t over the pairs that rendered into it; None when none did."""
@@ -274,13 +276,12 @@ def pairwise_errors(
             squared[s, t] = error[k][valid[k]].double().sum()
             perceptual[s, t] = distance[k][valid[k]].double().sum()
             pixels[s, t] = int(valid[k].sum())
-    lifted = confident.float().mean()
     return PairwiseErrors(
         squared=squared, perceptual=perceptual, pixels=pixels,
         covered=covered_any.flatten(1).float().mean(dim=1).cpu(),
-        confident_fraction=float(lifted),
+        confident_fraction=float(confident.float().mean()),
         moving_fraction=float(moving[registered].float().mean()) if bool(registered.any()) else 0.0,
-        preview=preview, preview_mask=preview_mask, moving=moving,
+        preview=preview, preview_mask=preview_mask, moving=moving, lifted=confident,
     )
 
 
@@ -339,8 +340,9 @@ def _frame_rows(indices: list[int], registered: Optional[Tensor] = None) -> list
 
 
 def _write_previews(folder: Path, frames: Tensor, errors: PairwiseErrors, indices: list[int]) -> list[str]:
-    """One PNG per frame: original (moving things tinted red) | render from the nearest frame (holes
-    checkered) | error heatmap (holes grey, moving things blue): what was compared and what was left out."""
+    """One PNG per frame: original (moving things tinted red, pixels that got no depth darkened: no
+    texture, failed flow checks) | render from the nearest frame (holes checkered) | error heatmap
+    (holes grey, moving things blue): what was compared, what was left out and why."""
     folder.mkdir(parents=True, exist_ok=True)
     H, W = frames.shape[1:3]
     v, u = np.mgrid[0:H, 0:W]
@@ -350,7 +352,9 @@ def _write_previews(folder: Path, frames: Tensor, errors: PairwiseErrors, indice
         original = (frames[t].cpu().numpy() * 255).round().astype(np.uint8)
         mask = errors.preview_mask[t].cpu().numpy()
         moving = errors.moving[t].cpu().numpy()
-        tinted = np.where(moving[..., None], (0.5 * original + [127, 0, 0]).astype(np.uint8), original)
+        no_depth = ~errors.lifted[t].cpu().numpy() & ~moving
+        tinted = np.where(no_depth[..., None], (0.4 * original).astype(np.uint8), original)
+        tinted = np.where(moving[..., None], (0.5 * original + [127, 0, 0]).astype(np.uint8), tinted)
         reproj = np.where(mask[..., None], (errors.preview[t].cpu().numpy() * 255).round().astype(np.uint8), checker)
         error = (errors.preview[t] - frames[t]).abs().mean(-1).cpu().numpy()
         heat = cv2.applyColorMap(np.clip(error / 0.25 * 255, 0, 255).astype(np.uint8), cv2.COLORMAP_INFERNO)

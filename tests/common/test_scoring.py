@@ -248,3 +248,27 @@ def test_the_second_sfm_pass_is_chosen_by_the_fast_pass_matches_and_repeats(budg
     assert name == expected and sum(i in first.poses for i in scored) == len(scored)
     assert first.poses.keys() == again.poses.keys()
     assert all(torch.equal(first.poses[i], again.poses[i]) for i in first.poses)
+
+
+def test_previews_darken_the_pixels_that_got_no_depth(tmp_path):
+    """The preview's first panel shows what was left out and why: a flat wall gets no depth, so
+    it is darkened there, and the textured pixels that became points are shown as they are."""
+    import cv2
+    import numpy as np
+
+    from common.synthetic import make_scene
+
+    scene = make_scene("boxes", seed=0)
+    scene.textures = scene.textures.clone()  # the scene's textures are shared by the process
+    scene.textures[1] = 0.5  # the back wall, about half the view
+    video = render_video(scene, "orbit", frames=24, size=SIZE)
+    result = score_video(video.frames, CONFIG, preview_dir=tmp_path)
+    assert result.status == "ok", result.reason
+    row = next(t for t, r in enumerate(result.per_frame) if r.ok)
+    panel = cv2.cvtColor(cv2.imread(result.previews[row]), cv2.COLOR_BGR2RGB).astype(np.int16)
+    original = video.frames[result.per_frame[row].index].numpy().astype(np.int16)
+    left = panel[:, : SIZE[1]]
+    same = (np.abs(left - original).max(-1) == 0)
+    darker = (left.sum(-1) < 0.6 * original.sum(-1))
+    assert same.mean() > 0.2 and darker.mean() > 0.1, (same.mean(), darker.mean())
+    assert (same | darker).mean() > 0.95  # every pixel is either shown as it is or darkened (or tinted: moving)
