@@ -68,13 +68,15 @@ def test_unregistered_frames_make_mvcs_pairs_unmeasurable(videos):
     assert result.pairs_unmeasurable == 2 and result.pairs_measured == 9
 
 
-@pytest.mark.parametrize("corruption", ["warp", "drift"])
-def test_mvcs_orders_clean_above_corrupted(estimated, corruption):
-    clean, corrupted = estimated[None][1], estimated[corruption][1]
+def test_mvcs_orders_clean_above_warped(estimated):
+    # Only the warp: MVCS compares *consecutive* frames' depth, and a drift or a deformation that
+    # grows smoothly over the video moves consecutive frames by well under a pixel, which the
+    # estimated depth absorbs; on this scene clean and drifting differ by ~3e-4, inside the
+    # run-to-run noise of the multi-threaded SfM, and deformed scores higher (docs/eval.md).
+    clean, corrupted = estimated[None][1], estimated["warp"][1]
     # Frames that a corruption keeps from registering leave their pairs unmeasurable: a value
-    # over fewer pairs is not a better one.
-    # (With no pair measured at all, the value is None.)
-    assert corrupted.pairs_measured < clean.pairs_measured or clean.value > corrupted.value, (clean, corrupted)
+    # over fewer pairs is not a better one. (With no pair measured at all, the value is None.)
+    assert corrupted.pairs_measured < clean.pairs_measured or clean.value > corrupted.value + 0.05, (clean, corrupted)
 
 
 @pytest.mark.parametrize("corruption", CORRUPTIONS)
