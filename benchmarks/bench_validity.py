@@ -3,7 +3,7 @@
 Builds corrupted sets from real captures (../shared/data/real: statue, kitchen, each also as 8
 evenly spaced frames), real videos with moving subjects (../shared/data/real-dynamic: bear,
 backpack) and the synthetic renderer (orbit, dolly, a slow generated-style camera at 480x720 with
-and without moving objects). Each clean video gets five corruptions: smooth per-frame jitter-warps
+no, two and six moving objects). Each clean video gets five corruptions: smooth per-frame jitter-warps
 of 3 and 8 px, progressive drift to 6 and 16 px, and a deforming region (a growing bulge on real
 footage, a growing object in the renderer). Every video is written as an H.264 file and scored
 from that file, by the project's default scorer and, in the same run, by the baseline: SIFT
@@ -20,9 +20,11 @@ consistent videos can score. Each clean video therefore also gets two neutral co
 3D-consistent as itself: sensor noise (Gaussian, 2 grey levels) and the whole video moved by half
 a pixel (a principal point shift). The neutral spread is the largest relative change of the
 clean score over them; a pair is "right beyond neutral" when the corrupted copy scores worse than
-the clean one by more than that. Both are measured for the baseline too.
+the clean one by more than that. Both are measured for the baseline too. A set with moving
+objects has one more neutral copy, `still`: the same render without them (its static scene is as
+3D-consistent; a scorer that leaves the movers out should score it the same).
 
-    python benchmarks/bench_validity.py [--sets statue,kitchen,...] [--cache DIR] [--json OUT]
+    python benchmarks/bench_validity.py [--sets statue,kitchen,...] [--cache DIR] [--json OUT] [--backend-options JSON]
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ sys.path.insert(0, str(REPO))
 
 # common before cv2: importing common sets OpenCV's pixel limit, which cv2 reads when it loads.
 from common.config import ScoreConfig  # noqa: E402
+from common.geometry import GeometryBackend  # noqa: E402
+from common.geometry.colmap_flow import ColmapFlowBackend  # noqa: E402
 from common.metrics import epipolar_error  # noqa: E402
 from common.scoring import score_video  # noqa: E402
 from common.synthetic import corrupt_frames, render_video  # noqa: E402
@@ -92,6 +96,12 @@ class VideoSet:
     clean: Callable[[], torch.Tensor]  # -> (N, H, W, 3) uint8
     deform: Callable[[torch.Tensor], torch.Tensor]  # clean frames -> deformed frames
     fps: float = 8.0
+    still: Optional[Callable[[], torch.Tensor]] = None  # a render's clean frames without its moving objects
+
+    @property
+    def neutral(self) -> list[str]:
+        """The neutral copies of this set: the general ones, and `still` where there are movers."""
+        return NEUTRAL + (["still"] if self.still else [])
 
 
 def _real(folder: Path, frames: Optional[int] = None, max_side: int = 720) -> Callable[[], torch.Tensor]:
@@ -108,9 +118,11 @@ def _bulge(frames: torch.Tensor) -> torch.Tensor:
 
 
 def _rendered(scene: str, trajectory: str, frames: int, size: tuple[int, int], movers: int = 0):
+    """clean, deform and (with movers) still frame makers of a synthetic set."""
     clean = lambda: render_video(scene, trajectory, frames=frames, size=size, movers=movers).frames  # noqa: E731
     deform = lambda _: render_video(scene, trajectory, frames=frames, size=size, movers=movers, corruption="deform").frames  # noqa: E731
-    return clean, deform
+    still = (lambda: render_video(scene, trajectory, frames=frames, size=size).frames) if movers else None  # noqa: E731
+    return clean, deform, still
 
 
 def video_sets() -> list[VideoSet]:
@@ -129,16 +141,17 @@ def video_sets() -> list[VideoSet]:
         "syn-dolly": ("room", "dolly", 24, (240, 320)),
         "syn-slow": ("boxes", "slow", 49, (480, 720)),
         "syn-slow-movers": ("boxes", "slow", 49, (480, 720), 2),
+        "syn-slow-crowd": ("boxes", "slow", 49, (480, 720), 6),  # six movers, about 6% of the pixels
     }.items():
-        clean, deform = _rendered(*args)
-        sets.append(VideoSet(name, clean, deform, fps=16.0))
+        clean, deform, still = _rendered(*args)
+        sets.append(VideoSet(name, clean, deform, fps=16.0, still=still))
     return sets
 
 
 def build_files(video_set: VideoSet, cache: Path) -> dict[str, Path]:
     """clean, corruptions and neutral copies as H.264 files (those in the cache folder are reused)."""
     folder = cache / video_set.name
-    paths = {kind: folder / f"{kind}.mp4" for kind in ["clean", *CORRUPTIONS, *NEUTRAL]}
+    paths = {kind: folder / f"{kind}.mp4" for kind in ["clean", *CORRUPTIONS, *video_set.neutral]}
     missing = [kind for kind, path in paths.items() if not path.is_file()]
     if not missing:
         return paths
@@ -149,6 +162,8 @@ def build_files(video_set: VideoSet, cache: Path) -> dict[str, Path]:
             frames = clean
         elif kind == "deform":
             frames = video_set.deform(clean)
+        elif kind == "still":
+            frames = video_set.still()
         elif kind in _NEUTRAL_COPY:
             frames = _NEUTRAL_COPY[kind](clean)
         else:
@@ -166,9 +181,9 @@ class Scored:
     extra: dict = field(default_factory=dict)
 
 
-def score_project(path: Path, config: ScoreConfig) -> Scored:
+def score_project(path: Path, config: ScoreConfig, backend: Optional[GeometryBackend] = None) -> Scored:
     start = time.perf_counter()
-    result = score_video(path, config)
+    result = score_video(path, config, backend=backend)
     seconds = time.perf_counter() - start
     extra = {"coverage": result.coverage, "registered": result.registered_frames, "moving_fraction": result.moving_fraction}
     return Scored(result.score if result.status == "ok" else None, result.reason or "", seconds, extra)
@@ -199,8 +214,11 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "vgpa-validity-2")
     parser.add_argument("--json", type=Path, default=None, help="write every row here")
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--backend-options", type=json.loads, default=None, metavar="JSON",
+                        help='settings of the default backend to measure, e.g. \'{"mask_moving_features": false}\'')
     args = parser.parse_args()
     config = ScoreConfig()
+    backend = ColmapFlowBackend(**args.backend_options) if args.backend_options else None
     wanted = [s for s in args.sets.split(",") if s]
     sets = [s for s in video_sets() if not wanted or s.name in wanted]
     if not sets:
@@ -209,32 +227,33 @@ def main() -> None:
     rows, times = [], []
     for video_set in sets:
         paths = build_files(video_set, args.cache)
-        ours = {kind: score_project(path, config) for kind, path in paths.items()}
-        repeat = score_project(paths["clean"], config)
-        one_thread = _with_threads(1, lambda: score_project(paths["clean"], config))
+        ours = {kind: score_project(path, config, backend) for kind, path in paths.items()}
+        repeat = score_project(paths["clean"], config, backend)
+        one_thread = _with_threads(1, lambda: score_project(paths["clean"], config, backend))
         times += [(s.seconds, f"{video_set.name}/{kind}") for kind, s in ours.items()]
         times += [(repeat.seconds, f"{video_set.name}/clean again"), (one_thread.seconds, f"{video_set.name}/clean 1 thread")]
         base = {} if args.no_baseline else {kind: score_baseline(path, config.frames) for kind, path in paths.items()}
         clean = ours["clean"].score
         spread = _relative_spread(clean, [repeat.score, one_thread.score])
-        neutral = _relative_spread(clean, [ours[k].score for k in NEUTRAL])
+        neutral_kinds = video_set.neutral
+        neutral = _relative_spread(clean, [ours[k].score for k in neutral_kinds])
         for kind in CORRUPTIONS:
             row = {"set": video_set.name, "corruption": kind, "clean": clean, "corrupted": ours[kind].score,
                    "clean_s": ours["clean"].seconds, "corrupted_s": ours[kind].seconds,
                    "clean_reason": ours["clean"].reason, "corrupted_reason": ours[kind].reason,
                    "spread": spread, "neutral_spread": neutral,
-                   "neutral": {k: ours[k].score for k in NEUTRAL},
+                   "neutral": {k: ours[k].score for k in neutral_kinds},
                    "clean_extra": ours["clean"].extra, "corrupted_extra": ours[kind].extra}
             if base:
                 row.update(baseline_clean=base["clean"].score, baseline_corrupted=base[kind].score,
-                           baseline_neutral_spread=_relative_spread(base["clean"].score, [base[k].score for k in NEUTRAL]))
+                           baseline_neutral_spread=_relative_spread(base["clean"].score, [base[k].score for k in neutral_kinds]))
             rows.append(row)
         print(f"{video_set.name:>16}: clean {_fmt(clean)} ({ours['clean'].reason or 'ok'}; "
               f"repeat {_fmt(repeat.score)}, 1 thread {_fmt(one_thread.score)}; neutral "
-              + " ".join(f"{k}={_fmt(ours[k].score)}" for k in NEUTRAL) + ") "
+              + " ".join(f"{k}={_fmt(ours[k].score)}" for k in neutral_kinds) + ") "
               + " ".join(f"{k}={_fmt(ours[k].score)}" for k in CORRUPTIONS)
               + (f" | baseline clean {_fmt(base['clean'].score)} (neutral "
-                 + " ".join(f"{k}={_fmt(base[k].score)}" for k in NEUTRAL) + ") "
+                 + " ".join(f"{k}={_fmt(base[k].score)}" for k in neutral_kinds) + ") "
                  + " ".join(f"{k}={_fmt(base[k].score)}" for k in CORRUPTIONS) if base else ""),
               flush=True)
     _report(rows, times, with_baseline=not args.no_baseline)

@@ -59,3 +59,16 @@ def test_pairs_are_right_only_when_both_are_scored_and_beyond_the_margin():
     assert math.isclose(bench._relative_spread(2.0, [2.2, 1.9]), 0.1)
     assert math.isinf(bench._relative_spread(2.0, [2.1, None]))
     assert bench._relative_spread(None, [1.0]) is None
+
+
+def test_sets_with_moving_objects_have_a_still_copy_without_them():
+    """The movers' sets get a fourth neutral copy, the same render without its moving objects."""
+    sets = {s.name: s for s in bench.video_sets()}
+    assert {"syn-slow-movers", "syn-slow-crowd"} <= sets.keys()
+    assert sets["syn-slow-crowd"].neutral == [*bench.NEUTRAL, "still"]
+    assert sets["syn-slow"].neutral == bench.NEUTRAL and sets["syn-slow"].still is None
+    clean, deform, still = bench._rendered("boxes", "slow", 6, (48, 64), movers=2)
+    small = bench.VideoSet("tiny-movers", clean, deform, still=still)
+    still, clean = small.still(), small.clean()
+    assert still.shape == clean.shape and not torch.equal(still, clean)
+    assert torch.equal(still, bench._rendered("boxes", "slow", 6, (48, 64))[0]())
