@@ -146,8 +146,7 @@ class ColmapFlowBackend(GeometryBackend):
     # 2: the second SfM pass chosen by the fast pass's matches (dense at 720 px, or relaxed RANSAC).
     # 3: DSP-SIFT features in the fast pass.
     # 4: no depth where the frame has no texture (`min_texture`).
-    # 5: moving things found before the cameras get no SfM features and are left out of the error
-    #    (`mask_moving_features`).
+    # 5: moving things found before the cameras get no SfM features (`mask_moving_features`).
     revision = 5
     # The revision of `cameras` alone (the hybrid backend's part of its metric_id): 4 changed the
     # depth only, 5 the cameras.
