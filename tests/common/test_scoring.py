@@ -305,9 +305,9 @@ def test_the_second_sfm_pass_is_chosen_by_the_fast_pass_matches_and_repeats(budg
     scored = uniform_indices(len(frames), 6)
     backend = ColmapFlowBackend(min_registered=1.01, dense_match_budget=budget)
     cameras = backend.cameras(frames, scored)
-    assert list(cameras.passes) == ["fast", expected]
+    assert list(cameras.passes) == ["masks", "fast", expected]
     assert sum(i in cameras.poses for i in scored) == len(scored)
-    assert set(cameras.timings()) == {"sfm_fast", f"sfm_{expected}"}
+    assert set(cameras.timings()) == {"sfm_masks", "sfm_fast", f"sfm_{expected}"}
 
     def second_pass(run: str):
         fast = _Workspace(tmp_path / run / "fast", frames, FAST, range(len(frames)))
