@@ -346,10 +346,10 @@ class ColmapFlowBackend(GeometryBackend):
         static scene's, and with a slow camera they pass two-view verification and pull the
         cameras with them: on a slow generated-style clip with six sliding boxes (about 6% of the
         pixels) the clean score rose from 0.094 (no movers) to 0.162; with the movers' true
-        pixels kept out of the features it was 0.106, with these masks 0.105 (docs/backends.md,
-        "Moving things before the cameras"). Each SfM frame's flow to two SfM neighbours (the previous and the next one, at
-        an end the two nearest) is tested against a fundamental matrix that RANSAC fits to that
-        flow; pixels that miss its epipolar lines in both pairs, by the thresholds and blob rules of
+        pixels kept out of the features it was 0.106, with these masks 0.106 (docs/backends.md,
+        "Moving things before the cameras"). Each SfM frame's flow to two SfM neighbours (the
+        previous and the next one, at an end the two nearest) is tested against a fundamental
+        matrix that RANSAC fits to that flow; pixels that miss its epipolar lines in both pairs, by the thresholds and blob rules of
         the depth stage's moving-thing mask (`_moving`), get no features. A frame is tested only
         when both fits hold for a rigid majority of the flow (`_MIN_INLIER_RATIO`); otherwise (a
         corrupted copy, noisy flow on low texture) it keeps every feature, as before revision 5.
