@@ -5,6 +5,7 @@
    pinhole camera. When the fast settings leave too many scored frames unregistered, one second
    pass of bounded cost: a denser one (finer SIFT, every pair up to 25 frames) for clips that
    matched little, the same matches verified to a looser tolerance for clips that matched a lot.
+   A sparse capture (at most 12 frames, views far apart) gets affine-covariant SIFT in that pass.
    A focal length that bundle adjustment narrows below `min_calibrated_fov_deg` is fixed at the
    prior instead. Moving things (animals, people, vehicles) are found first, without cameras: each
    SfM frame's flow to its SfM neighbours against a fundamental matrix that RANSAC fits to it.
@@ -16,7 +17,9 @@
    forward-backward flow check, lies in front of both cameras, has at least
    `min_angle_deg` of triangulation angle and lies where the frame has texture (`min_texture`:
    on smooth surfaces the flow is interpolated, not measured); estimates are fused by their
-   median, and the confidence is the fraction of neighbours that gave one.
+   median, and the confidence is the fraction of neighbours that gave one. Between views turned
+   more than `sweep_above_deg` apart (sparse captures) flow finds almost nothing: there a plane
+   sweep with a left-right check gives the depth instead.
 
 COLMAP's cameras are OpenCV cameras with world-to-camera `cam_from_world`, the convention of
 `common.camera`; intrinsics are in pixels of the frames as written (the scored frames), with the
@@ -57,6 +60,9 @@ class SfmSettings:
     # or low-contrast frames, hence better cameras, which set how finely the score resolves
     # (docs/backends.md, "DSP-SIFT"). It costs about 1.3 s more per fast pass.
     domain_size_pooling: bool = True
+    # Affine-covariant SIFT (`estimate_affine_shape`): features that survive the foreshortening of
+    # views 30-90 degrees apart (sparse captures); about 1.5x the extraction time.
+    affine_shape: bool = False
 
 
 # Global SfM (GLOMAP in pycolmap 4) registers slow, short generated clips that incremental SfM
@@ -74,6 +80,12 @@ FAST = SfmSettings(max_side=480, first_octave=0, max_features=2048)
 # Plain SIFT here: DSP-SIFT doubled the dense pass's time (kitchen: 7 s -> 14.5 s per video) and
 # its cameras ranked one corruption fewer right.
 DENSE = SfmSettings(max_side=720, first_octave=0, max_features=4096, overlap=8, exhaustive_up_to=25, domain_size_pooling=False)
+# The second pass of a sparse capture (at most `exhaustive_up_to` frames, views far apart, every
+# pair matched): affine-covariant SIFT from the upsampled octave. On the 8-frame kitchen orbit
+# (views about 45 degrees apart) DENSE registered 0 of 8 frames of its corrupted and neutral copies
+# and 6 of the clean one; these settings 7 of 8 on every one, in about 8 s (measured 2026-12-06;
+# docs/backends.md, "Sparse captures").
+SPARSE = SfmSettings(max_side=720, first_octave=-1, max_features=2048, exhaustive_up_to=12, domain_size_pooling=False, affine_shape=True)
 
 
 # The camera-free motion masks (`ColmapFlowBackend._feature_masks`): RANSAC fits a fundamental
@@ -96,11 +108,11 @@ class Cameras:
     scene_depth: dict[int, float]  # frame position -> median depth of its SfM points (picks neighbours)
     # frame position -> (n, 3) float64 rows (u, v, z): its SfM points' pixels (our convention) and camera depths
     observations: dict[int, np.ndarray] = field(default_factory=dict)
-    # seconds of each SfM step that ran: "masks", "fast", then "dense" or "relaxed" (see ColmapFlowBackend.cameras)
+    # seconds of each SfM step that ran: "masks", "fast", then "dense", "sparse" or "relaxed" (see ColmapFlowBackend.cameras)
     passes: dict[str, float] = field(default_factory=dict)
 
     def timings(self) -> dict[str, float]:
-        """Seconds per SfM step, as a backend's timings (`sfm_masks`, `sfm_fast`, `sfm_dense`, `sfm_relaxed`)."""
+        """Seconds per SfM step, as a backend's timings (`sfm_masks`, `sfm_fast`, `sfm_dense`, `sfm_sparse`, `sfm_relaxed`)."""
         return {f"sfm_{name}": seconds for name, seconds in self.passes.items()}
 
 
@@ -145,6 +157,16 @@ class ColmapFlowBackend(GeometryBackend):
             its SfM neighbours against a fundamental matrix fitted to it, and keep them out of the
             SfM features (`_feature_masks`). False: the cameras see every pixel. (What the error
             leaves out is the depth stage's moving-thing mask, `_moving`, either way.)
+        sweep_above_deg: a frame's depth from a neighbour whose view is turned more than this
+            (degrees) comes from a plane sweep (`_Sweeps`), not optical flow: flow between views
+            that far apart keeps almost nothing (a 45 degree orbit: 1% of the frame). None: flow
+            always (revision 5's depth).
+        sweep_margin: the sweep covers the frame's SfM depths (2nd to 98th percentile) widened by
+            this factor on each side.
+        sweep_min_ncc: a swept depth counts where its window's normalised cross-correlation
+            reaches this.
+        sweep_check_px: the left-right check of a swept depth: frame j's sweep must send the
+            point back to within this many pixels (at flow scale).
     """
 
     name = "colmap-flow"
@@ -152,10 +174,12 @@ class ColmapFlowBackend(GeometryBackend):
     # 3: DSP-SIFT features in the fast pass.
     # 4: no depth where the frame has no texture (`min_texture`).
     # 5: moving things found before the cameras get no SfM features (`mask_moving_features`).
-    revision = 5
+    # 6: sparse captures: affine-covariant SIFT in the second SfM pass (SPARSE), plane-sweep depth
+    #    between views turned more than `sweep_above_deg` apart.
+    revision = 6
     # The revision of `cameras` alone (the hybrid backend's part of its metric_id): 4 changed the
-    # depth only, 5 the cameras.
-    cameras_revision = 5
+    # depth only, 5 and 6 the cameras.
+    cameras_revision = 6
 
     def __init__(
         self,
@@ -175,7 +199,15 @@ class ColmapFlowBackend(GeometryBackend):
         relaxed_ransac_px: float = 8.0,
         min_texture: float = 1e-4,
         mask_moving_features: bool = True,
+        sweep_above_deg: Optional[float] = 30.0,
+        sweep_margin: float = 1.5,
+        sweep_min_ncc: float = 0.6,
+        sweep_check_px: float = 3.0,
     ) -> None:
+        self.sweep_check_px = sweep_check_px
+        self.sweep_above_deg = sweep_above_deg
+        self.sweep_margin = sweep_margin
+        self.sweep_min_ncc = sweep_min_ncc
         self.mask_moving_features = mask_moving_features
         self.min_texture = min_texture
         self.dense_frames = dense_frames
@@ -206,6 +238,7 @@ class ColmapFlowBackend(GeometryBackend):
             raise ReconstructionFailed("structure-from-motion found no consistent cameras (static camera, no parallax or no texture?)")
 
         start = time.perf_counter()
+        sweeps = _Sweeps(flows, cameras, self.sweep_margin, self.sweep_min_ncc, self.sweep_check_px)
         T = len(scored)
         depth = torch.zeros(T, H, W)
         confidence = torch.zeros(T, H, W)
@@ -219,7 +252,7 @@ class ColmapFlowBackend(GeometryBackend):
             neighbours = self._neighbours(i, registered_set, world_to_cam, cameras.scene_depth)
             estimates, misses = [], []
             for j in neighbours:
-                frame_depth, miss = self._triangulate(flows.full(i, j), flows.full(j, i), K, world_to_cam[i], world_to_cam[j])
+                frame_depth, miss, _ = self._pair_depth(flows, sweeps, cameras, i, j)
                 estimates.append(frame_depth)
                 misses.append(miss)
             if estimates:
@@ -310,29 +343,35 @@ class ColmapFlowBackend(GeometryBackend):
     def _second_pass(
         self, fast: "_Workspace", frames: Tensor, scored: Sequence[int], folder: Path, flows: Optional["_Flows"] = None
     ) -> tuple[str, Cameras]:
-        """("dense" or "relaxed", its cameras): a second, bounded attempt after the fast pass
-        registered too few of the scored frames.
+        """("dense", "sparse" or "relaxed", its cameras): a second, bounded attempt after the fast
+        pass registered too few of the scored frames.
 
         Few matches per frame (wide baselines, low texture: the kitchen capture's fast pass keeps
         about 37 per frame) -> "dense": SIFT at 720 px (from the upsampled octave for smaller
         frames) with more features, on `dense_frames` evenly spaced frames plus the scored ones,
         every pair matched up to 25. Its mapping's cost grows with the matches it finds, so it
         runs only when the fast pass's matches, scaled to the dense pass's frames and pixels,
-        stay under `dense_match_budget`. Many matches and still too few cameras (a jittering copy
+        stay under `dense_match_budget`. A sparse capture (at most SPARSE.exhaustive_up_to frames,
+        views often 30-90 degrees apart) gets "sparse" instead: affine-covariant SIFT (SPARSE).
+        Many matches and still too few cameras (a jittering copy
         of a textured clip: about 900 per frame) -> "relaxed": the fast pass's matches verified
         again to `relaxed_ransac_px` and mapped again with the focal fixed; its views do not fit
         one two-view geometry to COLMAP's 4 px, and more features would only make a slow pass
         slower. The choice depends on the input only, so a video always gets the same cameras.
         """
         long_side = max(frames.shape[1:3])
-        dense = DENSE if long_side >= DENSE.max_side else replace(DENSE, first_octave=-1)
-        dense_side = min(dense.max_side, long_side) * (2 if dense.first_octave < 0 else 1)
         positions = sorted(set(uniform_indices(len(frames), self.dense_frames)) | set(scored))
+        if len(positions) <= SPARSE.exhaustive_up_to:
+            dense = SPARSE
+        else:
+            dense = DENSE if long_side >= DENSE.max_side else replace(DENSE, first_octave=-1)
+        dense_side = min(dense.max_side, long_side) * (2 if dense.first_octave < 0 else 1)
         scale = len(positions) / len(fast.positions) * (dense_side / min(FAST.max_side, long_side)) ** 2
         predicted = fast.inlier_matches() * scale
         if predicted <= self.dense_match_budget:
             masks = self._feature_masks(flows or _Flows(frames, self.flow_max_side), positions)
-            return "dense", _Workspace(folder, frames, dense, positions, masks).cameras(self.min_calibrated_fov_deg)
+            name = "sparse" if dense is SPARSE else "dense"
+            return name, _Workspace(folder, frames, dense, positions, masks).cameras(self.min_calibrated_fov_deg)
         fast.verify_again(self.relaxed_ransac_px)
         # Views that agree only to the relaxed tolerance are the worst ones to self-calibrate from
         # (and a mapping costs seconds on such clips): the focal is fixed at the prior.
@@ -437,6 +476,19 @@ class ColmapFlowBackend(GeometryBackend):
                 chosen.append(j)
         return chosen
 
+    def _pair_depth(
+        self, flows: "_Flows", sweeps: "_Sweeps", cameras: Cameras, i: int, j: int
+    ) -> tuple[np.ndarray, np.ndarray, bool]:
+        """Depth (H, W) of frame i from frame j (NaN where unknown), the epipolar miss of its flow
+        (px; NaN where not measured), and whether it came from a plane sweep: optical flow, unless
+        the views turn too far apart for it (`sweep_above_deg`)."""
+        pose_i, pose_j = cameras.poses[i], cameras.poses[j]
+        if self.sweep_above_deg is not None and _rotation_deg(pose_i, pose_j) > self.sweep_above_deg:
+            depth = sweeps.depth(i, j)
+            if depth is not None:
+                return depth, np.full(depth.shape, np.nan, np.float32), True
+        return *self._triangulate(flows.full(i, j), flows.full(j, i), cameras.K, pose_i, pose_j), False
+
     def _triangulate(
         self, flow_ij: np.ndarray, flow_ji: np.ndarray, K: np.ndarray, pose_i: Tensor, pose_j: Tensor
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -523,6 +575,7 @@ class _Workspace:
         extraction.sift.first_octave = settings.first_octave
         extraction.sift.max_num_features = settings.max_features
         extraction.sift.domain_size_pooling = settings.domain_size_pooling
+        extraction.sift.estimate_affine_shape = settings.affine_shape
         extraction.num_threads = 1
         pycolmap.extract_features(
             self.database,
@@ -684,6 +737,135 @@ class _FlowEnds:
         a, b, c = (F[r, 0] * self.u + F[r, 1] * self.v + F[r, 2] for r in range(3))
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.abs(a * self.u2 + b * self.v2 + c) / np.sqrt(a * a + b * b)
+
+
+def _rotation_deg(pose_i: Tensor, pose_j: Tensor) -> float:
+    """Angle (degrees) of the rotation between two (4, 4) world-to-camera poses."""
+    R = pose_j[:3, :3].numpy() @ pose_i[:3, :3].numpy().T
+    return math.degrees(math.acos(float(np.clip((np.trace(R) - 1) / 2, -1.0, 1.0))))
+
+
+_SWEEP_WINDOW, _SWEEP_MIN_PLANES, _SWEEP_MAX_PLANES = 11, 32, 160
+
+
+def _small_intrinsics(K: np.ndarray, small: tuple[int, int], full: tuple[int, int]) -> np.ndarray:
+    """(3, 3) intrinsics in pixels of the (H, W) = `full` frames -> in pixels of the (h, w) = `small` ones."""
+    sx, sy = small[1] / full[1], small[0] / full[0]
+    # our pixel centres are at 0: u_small = (u + 0.5) sx - 0.5
+    return np.array([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5], [0, 0, 1]]) @ K
+
+
+def _relative_pose(pose_i: Tensor, pose_j: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(R, t) taking camera i's coordinates to camera j's (both (4, 4) world-to-camera)."""
+    Pi, Pj = pose_i.numpy(), pose_j.numpy()
+    R = Pj[:3, :3] @ Pi[:3, :3].T
+    return R, Pj[:3, 3] - R @ Pi[:3, 3]
+
+
+def _sweep_depth(
+    gray_i: np.ndarray, gray_j: np.ndarray, Ks: np.ndarray, R: np.ndarray, t: np.ndarray, near: float, far: float, min_ncc: float,
+) -> np.ndarray:
+    """Plane-sweep stereo: (h, w) float32 depth of frame i from frame j, NaN where unknown.
+
+    gray_i, gray_j: (h, w) uint8 frames at flow scale; Ks: their intrinsics (px); R, t: camera i
+    to camera j. Fronto-parallel planes of frame i, evenly spaced in inverse depth between `near`
+    and `far` (about one pixel apart at the image centre); frame j warped onto each by its
+    homography; zero-mean normalised cross-correlation over a window; the best plane per pixel,
+    refined by a parabola; kept where its correlation reaches `min_ncc` and it is not the first or
+    last plane. One view's best plane is often wrong (occluded or outside view j): see `_Sweeps`.
+    """
+    h, w = gray_i.shape
+    Ks_inv = np.linalg.inv(Ks)
+
+    def centre_in_j(depth: float) -> np.ndarray:
+        pixel = Ks @ (R @ (depth * (Ks_inv @ np.array([w / 2, h / 2, 1.0]))) + t)
+        return pixel[:2] / pixel[2]
+
+    planes = int(np.clip(np.linalg.norm(centre_in_j(near) - centre_in_j(far)), _SWEEP_MIN_PLANES, _SWEEP_MAX_PLANES))
+    inverse = np.linspace(1 / far, 1 / near, planes)
+    gi, gj = gray_i.astype(np.float32) / 255, gray_j.astype(np.float32) / 255
+    box = lambda x: cv2.boxFilter(x, -1, (_SWEEP_WINDOW, _SWEEP_WINDOW), borderType=cv2.BORDER_REFLECT)  # noqa: E731
+    mean_i = box(gi)
+    var_i = box(gi * gi) - mean_i * mean_i
+    ones = np.ones_like(gj)
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    scores = np.empty((planes, h, w), np.float32)
+    for k, q in enumerate(inverse):
+        homography = Ks @ (R + np.outer(t, [0.0, 0.0, q])) @ Ks_inv  # pixel of i -> pixel of j on the plane z_i = 1/q
+        warped = cv2.warpPerspective(gj, homography, (w, h), flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        inside = cv2.warpPerspective(ones, homography, (w, h), flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        mean_j = box(warped)
+        var_j = box(warped * warped) - mean_j * mean_j
+        ncc = (box(gi * warped) - mean_i * mean_j) / np.sqrt(np.maximum(var_i * var_j, 1e-12))
+        ncc[inside < 0.999] = -1.0
+        scores[k] = ncc
+    best = scores.argmax(0)
+    inner = np.clip(best, 1, planes - 2)
+    take = lambda k: np.take_along_axis(scores, k[None], 0)[0]  # noqa: E731
+    s0, s1, s2 = take(inner - 1), take(inner), take(inner + 1)
+    curvature = s0 - 2 * s1 + s2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        offset = np.where(curvature < -1e-6, 0.5 * (s0 - s2) / curvature, 0.0).clip(-0.5, 0.5)
+    depth = 1.0 / (inverse[0] + (inner + offset) * (inverse[1] - inverse[0]))
+    valid = (take(best) >= min_ncc) & (best > 0) & (best < planes - 1)
+    return np.where(valid, depth, np.nan).astype(np.float32)
+
+
+class _Sweeps:
+    """Plane-sweep depth between frames of one video whose views turn too far apart for optical
+    flow, each ordered pair swept once (`_sweep_depth`, at flow scale, between the 2nd and 98th
+    percentiles of the frame's SfM depths widened by `margin`).
+
+    `depth(i, j)`: (H, W) depth of frame i from frame j, kept only where frame j's own sweep
+    towards i sends the point back to within `tolerance_px` (px at flow scale) of where it
+    started: a left-right check, which drops what one view cannot see (occluded, outside it) and
+    the wrong planes of ambiguous texture. None when frame i or j has too few SfM points to bound
+    the sweep.
+    """
+
+    def __init__(self, flows: "_Flows", cameras: Cameras, margin: float, min_ncc: float, tolerance_px: float = 1.0) -> None:
+        self.flows, self.cameras = flows, cameras
+        self.margin, self.min_ncc, self.tolerance_px = margin, min_ncc, tolerance_px
+        small = flows.size[1], flows.size[0]
+        self.Ks = _small_intrinsics(cameras.K, small, (flows.height, flows.width))
+        self._raw: dict[tuple[int, int], Optional[np.ndarray]] = {}
+
+    def raw(self, i: int, j: int) -> Optional[np.ndarray]:
+        """(h, w) depth of frame i from frame j at flow scale before the left-right check."""
+        if (i, j) not in self._raw:
+            observed = self.cameras.observations.get(i)
+            if observed is None or len(observed) < 10:
+                self._raw[(i, j)] = None
+            else:
+                near, far = np.percentile(observed[:, 2], [2, 98])
+                R, t = _relative_pose(self.cameras.poses[i], self.cameras.poses[j])
+                self._raw[(i, j)] = _sweep_depth(
+                    self.flows.gray(i), self.flows.gray(j), self.Ks, R, t, near / self.margin, far * self.margin, self.min_ncc
+                )
+        return self._raw[(i, j)]
+
+    def depth(self, i: int, j: int) -> Optional[np.ndarray]:
+        forward, backward = self.raw(i, j), self.raw(j, i)
+        if forward is None or backward is None:
+            return None
+        h, w = forward.shape
+        R, t = _relative_pose(self.cameras.poses[i], self.cameras.poses[j])
+        Ks, Ks_inv = self.Ks, np.linalg.inv(self.Ks)
+        v, u = np.mgrid[0:h, 0:w].astype(np.float32)
+        pixels = np.stack([u, v, np.ones_like(u)], axis=-1)  # (h, w, 3)
+        in_j = (pixels @ Ks_inv.T * forward[..., None]) @ R.T + t  # camera j coordinates of each point
+        q = in_j @ Ks.T
+        with np.errstate(divide="ignore", invalid="ignore"):
+            qu, qv = (q[..., 0] / q[..., 2]).astype(np.float32), (q[..., 1] / q[..., 2]).astype(np.float32)
+            depth_j = cv2.remap(backward, qu, qv, cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=np.nan)
+            back = ((np.stack([qu, qv, np.ones_like(qu)], axis=-1) @ Ks_inv.T * depth_j[..., None]) - t) @ R  # in camera i
+            p = back @ Ks.T
+            miss = np.hypot(p[..., 0] / p[..., 2] - u, p[..., 1] / p[..., 2] - v)
+        kept = np.where(miss < self.tolerance_px, forward, 0.0).astype(np.float32)
+        H, W = self.flows.height, self.flows.width
+        if (h, w) != (H, W):
+            kept = cv2.resize(kept, (W, H), interpolation=cv2.INTER_NEAREST)
+        return np.where(kept > 0, kept, np.nan).astype(np.float32)
 
 
 def _fov_deg(model, size: tuple[int, int]) -> float:

@@ -68,7 +68,7 @@ def test_result_carries_settings_and_is_json(clean_scores):
     for key in ("status", "reason", "score", "mse", "perceptual", "perceptual_metric", "metric_id", "coverage",
                 "motion", "backend", "frames", "per_frame", "timings_s"):
         assert key in data
-    assert data["metric_id"] == "colmap-flow.r5/align/lambda=1/T=10/side=240/pairwise@2"
+    assert data["metric_id"] == "colmap-flow.r6/align/lambda=1/T=10/side=240/pairwise@2"
     assert data["score"] == pytest.approx(data["mse"] + data["lambda"] * data["perceptual"])
     assert data["frame_indices"][0] == 0 and data["frame_indices"][-1] == 23
     assert data["motion"] > 0.001
@@ -293,15 +293,16 @@ def test_the_same_input_scores_the_same_and_thread_counts_barely_move_it():
     assert single.score == pytest.approx(first.score, rel=1e-3)
 
 
-@pytest.mark.parametrize("budget, expected", [(10**9, "dense"), (0, "relaxed")])
-def test_the_second_sfm_pass_is_chosen_by_the_fast_pass_matches_and_repeats(budget, expected, tmp_path):
+@pytest.mark.parametrize("frames, budget, expected", [(16, 10**9, "dense"), (8, 10**9, "sparse"), (12, 0, "relaxed")])
+def test_the_second_sfm_pass_is_chosen_by_the_fast_pass_matches_and_repeats(frames, budget, expected, tmp_path):
     """A fast pass that registers too few frames (forced here: it must register 101%) is followed
-    by one second pass: the dense one within the match budget, else the relaxed one. The second
-    pass's own cameras are deterministic, and its time is reported next to the fast pass's."""
+    by one second pass: the dense one within the match budget (the sparse one for a capture of
+    at most 12 frames), else the relaxed one. The second pass's own cameras are deterministic,
+    and its time is reported next to the fast pass's."""
     from common.geometry.colmap_flow import FAST, ColmapFlowBackend, _Workspace
     from common.video import uniform_indices
 
-    frames = render_video("boxes", "orbit", frames=12, size=(120, 160)).frames
+    frames = render_video("boxes", "orbit", frames=frames, size=(120, 160)).frames
     scored = uniform_indices(len(frames), 6)
     backend = ColmapFlowBackend(min_registered=1.01, dense_match_budget=budget)
     cameras = backend.cameras(frames, scored)
@@ -341,3 +342,42 @@ def test_previews_darken_the_pixels_that_got_no_depth(tmp_path):
     darker = (left.sum(-1) < 0.6 * original.sum(-1))
     assert same.mean() > 0.2 and darker.mean() > 0.1, (same.mean(), darker.mean())
     assert (same | darker).mean() > 0.95  # every pixel is either shown as it is or darkened (or tinted: moving)
+
+
+def test_a_plane_sweep_measures_depth_where_views_are_too_far_apart_for_flow():
+    """Views 45 degrees apart (a sparse capture's): optical flow between them keeps almost no
+    depth; the plane sweep with its left-right check keeps a third of the frame, and what it keeps
+    is right. The backend sweeps only between views turned more than `sweep_above_deg` apart."""
+    import numpy as np
+
+    from common.camera import intrinsics_from_fov
+    from common.geometry.colmap_flow import Cameras, ColmapFlowBackend, _Flows, _Sweeps
+    from common.synthetic import camera_path, make_scene, render
+
+    scene = make_scene("boxes", seed=0)
+    video = render(scene, camera_path(scene, "orbit", 3, amount=3.0), intrinsics_from_fov(240, 320, 60.0), 240, 320)
+    depth = video.depth.numpy()
+    # SfM's points (they bound the sweep): every 8th pixel's true depth
+    observations = {}
+    for i in range(3):
+        v, u = np.nonzero(depth[i, ::8, ::8])
+        observations[i] = np.column_stack([u * 8, v * 8, depth[i, v * 8, u * 8]]).astype(np.float64)
+    K, poses = video.K[0].numpy(), {i: video.world_to_cam[i] for i in range(3)}
+    cameras = Cameras(K, poses, {i: float(np.median(o[:, 2])) for i, o in observations.items()}, observations)
+    flows = _Flows(video.frames, 360)
+    backend = ColmapFlowBackend()
+    truth, known = depth[1], depth[1] > 0
+
+    def kept_and_error(estimate):
+        ok = np.isfinite(estimate) & known
+        return float(ok.mean()), float(np.median(np.abs(estimate[ok] - truth[ok]) / truth[ok]))
+
+    for j in (0, 2):
+        swept, _, by_sweep = backend._pair_depth(flows, _Sweeps(flows, cameras, 1.5, 0.6, 3.0), cameras, 1, j)
+        flowed, _, by_flow = ColmapFlowBackend(sweep_above_deg=None)._pair_depth(flows, None, cameras, 1, j)
+        assert by_sweep and not by_flow
+        (swept_kept, swept_error), (flow_kept, _) = kept_and_error(swept), kept_and_error(flowed)
+        assert flow_kept < 0.05 and swept_kept > 0.25, (flow_kept, swept_kept)
+        assert swept_error < 0.02, swept_error
+        unchecked = np.isfinite(_Sweeps(flows, cameras, 1.5, 0.6).raw(1, j))
+        assert unchecked.mean() > swept_kept  # the left-right check drops what one view gets wrong
