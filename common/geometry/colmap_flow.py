@@ -85,7 +85,7 @@ DENSE = SfmSettings(max_side=720, first_octave=0, max_features=4096, overlap=8, 
 # (views about 45 degrees apart) DENSE registered 0 of 8 frames of its corrupted and neutral copies
 # and 6 of the clean one; these settings 7 of 8 on every one, in about 8 s (measured 2026-12-06;
 # docs/backends.md, "Sparse captures").
-SPARSE = SfmSettings(max_side=720, first_octave=-1, max_features=2048, exhaustive_up_to=12, domain_size_pooling=False, affine_shape=True)
+SPARSE = SfmSettings(max_side=600, first_octave=-1, max_features=2048, exhaustive_up_to=12, domain_size_pooling=False, affine_shape=True)
 
 
 # The camera-free motion masks (`ColmapFlowBackend._feature_masks`): RANSAC fits a fundamental
@@ -745,7 +745,7 @@ def _rotation_deg(pose_i: Tensor, pose_j: Tensor) -> float:
     return math.degrees(math.acos(float(np.clip((np.trace(R) - 1) / 2, -1.0, 1.0))))
 
 
-_SWEEP_WINDOW, _SWEEP_MIN_PLANES, _SWEEP_MAX_PLANES = 11, 32, 160
+_SWEEP_WINDOW, _SWEEP_MIN_PLANES, _SWEEP_MAX_PLANES = 11, 32, 128
 
 
 def _small_intrinsics(K: np.ndarray, small: tuple[int, int], full: tuple[int, int]) -> np.ndarray:
@@ -793,11 +793,12 @@ def _sweep_depth(
     for k, q in enumerate(inverse):
         homography = Ks @ (R + np.outer(t, [0.0, 0.0, q])) @ Ks_inv  # pixel of i -> pixel of j on the plane z_i = 1/q
         warped = cv2.warpPerspective(gj, homography, (w, h), flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-        inside = cv2.warpPerspective(ones, homography, (w, h), flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        inside = cv2.warpPerspective(ones, homography, (w, h), flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP,
+                                     borderMode=cv2.BORDER_CONSTANT, borderValue=0)
         mean_j = box(warped)
         var_j = box(warped * warped) - mean_j * mean_j
         ncc = (box(gi * warped) - mean_i * mean_j) / np.sqrt(np.maximum(var_i * var_j, 1e-12))
-        ncc[inside < 0.999] = -1.0
+        ncc[inside == 0] = -1.0  # outside view j
         scores[k] = ncc
     best = scores.argmax(0)
     inner = np.clip(best, 1, planes - 2)
