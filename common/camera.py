@@ -126,6 +126,23 @@ def project_points(points: Tensor, K: Tensor, world_to_cam: Tensor) -> tuple[Ten
     return uv, z
 
 
+def rescale_intrinsics(K: Tensor, from_size: tuple[int, int], to_size: tuple[int, int], pixel_centre: float = 0.5) -> Tensor:
+    """K (..., 3, 3) of images of from_size (h, w) -> K of images of to_size (H, W), in our convention.
+
+    pixel_centre: where the model puts the centre of pixel (0, 0) (0.5 for DA3 / VGGT / COLMAP,
+    0.0 for our own convention). The result has pixel centres at integers.
+    """
+    (h, w), (H, W) = from_size, to_size
+    sx, sy = W / w, H / h
+    out = K.clone().double()
+    out[..., 0, 0] = K[..., 0, 0] * sx
+    out[..., 0, 1] = K[..., 0, 1] * sx
+    out[..., 1, 1] = K[..., 1, 1] * sy
+    out[..., 0, 2] = (K[..., 0, 2] - pixel_centre + 0.5) * sx - 0.5
+    out[..., 1, 2] = (K[..., 1, 2] - pixel_centre + 0.5) * sy - 0.5
+    return out
+
+
 def rotation_angle(R: Tensor) -> Tensor:
     """(..., 3, 3) rotation matrices -> (...,) rotation angles in radians."""
     trace = R[..., 0, 0] + R[..., 1, 1] + R[..., 2, 2]

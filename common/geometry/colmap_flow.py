@@ -41,7 +41,7 @@ import pycolmap
 import torch
 from torch import Tensor
 
-from common.camera import camera_centers
+from common.camera import camera_centers, rescale_intrinsics, rotation_angle
 from common.geometry.base import GeometryBackend, ReconstructionFailed, SceneGeometry
 from common.video import uniform_indices
 
@@ -82,9 +82,9 @@ FAST = SfmSettings(max_side=480, first_octave=0, max_features=2048)
 DENSE = SfmSettings(max_side=720, first_octave=0, max_features=4096, overlap=8, exhaustive_up_to=25, domain_size_pooling=False)
 # The second pass of a sparse capture (at most `exhaustive_up_to` frames, views far apart, every
 # pair matched): affine-covariant SIFT from the upsampled octave. On the 8-frame kitchen orbit
-# (views about 45 degrees apart) DENSE registered 0 of 8 frames of its corrupted and neutral copies
-# and 6 of the clean one; these settings 7 of 8 on every one, in about 8 s (measured 2026-12-06;
-# docs/backends.md, "Sparse captures").
+# (views about 45 degrees apart) DENSE registered none of the clean capture's frames; these
+# settings 7 of 8 of the clean, jittered, drifted, noisy and shifted copies (6 of the re-encoded
+# one, 3 of the 16 px drift) in about 6 s (measured 2026-12-06; docs/backends.md, "Sparse captures").
 SPARSE = SfmSettings(max_side=600, first_octave=-1, max_features=2048, exhaustive_up_to=12, domain_size_pooling=False, affine_shape=True)
 
 
@@ -252,7 +252,7 @@ class ColmapFlowBackend(GeometryBackend):
             neighbours = self._neighbours(i, registered_set, world_to_cam, cameras.scene_depth)
             estimates, misses = [], []
             for j in neighbours:
-                frame_depth, miss, _ = self._pair_depth(flows, sweeps, cameras, i, j)
+                frame_depth, miss = self._pair_depth(flows, sweeps, cameras, i, j)
                 estimates.append(frame_depth)
                 misses.append(miss)
             if estimates:
@@ -353,8 +353,8 @@ class ColmapFlowBackend(GeometryBackend):
         runs only when the fast pass's matches, scaled to the dense pass's frames and pixels,
         stay under `dense_match_budget`. A sparse capture (at most SPARSE.exhaustive_up_to frames,
         views often 30-90 degrees apart) gets "sparse" instead: affine-covariant SIFT (SPARSE).
-        Many matches and still too few cameras (a jittering copy
-        of a textured clip: about 900 per frame) -> "relaxed": the fast pass's matches verified
+        Many matches and still too few cameras (a jittering copy of a textured clip: about 900
+        per frame) -> "relaxed": the fast pass's matches verified
         again to `relaxed_ransac_px` and mapped again with the focal fixed; its views do not fit
         one two-view geometry to COLMAP's 4 px, and more features would only make a slow pass
         slower. The choice depends on the input only, so a video always gets the same cameras.
@@ -362,16 +362,15 @@ class ColmapFlowBackend(GeometryBackend):
         long_side = max(frames.shape[1:3])
         positions = sorted(set(uniform_indices(len(frames), self.dense_frames)) | set(scored))
         if len(positions) <= SPARSE.exhaustive_up_to:
-            dense = SPARSE
+            name, settings = "sparse", SPARSE
         else:
-            dense = DENSE if long_side >= DENSE.max_side else replace(DENSE, first_octave=-1)
-        dense_side = min(dense.max_side, long_side) * (2 if dense.first_octave < 0 else 1)
-        scale = len(positions) / len(fast.positions) * (dense_side / min(FAST.max_side, long_side)) ** 2
+            name, settings = "dense", DENSE if long_side >= DENSE.max_side else replace(DENSE, first_octave=-1)
+        side = min(settings.max_side, long_side) * (2 if settings.first_octave < 0 else 1)
+        scale = len(positions) / len(fast.positions) * (side / min(FAST.max_side, long_side)) ** 2
         predicted = fast.inlier_matches() * scale
         if predicted <= self.dense_match_budget:
             masks = self._feature_masks(flows or _Flows(frames, self.flow_max_side), positions)
-            name = "sparse" if dense is SPARSE else "dense"
-            return name, _Workspace(folder, frames, dense, positions, masks).cameras(self.min_calibrated_fov_deg)
+            return name, _Workspace(folder, frames, settings, positions, masks).cameras(self.min_calibrated_fov_deg)
         fast.verify_again(self.relaxed_ransac_px)
         # Views that agree only to the relaxed tolerance are the worst ones to self-calibrate from
         # (and a mapping costs seconds on such clips): the focal is fixed at the prior.
@@ -393,10 +392,12 @@ class ColmapFlowBackend(GeometryBackend):
         when both fits hold for a rigid majority of the flow (`_MIN_INLIER_RATIO`); otherwise (a
         corrupted copy, noisy flow on low texture) it keeps every feature, as before revision 5.
         """
+        if not self.mask_moving_features:
+            return {}
         order = sorted(positions)
         masks: dict[int, np.ndarray] = {}
         fits: dict[tuple[int, int], Optional[np.ndarray]] = {}  # (i, j) -> F of the flow i -> j, fitted once a pair
-        for k, i in enumerate(order if self.mask_moving_features else []):
+        for k, i in enumerate(order):
             # The previous and the next SfM frame; at an end, the two nearest on the side there is:
             # one pair alone takes a wrong but consistent flow (repeated texture) for motion.
             nearest = sorted((m for m in range(len(order)) if m != k), key=lambda m: (abs(m - k), m))[:2]
@@ -478,16 +479,17 @@ class ColmapFlowBackend(GeometryBackend):
 
     def _pair_depth(
         self, flows: "_Flows", sweeps: "_Sweeps", cameras: Cameras, i: int, j: int
-    ) -> tuple[np.ndarray, np.ndarray, bool]:
-        """Depth (H, W) of frame i from frame j (NaN where unknown), the epipolar miss of its flow
-        (px; NaN where not measured), and whether it came from a plane sweep: optical flow, unless
-        the views turn too far apart for it (`sweep_above_deg`)."""
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Depth (H, W) of frame i from frame j (NaN where unknown) and the epipolar miss of its
+        flow (px; NaN where not measured): from optical flow, unless the views turn too far apart
+        for it (`sweep_above_deg`): then from a plane sweep (no miss: motion is not judged there)."""
         pose_i, pose_j = cameras.poses[i], cameras.poses[j]
-        if self.sweep_above_deg is not None and _rotation_deg(pose_i, pose_j) > self.sweep_above_deg:
+        R, _ = _relative_pose(pose_i, pose_j)
+        if self.sweep_above_deg is not None and math.degrees(float(rotation_angle(torch.from_numpy(R)))) > self.sweep_above_deg:
             depth = sweeps.depth(i, j)
             if depth is not None:
-                return depth, np.full(depth.shape, np.nan, np.float32), True
-        return *self._triangulate(flows.full(i, j), flows.full(j, i), cameras.K, pose_i, pose_j), False
+                return depth, np.full(depth.shape, np.nan, np.float32)
+        return self._triangulate(flows.full(i, j), flows.full(j, i), cameras.K, pose_i, pose_j)
 
     def _triangulate(
         self, flow_ij: np.ndarray, flow_ji: np.ndarray, K: np.ndarray, pose_i: Tensor, pose_j: Tensor
@@ -532,8 +534,7 @@ class ColmapFlowBackend(GeometryBackend):
         angle_ok = cos_angle < math.cos(math.radians(self.min_angle_deg))
         valid = consistent & angle_ok & (s > 0) & (t > 0) & (depth_i > 0) & np.isfinite(depth_i)
         # Epipolar line of pixel (u, v) in frame j: F x with F = K^-T [t]x R K^-1 (i -> j).
-        R = Rj @ Ri.T
-        tr = Pj[:3, 3] - R @ Pi[:3, 3]
+        R, tr = _relative_pose(pose_i, pose_j)
         cross = np.array([[0, -tr[2], tr[1]], [tr[2], 0, -tr[0]], [-tr[1], tr[0], 0]])
         miss = ends.epipolar_miss(K_inv.T @ cross @ R @ K_inv)
         return np.where(valid, depth_i, np.nan).astype(np.float32), np.where(roughly_consistent, miss, np.nan).astype(np.float32)
@@ -739,20 +740,7 @@ class _FlowEnds:
             return np.abs(a * self.u2 + b * self.v2 + c) / np.sqrt(a * a + b * b)
 
 
-def _rotation_deg(pose_i: Tensor, pose_j: Tensor) -> float:
-    """Angle (degrees) of the rotation between two (4, 4) world-to-camera poses."""
-    R = pose_j[:3, :3].numpy() @ pose_i[:3, :3].numpy().T
-    return math.degrees(math.acos(float(np.clip((np.trace(R) - 1) / 2, -1.0, 1.0))))
-
-
 _SWEEP_WINDOW, _SWEEP_MIN_PLANES, _SWEEP_MAX_PLANES = 11, 32, 128
-
-
-def _small_intrinsics(K: np.ndarray, small: tuple[int, int], full: tuple[int, int]) -> np.ndarray:
-    """(3, 3) intrinsics in pixels of the (H, W) = `full` frames -> in pixels of the (h, w) = `small` ones."""
-    sx, sy = small[1] / full[1], small[0] / full[0]
-    # our pixel centres are at 0: u_small = (u + 0.5) sx - 0.5
-    return np.array([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5], [0, 0, 1]]) @ K
 
 
 def _relative_pose(pose_i: Tensor, pose_j: Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -824,11 +812,12 @@ class _Sweeps:
     the sweep.
     """
 
-    def __init__(self, flows: "_Flows", cameras: Cameras, margin: float, min_ncc: float, tolerance_px: float = 1.0) -> None:
+    def __init__(self, flows: "_Flows", cameras: Cameras, margin: float, min_ncc: float, tolerance_px: float) -> None:
         self.flows, self.cameras = flows, cameras
         self.margin, self.min_ncc, self.tolerance_px = margin, min_ncc, tolerance_px
-        small = flows.size[1], flows.size[0]
-        self.Ks = _small_intrinsics(cameras.K, small, (flows.height, flows.width))
+        full, small = (flows.height, flows.width), (flows.size[1], flows.size[0])
+        self.Ks = rescale_intrinsics(torch.from_numpy(cameras.K), full, small, pixel_centre=0.0).numpy()  # flow scale
+        self.Ks_inv = np.linalg.inv(self.Ks)
         self._raw: dict[tuple[int, int], Optional[np.ndarray]] = {}
 
     def raw(self, i: int, j: int) -> Optional[np.ndarray]:
@@ -851,7 +840,7 @@ class _Sweeps:
             return None
         h, w = forward.shape
         R, t = _relative_pose(self.cameras.poses[i], self.cameras.poses[j])
-        Ks, Ks_inv = self.Ks, np.linalg.inv(self.Ks)
+        Ks, Ks_inv = self.Ks, self.Ks_inv
         v, u = np.mgrid[0:h, 0:w].astype(np.float32)
         pixels = np.stack([u, v, np.ones_like(u)], axis=-1)  # (h, w, 3)
         in_j = (pixels @ Ks_inv.T * forward[..., None]) @ R.T + t  # camera j coordinates of each point

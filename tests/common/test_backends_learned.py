@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from common.camera import intrinsics_from_fov, invert_rigid, look_at, project_points, unproject_depth
+from common.camera import intrinsics_from_fov, invert_rigid, look_at, project_points, rescale_intrinsics, unproject_depth
 from common.config import ScoreConfig
 from common.errors import ConfigError
 from common.geometry import available_backends, create_backend
 from common.geometry.hybrid import fit_scale
-from common.geometry.learned import rescale_intrinsics, to_scene_geometry
+from common.geometry.learned import to_scene_geometry
 from common.scoring import score_video
 from common.synthetic import camera_path, make_scene, render, render_video
 

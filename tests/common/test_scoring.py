@@ -372,12 +372,15 @@ def test_a_plane_sweep_measures_depth_where_views_are_too_far_apart_for_flow():
         ok = np.isfinite(estimate) & known
         return float(ok.mean()), float(np.median(np.abs(estimate[ok] - truth[ok]) / truth[ok]))
 
+    sweeps = _Sweeps(flows, cameras, backend.sweep_margin, backend.sweep_min_ncc, backend.sweep_check_px)
     for j in (0, 2):
-        swept, _, by_sweep = backend._pair_depth(flows, _Sweeps(flows, cameras, 1.5, 0.6, 3.0), cameras, 1, j)
-        flowed, _, by_flow = ColmapFlowBackend(sweep_above_deg=None)._pair_depth(flows, None, cameras, 1, j)
-        assert by_sweep and not by_flow
+        swept, _ = backend._pair_depth(flows, sweeps, cameras, 1, j)
+        flowed, _ = ColmapFlowBackend(sweep_above_deg=None)._pair_depth(flows, sweeps, cameras, 1, j)
+        # the backend sweeps views 45 degrees apart, and with the sweep off it triangulates flow
+        assert np.array_equal(swept, sweeps.depth(1, j), equal_nan=True)
+        assert np.array_equal(flowed, backend._triangulate(flows.full(1, j), flows.full(j, 1), K, poses[1], poses[j])[0], equal_nan=True)
         (swept_kept, swept_error), (flow_kept, _) = kept_and_error(swept), kept_and_error(flowed)
         assert flow_kept < 0.05 and swept_kept > 0.25, (flow_kept, swept_kept)
         assert swept_error < 0.02, swept_error
-        unchecked = np.isfinite(_Sweeps(flows, cameras, 1.5, 0.6).raw(1, j))
+        unchecked = np.isfinite(sweeps.raw(1, j))
         assert unchecked.mean() > swept_kept  # the left-right check drops what one view gets wrong
