@@ -33,6 +33,12 @@ class ScoreConfig(BaseModel):
         description="Reproject into frame t only the points of the other frames (a frame trivially explains itself).",
     )
 
+    trim_sources: float = Field(
+        0.25, ge=0.0, lt=1.0,
+        description="A frame's error leaves out this fraction of its compared pixels: those of the source frames whose "
+        "renders explain it worst (one frame with a wrong depth or pose spoils every render it is part of). 0: every "
+        "source, weighed by its pixels.",
+    )
     compare_scale: int = Field(
         2, ge=1, le=8,
         description="Frames and renders are compared after averaging blocks of this many pixels a side (1: full resolution).",
@@ -45,7 +51,11 @@ class ScoreConfig(BaseModel):
     min_confidence: float = Field(0.5, ge=0.0, le=1.0, description="Pixels with lower depth confidence are not lifted to 3D.")
 
     # --- verdict ---
-    min_coverage: float = Field(0.2, ge=0.0, le=1.0, description="A frame with a smaller covered fraction counts as failed.")
+    min_coverage: float = Field(
+        0.1, ge=0.0, le=1.0,
+        description="A frame with a smaller covered fraction counts as failed (0.1 of a 720 x 480 frame is still "
+        "about 8,600 compared blocks at compare_scale 2).",
+    )
     min_ok_fraction: float = Field(
         0.7, ge=0.0, le=1.0, description="Unscorable when fewer than this fraction of frames are registered and covered."
     )
@@ -76,4 +86,5 @@ class ScoreConfig(BaseModel):
         """
         lam = f"{self.lambda_:g}"
         excl = "" if self.exclude_self else "+self"
-        return f"{backend}/{perceptual_metric}/lambda={lam}/T={self.frames}/side={self.max_side}/pairwise@{self.compare_scale}{excl}"
+        trim = f"/trim={self.trim_sources:g}" if self.trim_sources > 0 else ""
+        return f"{backend}/{perceptual_metric}/lambda={lam}/T={self.frames}/side={self.max_side}/pairwise@{self.compare_scale}{excl}{trim}"

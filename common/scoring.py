@@ -130,7 +130,7 @@ def score_video(
     for t, index in enumerate(plan["scored"]):
         coverage = float(errors.covered[t])
         row = FrameScore(index=index, registered=bool(registered[t]), coverage=coverage)
-        frame_mse, frame_perceptual = errors.frame_errors(t)
+        frame_mse, frame_perceptual = errors.frame_errors(t, config.lambda_, config.trim_sources)
         if row.registered and frame_mse is not None:
             row.mse, row.perceptual = frame_mse, frame_perceptual
             row.ok = coverage >= config.min_coverage
@@ -205,12 +205,31 @@ class PairwiseErrors:
     moving: Tensor
     lifted: Tensor
 
-    def frame_errors(self, t: int) -> tuple[Optional[float], Optional[float]]:
-        """(MSE, perceptual) of target frame t over the pairs that rendered into it; None when none did."""
-        pixels = float(self.pixels[:, t].sum())
-        if pixels == 0:
+    def frame_errors(self, t: int, lambda_: float = 1.0, trim: float = 0.0) -> tuple[Optional[float], Optional[float]]:
+        """(MSE, perceptual) of target frame t over the pairs that rendered into it; None when none did.
+
+        Each source weighs by its compared pixels. trim: the fraction of those pixels left out,
+        taken from the sources with the largest error (MSE + lambda_ * perceptual per pixel), a
+        weighted trimmed mean: a source frame whose depth or pose came out wrong spoils every render
+        of its points, and a plain mean lets that one reconstruction failure move every frame's
+        error (measured: docs/backends.md, "Trimmed sources"). A corruption that spoils most
+        sources (jitter, drift, deformation) still raises the rest.
+        """
+        pixels = self.pixels[:, t].double().numpy()
+        sources = np.flatnonzero(pixels > 0)
+        if len(sources) == 0:
             return None, None
-        return float(self.squared[:, t].sum()) / pixels, float(self.perceptual[:, t].sum()) / pixels
+        weight = pixels[sources]
+        mse = self.squared[sources, t].double().numpy() / weight
+        perceptual = self.perceptual[sources, t].double().numpy() / weight
+        kept = weight.copy()
+        if trim > 0:
+            order = np.argsort(mse + lambda_ * perceptual, kind="stable")  # best-explaining source first
+            upper = np.empty_like(weight)
+            upper[order] = np.cumsum(weight[order]) / weight.sum()
+            lower = upper - weight / weight.sum()
+            kept = np.clip(np.minimum(upper, 1.0 - trim) - lower, 0.0, None)  # the part of each source below the cut
+        return float((kept * mse).sum() / kept.sum()), float((kept * perceptual).sum() / kept.sum())
 
 
 def pairwise_errors(

@@ -68,7 +68,7 @@ def test_result_carries_settings_and_is_json(clean_scores):
     for key in ("status", "reason", "score", "mse", "perceptual", "perceptual_metric", "metric_id", "coverage",
                 "motion", "backend", "frames", "per_frame", "timings_s"):
         assert key in data
-    assert data["metric_id"] == "colmap-flow.r6/align/lambda=1/T=10/side=240/pairwise@2"
+    assert data["metric_id"] == "colmap-flow.r6/align/lambda=1/T=10/side=240/pairwise@2/trim=0.25"
     assert data["score"] == pytest.approx(data["mse"] + data["lambda"] * data["perceptual"])
     assert data["frame_indices"][0] == 0 and data["frame_indices"][-1] == 23
     assert data["motion"] > 0.001
@@ -79,10 +79,33 @@ def test_lambda_and_frames_change_the_metric_id():
     oracle = OracleBackend.from_render(video)
     a = score_video(video.frames, CONFIG, backend=oracle)
     b = score_video(video.frames, CONFIG.model_copy(update={"lambda_": 0.0, "frames": 6}), backend=oracle)
-    c = score_video(video.frames, CONFIG.model_copy(update={"compare_scale": 1}), backend=oracle)
-    assert c.metric_id != a.metric_id and c.metric_id.endswith("pairwise@1")
+    c = score_video(video.frames, CONFIG.model_copy(update={"compare_scale": 1, "trim_sources": 0.0}), backend=oracle)
+    assert c.metric_id != a.metric_id and c.metric_id.endswith("pairwise@1") and a.metric_id.endswith("/trim=0.25")
     assert a.metric_id != b.metric_id and b.frames == 6
     assert b.score == pytest.approx(b.mse)
+
+
+def test_one_source_frame_with_wrong_depth_barely_moves_the_others_when_sources_are_trimmed():
+    """A reconstruction failure at one frame spoils every render of its points: with a plain mean
+    over sources it raises every other frame's error; the trimmed mean leaves it out."""
+    video = render_video("boxes", "orbit", frames=12, size=SIZE)
+    exact = OracleBackend.from_render(video)
+    spoiled = OracleBackend.from_render(video)
+    spoiled.depth = spoiled.depth.clone()
+    spoiled.depth[5] *= 1.3  # frame 5's points land 30% too far away (frame 5 is scored: T=10 of 12)
+    plain, trimmed = CONFIG.model_copy(update={"trim_sources": 0.0}), CONFIG
+    rise = {}
+    for name, config in [("plain", plain), ("trimmed", trimmed)]:
+        good = score_video(video.frames, config, backend=exact)
+        bad = score_video(video.frames, config, backend=spoiled)
+        assert good.status == bad.status == "ok"
+        others = [(g.mse + g.perceptual, b.mse + b.perceptual) for g, b in zip(good.per_frame, bad.per_frame) if g.index != 5]
+        rise[name] = max(b - g for g, b in others)
+    assert rise["plain"] > 0.05 and rise["trimmed"] < 0.25 * rise["plain"], rise
+
+    # With nothing trimmed, a frame's error is the pixel-weighted mean over its sources.
+    result = score_video(video.frames, plain, backend=exact)
+    assert result.score == pytest.approx(result.mse + result.perceptual)
 
 
 def test_a_backend_revision_changes_the_metric_id():
