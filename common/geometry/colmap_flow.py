@@ -84,7 +84,7 @@ DENSE = SfmSettings(max_side=720, first_octave=0, max_features=4096, overlap=8, 
 # pair matched): affine-covariant SIFT from the upsampled octave. On the 8-frame kitchen orbit
 # (views about 45 degrees apart) DENSE registered none of the clean capture's frames; these
 # settings 7 of 8 of the clean, jittered, drifted, noisy and shifted copies (6 of the re-encoded
-# one, 3 of the 16 px drift) in about 6 s (measured 2026-12-06; docs/backends.md, "Sparse captures").
+# one) in about 6 s (measured 2026-12-06; docs/backends.md, "Sparse captures").
 SPARSE = SfmSettings(max_side=600, first_octave=-1, max_features=2048, exhaustive_up_to=12, domain_size_pooling=False, affine_shape=True)
 
 
@@ -577,6 +577,9 @@ class _Workspace:
         extraction.sift.max_num_features = settings.max_features
         extraction.sift.domain_size_pooling = settings.domain_size_pooling
         extraction.sift.estimate_affine_shape = settings.affine_shape
+        # One thread here too: with two, the fast pass's features gave another score from run to run
+        # on the statue capture's 6 px drift (0.2768, 0.2767; one thread 0.2738 every time), though
+        # the 22 SfM frames of bear and of the slow synthetic clip came out bit-identical.
         extraction.num_threads = 1
         pycolmap.extract_features(
             self.database,
