@@ -65,6 +65,32 @@ def uniform_indices(total: int, count: int) -> list[int]:
     return sorted({int(round(i * (total - 1) / (count - 1))) for i in range(count)})
 
 
+def evenly_filled(total: int, keep: Sequence[int], count: int) -> list[int]:
+    """`keep` (indices in [0, total - 1]) plus the first and last index, filled up to `count`
+    indices: each added index goes to the gap between kept ones whose spacing is then widest (the
+    earliest of equal ones), and each gap's added indices are spread evenly over it.
+
+    Unlike the union of `keep` with `uniform_indices(total, count)`, the result has `count`
+    indices (when `keep` has fewer), not up to `count + len(keep)`: where `keep` is already
+    spread out, a uniform grid of its own lands next to it and adds indices that add little.
+    """
+    if total <= 0:
+        return []
+    kept = sorted(set(keep) | {0, total - 1})
+    gaps = [b - a for a, b in zip(kept, kept[1:])]
+    added = [0] * len(gaps)
+    for _ in range(max(0, min(count, total) - len(kept))):
+        open_gaps = [k for k in range(len(gaps)) if added[k] < gaps[k] - 1]
+        if not open_gaps:
+            break
+        widest = max(open_gaps, key=lambda k: (gaps[k] / (added[k] + 1), -k))
+        added[widest] += 1
+    chosen = set(kept)
+    for a, gap, n in zip(kept, gaps, added):
+        chosen.update(a + round(j * gap / (n + 1)) for j in range(1, n + 1))
+    return sorted(chosen)
+
+
 def to_float(frames: Tensor) -> Tensor:
     """uint8 (..., 3) -> float32 in [0, 1]."""
     if frames.dtype != torch.uint8:

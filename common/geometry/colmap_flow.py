@@ -43,7 +43,7 @@ from torch import Tensor
 
 from common.camera import camera_centers, rescale_intrinsics, rotation_angle
 from common.geometry.base import GeometryBackend, ReconstructionFailed, SceneGeometry
-from common.video import uniform_indices
+from common.video import evenly_filled, uniform_indices
 
 pycolmap.logging.minloglevel = 2  # errors only: COLMAP's INFO lines would drown the CLI's output
 
@@ -124,7 +124,8 @@ class ColmapFlowBackend(GeometryBackend):
         fb_tolerance: forward-backward flow tolerance as a fraction of the image's long side.
         flow_max_side: optical flow runs on frames downscaled to this long side (px) and is
             upsampled for triangulation at full resolution (4x fewer pixels at 720 px).
-        sfm_frames: frames that structure-from-motion uses (evenly spaced, plus the scored ones).
+        sfm_frames: frames that the fast structure-from-motion pass uses: the scored ones, filled up
+            evenly to this many (`common.video.evenly_filled`).
         min_registered: fraction of the scored frames the fast SfM pass must register; below it,
             the denser pass runs once.
         moving_px: a pixel whose flow misses its epipolar line by more than this (at 720 px; scaled
@@ -176,10 +177,12 @@ class ColmapFlowBackend(GeometryBackend):
     # 5: moving things found before the cameras get no SfM features (`mask_moving_features`).
     # 6: sparse captures: affine-covariant SIFT in the second SfM pass (SPARSE), plane-sweep depth
     #    between views turned more than `sweep_above_deg` apart.
-    revision = 6
+    # 7: the fast pass's frames: the scored ones filled up evenly to `sfm_frames` (16 of a 49-frame
+    #    clip, not their union with 16 evenly spaced ones: 22).
+    revision = 7
     # The revision of `cameras` alone (the hybrid backend's part of its metric_id): 4 changed the
-    # depth only, 5 and 6 the cameras.
-    cameras_revision = 6
+    # depth only, 5, 6 and 7 the cameras.
+    cameras_revision = 7
 
     def __init__(
         self,
@@ -313,7 +316,7 @@ class ColmapFlowBackend(GeometryBackend):
     def cameras(self, frames: Tensor, scored: Sequence[int], flows: Optional["_Flows"] = None) -> Cameras:
         """SfM cameras of `frames` (M, H, W, 3) uint8, keyed by position in `frames`.
 
-        One fast pass on `sfm_frames` of them (plus the scored ones). When it registers fewer
+        One fast pass on `sfm_frames` of them (the scored ones among them). When it registers fewer
         than `min_registered` of the scored frames, one second pass, chosen by how much the fast
         pass matched so that its cost stays bounded (`_second_pass`), and the better of the two.
         Things found moving before any camera exists (`_feature_masks`) get no SfM features.
@@ -321,7 +324,7 @@ class ColmapFlowBackend(GeometryBackend):
         Also used by the hybrid backend (`common.geometry.hybrid`).
         """
         flows = flows or _Flows(frames, self.flow_max_side)
-        subset = sorted(set(uniform_indices(len(frames), self.sfm_frames)) | set(scored))
+        subset = evenly_filled(len(frames), scored, self.sfm_frames)
         with tempfile.TemporaryDirectory(prefix="vgpa-sfm-") as tmp:
             start = time.perf_counter()
             masks = self._feature_masks(flows, subset)

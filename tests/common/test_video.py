@@ -7,12 +7,24 @@ import torch
 
 from common.errors import CorruptVideoError, InputNotFoundError, InputTooLargeError, NotAVideoError, TooFewFramesError
 from common.synthetic import render_video
-from common.video import load_video, resized_size, to_float, uniform_indices, write_image_folder, write_video
+from common.video import evenly_filled, load_video, resized_size, to_float, uniform_indices, write_image_folder, write_video
 
 
 def _frames(n=6, h=32, w=48):
     g = torch.Generator().manual_seed(0)
     return torch.randint(0, 256, (n, h, w, 3), generator=g, dtype=torch.uint8)
+
+
+def test_evenly_filled_keeps_the_given_indices_and_adds_up_to_the_count():
+    scored = uniform_indices(49, 10)
+    filled = evenly_filled(49, scored, 16)
+    assert set(scored) <= set(filled) and len(filled) == 16  # the union with uniform_indices(49, 16) has 22
+    assert len(set(uniform_indices(49, 16)) | set(scored)) == 22
+    assert max(b - a for a, b in zip(filled, filled[1:])) <= 5  # no gap left as wide as the scored ones' (5-6)
+    assert evenly_filled(10, [], 4) == [0, 3, 6, 9]  # nothing kept: the ends, evenly filled
+    assert evenly_filled(8, range(8), 16) == list(range(8))  # never more than there are
+    assert evenly_filled(100, [50], 5) == [0, 25, 50, 74, 99]
+    assert evenly_filled(30, range(0, 30, 2), 4) == list(range(0, 30, 2)) + [29]  # more kept than the count: all kept
 
 
 def test_uniform_indices_cover_the_whole_video():
