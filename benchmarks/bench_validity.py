@@ -24,6 +24,10 @@ the clean one by more than that. Both are measured for the baseline too. A set w
 objects has one more neutral copy, `still`: the same render without them (its static scene is as
 3D-consistent; a scorer that leaves the movers out should score it the same).
 
+Per set it ends with a verdict against the baseline: "ahead" with more pairs right; when equal,
+with more pairs right beyond the neutral spread; when equal too, with the larger weakest margin
+(the corruption that scores closest to the clean video, in units of the neutral spread).
+
     python benchmarks/bench_validity.py [--sets statue,kitchen,...] [--cache DIR] [--json OUT] [--backend-options JSON]
 """
 
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -281,6 +286,35 @@ def _right(clean: Optional[float], corrupted: Optional[float], margin: float = 0
     return clean is not None and corrupted is not None and clean * (1 + margin) < corrupted
 
 
+def _weakest_margin(clean: Optional[float], corrupted: list[Optional[float]], neutral: Optional[float]) -> float:
+    """The smallest (corrupted - clean) / clean over a set's corruptions, in units of its neutral
+    spread: below 1, some corruption scores closer to the clean video than an equally consistent
+    copy does; negative, one ranks wrong; -inf when anything is unscorable (or the spread is)."""
+    if clean is None or neutral is None or any(c is None for c in corrupted) or math.isinf(neutral):
+        return -math.inf
+    margins = [(c - clean) / clean for c in corrupted]
+    return min(m / neutral if neutral > 0 else math.copysign(math.inf, m) if m else 0.0 for m in margins)
+
+
+def _set_standing(group: list[dict], prefix: str) -> tuple[int, int, float]:
+    """(pairs right, pairs right beyond the neutral spread, weakest margin in neutral spreads) of one
+    set's rows; prefix "baseline_" for the baseline's columns."""
+    clean = group[0][prefix + "clean"]
+    neutral = group[0][prefix + "neutral_spread"]
+    corrupted = [r[prefix + "corrupted"] for r in group]
+    return (sum(_right(clean, c) for c in corrupted), sum(_right(clean, c, neutral or 0.0) for c in corrupted),
+            _weakest_margin(clean, corrupted, neutral))
+
+
+def _verdict(ours: tuple[int, int, float], baseline: tuple[int, int, float]) -> str:
+    """"ahead", "tie" or "behind" on one set: more pairs right; when equal, more right beyond the neutral
+    spread; when equal too, the larger weakest margin (both perfect on the counts is then decided by how
+    far the weakest corruption stands from the clean video, in neutral spreads)."""
+    if ours == baseline:
+        return "tie"
+    return "ahead" if ours > baseline else "behind"
+
+
 def _report(rows: list[dict], times: list[tuple[float, str]], with_baseline: bool) -> None:
     """times: (seconds, which video) of every scoring of ours."""
     print("\nper corruption: pairs right / total (unscorable clean, corrupted); smallest margin over the repeat "
@@ -303,13 +337,24 @@ def _report(rows: list[dict], times: list[tuple[float, str]], with_baseline: boo
             b_uns = (sum(r["baseline_clean"] is None for r in group), sum(r["baseline_corrupted"] is None for r in group))
             line += f" | {b_right:>3} / {len(group):<3} {b_uns[0]:>4}, {b_uns[1]:<4} {b_beyond:>6}"
         print(line)
-    print("\nper set: ours right / baseline right; neutral spread, ours / baseline")
+    print("\nper set: pairs right, right beyond neutral, weakest margin in neutral spreads (ours / baseline); "
+          "neutral spread (ours / baseline); verdict")
+    verdicts = {}
     for name in dict.fromkeys(r["set"] for r in rows):
         group = [r for r in rows if r["set"] == name]
-        ours = sum(_right(r["clean"], r["corrupted"]) for r in group)
-        base = sum(_right(r["baseline_clean"], r["baseline_corrupted"]) for r in group) if with_baseline else "-"
-        spreads = _percent(group[0]["neutral_spread"]) + (" / " + _percent(group[0]["baseline_neutral_spread"]) if with_baseline else "")
-        print(f"{name:>16}: {ours} / {base} of {len(group)}; {spreads}")
+        ours = _set_standing(group, "")
+        line = f"{name:>16}: {ours[0]}, {ours[1]}, {ours[2]:.2f}"
+        if with_baseline:
+            base = _set_standing(group, "baseline_")
+            line = (f"{name:>16}: {ours[0]} / {base[0]}, {ours[1]} / {base[1]}, {ours[2]:.2f} / {base[2]:.2f}; "
+                    f"{_percent(group[0]['neutral_spread'])} / {_percent(group[0]['baseline_neutral_spread'])}; "
+                    f"{_verdict(ours, base)}")
+            verdicts[name] = _verdict(ours, base)
+        print(line)
+    if verdicts:
+        behind = [name for name, v in verdicts.items() if v != "ahead"]
+        print(f"ahead of the baseline on {len(verdicts) - len(behind)} of {len(verdicts)} sets"
+              + (f"; not on: " + ", ".join(f"{name} ({verdicts[name]})" for name in behind) if behind else ""))
     seconds = [t for t, _ in times]
     slowest = sorted(times, reverse=True)[:3]
     print(f"\ntime per video (ours): median {statistics.median(seconds):.1f} s, worst {max(seconds):.1f} s "

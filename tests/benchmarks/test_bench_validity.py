@@ -8,6 +8,7 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_validity.py"
@@ -72,3 +73,22 @@ def test_sets_with_moving_objects_have_a_still_copy_without_them():
     still, clean = small.still(), small.clean()
     assert still.shape == clean.shape and not torch.equal(still, clean)
     assert torch.equal(still, bench._rendered("boxes", "slow", 6, (48, 64))[0]())
+
+
+def test_a_set_is_ahead_on_more_pairs_then_on_pairs_beyond_neutral_then_on_the_weakest_margin():
+    # weakest margin in neutral spreads: 1.05 vs clean 1.0 with a 10% spread is half a spread
+    assert math.isclose(bench._weakest_margin(1.0, [1.3, 1.05], 0.1), 0.5)
+    assert bench._weakest_margin(1.0, [1.3, 0.9], 0.1) < 0  # one ranks wrong
+    assert bench._weakest_margin(1.0, [1.3, None], 0.1) == -math.inf  # unscorable counts as the worst
+    assert bench._weakest_margin(1.0, [1.3, 1.1], 0.0) == math.inf  # no neutral spread at all
+    assert bench._verdict((5, 3, 0.4), (4, 4, 2.0)) == "ahead"  # more pairs right decides
+    assert bench._verdict((5, 3, 0.4), (5, 4, 0.1)) == "behind"  # then pairs beyond the neutral spread
+    assert bench._verdict((5, 5, 16.5), (5, 5, 2.9)) == "ahead"  # then the weakest margin
+    assert bench._verdict((5, 5, 1.0), (5, 5, 1.0)) == "tie"
+
+
+def test_standing_reads_the_baseline_columns_with_the_prefix():
+    rows = [dict(clean=1.0, corrupted=c, neutral_spread=0.1, baseline_clean=2.0, baseline_corrupted=b,
+                 baseline_neutral_spread=0.05) for c, b in [(1.2, 2.0), (1.05, 2.5)]]
+    assert bench._set_standing(rows, "") == (2, 1, pytest.approx(0.5))
+    assert bench._set_standing(rows, "baseline_")[:2] == (1, 1)
