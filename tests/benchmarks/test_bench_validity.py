@@ -92,3 +92,18 @@ def test_standing_reads_the_baseline_columns_with_the_prefix():
                  baseline_neutral_spread=0.05) for c, b in [(1.2, 2.0), (1.05, 2.5)]]
     assert bench._set_standing(rows, "") == (2, 1, pytest.approx(0.5))
     assert bench._set_standing(rows, "baseline_")[:2] == (1, 1)
+
+
+def test_held_out_sets_take_other_frames_and_other_corruption_seeds(tmp_path):
+    import cv2
+    import numpy as np
+
+    for i in range(6):  # a capture of 6 images, each a flat grey of its own level
+        cv2.imwrite(str(tmp_path / f"{i:03d}.png"), np.full((16, 24, 3), 40 * i, np.uint8))
+    first = bench._real(tmp_path, frames=3, consecutive=True)()
+    spread = bench._real(tmp_path, frames=3)()
+    assert [int(f[0, 0, 0]) for f in first] == [0, 40, 80]
+    assert [int(f[0, 0, 0]) for f in spread][0] == 0 and int(spread[-1, 0, 0, 0]) == 200
+    usual = {s.name: s for s in bench.video_sets()}
+    for held in bench.held_out_sets():  # empty without the shared data
+        assert held.name not in usual and held.seed != 1
