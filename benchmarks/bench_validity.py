@@ -17,8 +17,9 @@ time per video.
 
 Repeats are bit-identical, so the repeat spread says nothing about how far apart two equally
 consistent videos can score. Each clean video therefore also gets two neutral copies, as
-3D-consistent as itself: sensor noise (Gaussian, 2 grey levels) and the whole video moved by half
-a pixel (a principal point shift). The neutral spread is the largest relative change of the
+3D-consistent as itself: sensor noise (Gaussian, 2 grey levels), the whole video moved by half
+a pixel (a principal point shift), the video encoded once more, and exposure and white balance
+changing from frame to frame (auto-exposure, flicker). The neutral spread is the largest relative change of the
 clean score over them; a pair is "right beyond neutral" when the corrupted copy scores worse than
 the clean one by more than that. Both are measured for the baseline too. A set with moving
 objects has one more neutral copy, `still`: the same render without them (its static scene is as
@@ -64,7 +65,7 @@ import torch  # noqa: E402
 SHARED = Path(os.environ.get("VGPA_SHARED_DATA", REPO.parent / "shared" / "data"))
 CORRUPTIONS = ["warp3", "warp8", "drift6", "drift16", "deform"]
 _IMAGE_CORRUPTION = {"warp3": ("warp", 3.0), "warp8": ("warp", 8.0), "drift6": ("drift", 6.0), "drift16": ("drift", 16.0)}
-NEUTRAL = ["noise2", "shift0.5", "reencoded"]
+NEUTRAL = ["noise2", "shift0.5", "reencoded", "exposure"]
 
 
 def _noise(frames: torch.Tensor, sigma: float = 2.0) -> torch.Tensor:
@@ -92,7 +93,20 @@ def _reencoded(frames: torch.Tensor) -> torch.Tensor:
         return load_video(write_video(Path(tmp) / "first.mp4", frames)).frames
 
 
-_NEUTRAL_COPY = {"noise2": _noise, "shift0.5": _shift, "reencoded": _reencoded}
+def _exposure(frames: torch.Tensor) -> torch.Tensor:
+    """(N, H, W, 3) uint8 with the exposure and white balance changing from frame to frame, as a
+    camera's auto-exposure or a generated clip's flicker change them: a slow gain swing of +-6%,
+    a seeded flicker of +-3% per frame, and red up / blue down by up to 4% towards the end."""
+    n = len(frames)
+    time_ = torch.linspace(0, 1, n)
+    flicker = torch.rand(n, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    gain = 1 + 0.06 * torch.sin(2 * math.pi * time_) + 0.03 * flicker
+    balance = torch.stack([1 + 0.04 * time_, torch.ones(n), 1 - 0.04 * time_], dim=1)
+    scaled = frames.float() * gain.view(n, 1, 1, 1) * balance.view(n, 1, 1, 3)
+    return scaled.round().clamp(0, 255).to(torch.uint8)
+
+
+_NEUTRAL_COPY = {"noise2": _noise, "shift0.5": _shift, "reencoded": _reencoded, "exposure": _exposure}
 
 
 @dataclass

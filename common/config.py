@@ -39,6 +39,12 @@ class ScoreConfig(BaseModel):
         "renders explain it worst (one frame with a wrong depth or pose spoils every render it is part of). 0: every "
         "source, weighed by its pixels.",
     )
+    match_exposure: bool = Field(
+        True,
+        description="Before a render is compared with a frame, its colours are scaled per channel by the median ratio "
+        "frame / render over the compared pixels: exposure and white balance that change from frame to frame "
+        "(auto-exposure, a generated clip's flicker) are not 3D inconsistency. False: compared as rendered.",
+    )
     compare_scale: int = Field(
         2, ge=1, le=8,
         description="Frames and renders are compared after averaging blocks of this many pixels a side (1: full resolution).",
@@ -82,9 +88,10 @@ class ScoreConfig(BaseModel):
     def metric_id(self, backend: str, perceptual_metric: str) -> str:
         """Everything that changes a score's scale. Scores with different ids are not comparable.
 
-        backend: the geometry backend's `score_id` (its name and revision, `colmap-flow.r7`).
+        backend: the geometry backend's `score_id` (its name and revision, `colmap-flow.r8`).
         """
         lam = f"{self.lambda_:g}"
         excl = "" if self.exclude_self else "+self"
         trim = f"/trim={self.trim_sources:g}" if self.trim_sources > 0 else ""
-        return f"{backend}/{perceptual_metric}/lambda={lam}/T={self.frames}/side={self.max_side}/pairwise@{self.compare_scale}{excl}{trim}"
+        gain = "/gain" if self.match_exposure else ""
+        return f"{backend}/{perceptual_metric}/lambda={lam}/T={self.frames}/side={self.max_side}/pairwise@{self.compare_scale}{excl}{trim}{gain}"

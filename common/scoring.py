@@ -288,6 +288,8 @@ def pairwise_errors(
         if len(targets) == 0:
             continue
         reference, rendered, valid = small_frames[targets], small_image[targets], small_mask[targets]
+        if config.match_exposure:
+            rendered = match_exposure(rendered, reference, valid)
         filled = torch.where(valid[..., None], rendered, reference)
         error = ((filled - reference) ** 2).mean(dim=-1)  # (n, h, w), 0 outside valid
         distance = metric.distance_map(filled, reference)
@@ -302,6 +304,31 @@ def pairwise_errors(
         moving_fraction=float(moving[registered].float().mean()) if bool(registered.any()) else 0.0,
         preview=preview, preview_mask=preview_mask, moving=moving, lifted=confident,
     )
+
+
+def match_exposure(rendered: Tensor, reference: Tensor, valid: Tensor, max_gain: float = 2.0, dark: float = 0.04) -> Tensor:
+    """Renders (n, h, w, 3) in [0, 1] scaled per channel to the exposure of their reference frames.
+
+    A render carries its source frame's exposure and white balance; a frame that the camera's
+    auto-exposure (or a generated clip's flicker) made 6% darker is not less 3D-consistent, yet
+    every render into it scored like misalignment (the slow synthetic clip with a +-9% exposure
+    swing and a 4% white-balance drift: 3.2x the clean clip's score; docs/backends.md, "Exposure
+    (revision 8)"). The gain of a channel is the median ratio reference / render over the `valid`
+    (n, h, w) pixels that are not dark in either (below `dark` the ratio is quantisation noise),
+    within [1 / max_gain, max_gain]; no change where fewer than 16 such pixels. The median, not the
+    ratio of means: the pixels a render gets wrong (a moving thing the masks missed, misplaced
+    surfaces) pulled the mean, and the slow clip with movers scored 26% worse with it. Gain only:
+    exposure and white balance scale pixel values, and an offset would also absorb a render's
+    misplaced dark or bright surfaces.
+    """
+    gains = torch.ones(rendered.shape[0], 3, dtype=rendered.dtype, device=rendered.device)
+    for k in range(rendered.shape[0]):
+        pairs = valid[k] & (rendered[k] > dark).all(dim=-1) & (reference[k] > dark).all(dim=-1)
+        if int(pairs.sum()) >= 16:
+            log_ratio = reference[k][pairs].log() - rendered[k][pairs].log()  # (m, 3)
+            gains[k] = log_ratio.median(dim=0).values.exp()
+    gains = gains.clamp(1 / max_gain, max_gain)
+    return (rendered * gains[:, None, None, :]).clamp(0, 1)
 
 
 def _pool(image: Tensor, mask: Tensor, scale: int) -> tuple[Tensor, Tensor]:

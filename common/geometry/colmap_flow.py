@@ -168,6 +168,8 @@ class ColmapFlowBackend(GeometryBackend):
             reaches this.
         sweep_check_px: the left-right check of a swept depth: frame j's sweep must send the
             point back to within this many pixels (at flow scale).
+        match_brightness: optical flow between two frames first scales the second to the first's
+            mean grey level (`_Flows`): exposure that changes from frame to frame is not motion.
     """
 
     name = "colmap-flow"
@@ -179,10 +181,12 @@ class ColmapFlowBackend(GeometryBackend):
     #    between views turned more than `sweep_above_deg` apart.
     # 7: the fast pass's frames: the scored ones filled up evenly to `sfm_frames` (16 of a 49-frame
     #    clip, not their union with 16 evenly spaced ones: 22).
-    revision = 7
+    # 8: optical flow between brightness-matched frames (`match_brightness`); the SfM pass's
+    #    motion masks use that flow too.
+    revision = 8
     # The revision of `cameras` alone (the hybrid backend's part of its metric_id): 4 changed the
-    # depth only, 5, 6 and 7 the cameras.
-    cameras_revision = 7
+    # depth only, 5, 6, 7 and 8 the cameras.
+    cameras_revision = 8
 
     def __init__(
         self,
@@ -206,7 +210,9 @@ class ColmapFlowBackend(GeometryBackend):
         sweep_margin: float = 1.5,
         sweep_min_ncc: float = 0.6,
         sweep_check_px: float = 3.0,
+        match_brightness: bool = True,
     ) -> None:
+        self.match_brightness = match_brightness
         self.sweep_check_px = sweep_check_px
         self.sweep_above_deg = sweep_above_deg
         self.sweep_margin = sweep_margin
@@ -231,7 +237,7 @@ class ColmapFlowBackend(GeometryBackend):
     def reconstruct(self, frames: Tensor, scored: Sequence[int], video_indices: Sequence[int]) -> SceneGeometry:
         timings: dict[str, float] = {}
         M, H, W, _ = frames.shape
-        flows = _Flows(frames, self.flow_max_side)
+        flows = _Flows(frames, self.flow_max_side, self.match_brightness)
         start = time.perf_counter()
         cameras = self.cameras(frames, scored, flows)
         timings["sfm"] = time.perf_counter() - start
@@ -323,7 +329,7 @@ class ColmapFlowBackend(GeometryBackend):
         flows: the video's flow cache, shared with the depth stage (a new one when None).
         Also used by the hybrid backend (`common.geometry.hybrid`).
         """
-        flows = flows or _Flows(frames, self.flow_max_side)
+        flows = flows or _Flows(frames, self.flow_max_side, self.match_brightness)
         subset = evenly_filled(len(frames), scored, self.sfm_frames)
         with tempfile.TemporaryDirectory(prefix="vgpa-sfm-") as tmp:
             start = time.perf_counter()
@@ -372,7 +378,7 @@ class ColmapFlowBackend(GeometryBackend):
         scale = len(positions) / len(fast.positions) * (side / min(FAST.max_side, long_side)) ** 2
         predicted = fast.inlier_matches() * scale
         if predicted <= self.dense_match_budget:
-            masks = self._feature_masks(flows or _Flows(frames, self.flow_max_side), positions)
+            masks = self._feature_masks(flows or _Flows(frames, self.flow_max_side, self.match_brightness), positions)
             return name, _Workspace(folder, frames, settings, positions, masks).cameras(self.min_calibrated_fov_deg)
         fast.verify_again(self.relaxed_ransac_px)
         # Views that agree only to the relaxed tolerance are the worst ones to self-calibrate from
@@ -681,10 +687,15 @@ class _Flows:
     `gray(i)` is frame i there (uint8), `texture(i)` its gradient energy, `small(i, j)` the
     (h, w, 2) flow i -> j in its pixels, `full(i, j)` that flow upsampled to (H, W, 2) in pixels of
     the frames. The motion masks of the SfM pass and the depth stage share it.
+    match_brightness: frame j is scaled to frame i's mean grey level before the flow i -> j.
+    DIS's variational refinement assumes constant brightness; with auto-exposure or flicker
+    (+-9% between frames) its flow, and the depth triangulated from it, got noisier: the slow
+    synthetic clip's depth then scored 35% worse with the same cameras (docs/backends.md, "Exposure").
     """
 
-    def __init__(self, frames: Tensor, max_side: int) -> None:
+    def __init__(self, frames: Tensor, max_side: int, match_brightness: bool = True) -> None:
         self.frames = frames
+        self.match_brightness = match_brightness
         self.height, self.width = frames.shape[1:3]
         self.size = _flow_size(self.height, self.width, max_side)
         self._gray: dict[int, np.ndarray] = {}
@@ -708,7 +719,11 @@ class _Flows:
 
     def small(self, i: int, j: int) -> np.ndarray:
         if (i, j) not in self._small:
-            self._small[(i, j)] = self._dis.calc(self.gray(i), self.gray(j), None)
+            target = self.gray(j)
+            if self.match_brightness:  # DIS's refinement assumes constant brightness
+                gain = float(np.clip(self.gray(i).mean() / max(float(target.mean()), 1.0), 0.5, 2.0))
+                target = np.clip(target.astype(np.float32) * gain + 0.5, 0, 255).astype(np.uint8)
+            self._small[(i, j)] = self._dis.calc(self.gray(i), target, None)
         return self._small[(i, j)]
 
     def full(self, i: int, j: int) -> np.ndarray:
