@@ -690,7 +690,8 @@ class _Flows:
     match_brightness: frame j is scaled to frame i's mean grey level before the flow i -> j.
     DIS's variational refinement assumes constant brightness; with auto-exposure or flicker
     (+-9% between frames) its flow, and the depth triangulated from it, got noisier: the slow
-    synthetic clip's depth then scored 35% worse with the same cameras (docs/backends.md, "Exposure").
+    synthetic clip's depth then scored 40% worse with the same cameras (docs/backends.md,
+    "Exposure (revision 8)").
     """
 
     def __init__(self, frames: Tensor, max_side: int, match_brightness: bool = True) -> None:
