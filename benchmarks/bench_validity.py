@@ -385,15 +385,15 @@ def _report(rows: list[dict], times: list[tuple[float, str]], with_baseline: boo
         line = f"{name:>16}: {ours[0]}, {ours[1]}, {ours[2]:.2f}"
         if with_baseline:
             base = _set_standing(group, "baseline_")
+            verdicts[name] = _verdict(ours, base)
             line = (f"{name:>16}: {ours[0]} / {base[0]}, {ours[1]} / {base[1]}, {ours[2]:.2f} / {base[2]:.2f}; "
                     f"{_percent(group[0]['neutral_spread'])} / {_percent(group[0]['baseline_neutral_spread'])}; "
-                    f"{_verdict(ours, base)}")
-            verdicts[name] = _verdict(ours, base)
+                    f"{verdicts[name]}")
         print(line)
     if verdicts:
         behind = [name for name, v in verdicts.items() if v != "ahead"]
         print(f"ahead of the baseline on {len(verdicts) - len(behind)} of {len(verdicts)} sets"
-              + (f"; not on: " + ", ".join(f"{name} ({verdicts[name]})" for name in behind) if behind else ""))
+              + ("; not on: " + ", ".join(f"{name} ({verdicts[name]})" for name in behind) if behind else ""))
     seconds = [t for t, _ in times]
     slowest = sorted(times, reverse=True)[:3]
     print(f"\ntime per video (ours): median {statistics.median(seconds):.1f} s, worst {max(seconds):.1f} s "

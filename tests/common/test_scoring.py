@@ -304,8 +304,9 @@ def test_things_moving_through_the_scene_do_not_pull_the_cameras():
     features. With that switched off, their features pull the cameras and the score rises by far
     more (480x720: the movers' features are many at that size).
 
-    Measured (2-core CPU), still / masked / unmasked: revision 7 (16 SfM frames, trimmed sources)
-    0.0732 / 0.0881 (+20%) / 0.0895 (+22%); 20 or 22 SfM frames +21% / +44% and +19% / +32%;
+    Measured (2-core CPU), still / masked / unmasked: revision 8 (exposure matched) 0.0725 /
+    0.0892 (+23%) / 0.0907 (+25%); revision 7 (16 SfM frames, trimmed sources) 0.0732 / 0.0881
+    (+20%) / 0.0895 (+22%); 20 or 22 SfM frames +21% / +44% and +19% / +32%;
     revision 6's 20 frames (the union of 16 evenly spaced ones with the scored ones) +14% / +32%,
     and with the plain mean over sources +9% / +39%. What the masks leave is the movers' own
     error where the depth stage does not find them (0.2-1.3% of the pixels marked moving, of about
