@@ -45,6 +45,12 @@ class ScoreConfig(BaseModel):
         "frame / render over the compared pixels: exposure and white balance that change from frame to frame "
         "(auto-exposure, a generated clip's flicker) are not 3D inconsistency. False: compared as rendered.",
     )
+    crop_borders: bool = Field(
+        True,
+        description="Bars of one colour along the frame edges (letterbox, pillarbox; `common.video.constant_borders`) "
+        "are cut before scoring: they hold no scene, and every point reprojected behind them scored as an error. "
+        "False: the whole frame is scored.",
+    )
     compare_scale: int = Field(
         2, ge=1, le=8,
         description="Frames and renders are compared after averaging blocks of this many pixels a side (1: full resolution).",
@@ -94,4 +100,5 @@ class ScoreConfig(BaseModel):
         excl = "" if self.exclude_self else "+self"
         trim = f"/trim={self.trim_sources:g}" if self.trim_sources > 0 else ""
         gain = "/gain" if self.match_exposure else ""
-        return f"{backend}/{perceptual_metric}/lambda={lam}/T={self.frames}/side={self.max_side}/pairwise@{self.compare_scale}{excl}{trim}{gain}"
+        crop = "/crop" if self.crop_borders else ""
+        return f"{backend}/{perceptual_metric}/lambda={lam}/T={self.frames}/side={self.max_side}/pairwise@{self.compare_scale}{excl}{trim}{gain}{crop}"

@@ -37,6 +37,11 @@ class ScoreResult(BaseModel):
     failed_frames: list[int] = Field(default_factory=list, description="Frame indices that were not registered or covered.")
     per_frame: list[FrameScore]
     size: tuple[int, int] = Field(description="(height, width) of the scored frames.")
+    borders: tuple[int, int, int, int] = Field(
+        (0, 0, 0, 0),
+        description="(top, bottom, left, right): pixels of bars of one colour (letterbox, pillarbox) cut from the "
+        "decoded frames before scoring; `size` is what is left.",
+    )
     timings_s: dict[str, float]
     previews: list[str] = Field(default_factory=list, description="Preview PNG paths when previews were requested.")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -24,7 +24,7 @@ from common.geometry import GeometryBackend, ReconstructionFailed, SceneGeometry
 from common.perceptual import create_metric
 from common.raster import rasterize_points
 from common.result import FrameScore, ScoreResult
-from common.video import VideoSource, load_video, to_float, uniform_indices
+from common.video import VideoSource, constant_borders, load_video, to_float, uniform_indices
 
 Progress = Callable[[str], None]
 
@@ -74,12 +74,18 @@ def score_video(
         max_input_side=config.max_input_side,
         max_input_frames=config.max_input_frames,
     )
+    # Bars of one colour along the edges (letterbox, pillarbox) hold no scene: cut before anything sees them.
+    borders = constant_borders(video.frames) if config.crop_borders else (0, 0, 0, 0)
+    if any(borders):
+        top, bottom, left, right = borders
+        M, height, width, _ = video.frames.shape
+        video = replace(video, frames=video.frames[:, top:height - bottom, left:width - right].contiguous())
     position = {index: p for p, index in enumerate(video.indices)}
     scored = [position[i] for i in plan["scored"]]
     frames = to_float(video.frames[scored]).to(device)  # (T, H, W, 3) in [0, 1]
     T, H, W, _ = frames.shape
 
-    backend = backend or _backend(config)
+    backend = (backend or _backend(config)).cropped(borders)
     metric = create_metric(config.perceptual, config.lpips_weights, device)
     base = dict(
         perceptual_metric=metric.name,
@@ -88,6 +94,7 @@ def score_video(
         frames=T,
         frame_indices=plan["scored"],
         size=(H, W),
+        borders=borders,
         **{"lambda": config.lambda_},
     )
 

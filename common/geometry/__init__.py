@@ -103,6 +103,10 @@ class _Serialized(GeometryBackend):
         self._backend, self._lock = backend, threading.Lock()
         self.name, self.revision = backend.name, backend.revision
 
+    def cropped(self, borders: tuple[int, int, int, int]) -> GeometryBackend:
+        inner = self._backend.cropped(borders)
+        return self if inner is self._backend else _Serialized(inner)
+
     def reconstruct(self, frames, scored, video_indices) -> SceneGeometry:
         with self._lock:
             return self._backend.reconstruct(frames, scored, video_indices)

@@ -75,6 +75,12 @@ class GeometryBackend(ABC):
         """The backend's part of a score's metric_id: its name, and its revision when it has one."""
         return self.name if self.revision is None else f"{self.name}.r{self.revision}"
 
+    def cropped(self, borders: tuple[int, int, int, int]) -> "GeometryBackend":
+        """This backend for frames with (top, bottom, left, right) pixels cut from their edges
+        (`ScoreConfig.crop_borders`). A backend that reconstructs from the pixels needs nothing; one
+        that answers with stored per-pixel geometry (the oracle) cuts it the same way."""
+        return self
+
     @abstractmethod
     def reconstruct(self, frames: Tensor, scored: Sequence[int], video_indices: Sequence[int]) -> SceneGeometry:
         """Geometry of the scored frames.

@@ -33,6 +33,17 @@ class OracleBackend(GeometryBackend):
         """From a `common.synthetic.RenderedVideo`."""
         return cls(video.depth, video.K, video.world_to_cam)
 
+    def cropped(self, borders: tuple[int, int, int, int]) -> "OracleBackend":
+        """The same geometry for frames cut by (top, bottom, left, right) pixels: depth cut, principal point moved."""
+        if not any(borders):
+            return self
+        top, bottom, left, right = borders
+        _, height, width = self.depth.shape
+        K = self.K.clone()
+        K[:, 0, 2] -= left
+        K[:, 1, 2] -= top
+        return OracleBackend(self.depth[:, top:height - bottom, left:width - right], K, self.world_to_cam)
+
     def reconstruct(self, frames: Tensor, scored: Sequence[int], video_indices: Sequence[int]) -> SceneGeometry:
         rows = [video_indices[i] for i in scored]
         depth = self.depth[rows]

@@ -67,9 +67,10 @@ def test_result_carries_settings_and_is_json(clean_scores):
     result = clean_scores[SCENES[0]]
     data = json.loads(json.dumps(result.to_json_dict()))
     for key in ("status", "reason", "score", "mse", "perceptual", "perceptual_metric", "metric_id", "coverage",
-                "motion", "backend", "frames", "per_frame", "timings_s"):
+                "motion", "backend", "frames", "per_frame", "timings_s", "borders"):
         assert key in data
-    assert data["metric_id"] == "colmap-flow.r8/align/lambda=1/T=10/side=240/pairwise@2/trim=0.25/gain"
+    assert data["metric_id"] == "colmap-flow.r8/align/lambda=1/T=10/side=240/pairwise@2/trim=0.25/gain/crop"
+    assert data["borders"] == [0, 0, 0, 0] and data["size"] == [180, 240]
     assert data["score"] == pytest.approx(data["mse"] + data["lambda"] * data["perceptual"])
     assert data["frame_indices"][0] == 0 and data["frame_indices"][-1] == 23
     assert data["motion"] > 0.001
@@ -81,7 +82,7 @@ def test_lambda_and_frames_change_the_metric_id():
     a = score_video(video.frames, CONFIG, backend=oracle)
     b = score_video(video.frames, CONFIG.model_copy(update={"lambda_": 0.0, "frames": 6}), backend=oracle)
     c = score_video(video.frames, CONFIG.model_copy(update={"compare_scale": 1, "trim_sources": 0.0}), backend=oracle)
-    assert c.metric_id != a.metric_id and c.metric_id.endswith("pairwise@1/gain") and a.metric_id.endswith("/trim=0.25/gain")
+    assert c.metric_id != a.metric_id and c.metric_id.endswith("pairwise@1/gain/crop") and a.metric_id.endswith("/trim=0.25/gain/crop")
     assert a.metric_id != b.metric_id and b.frames == 6
     assert b.score == pytest.approx(b.mse)
 
@@ -153,8 +154,28 @@ def test_exposure_that_changes_from_frame_to_frame_is_not_inconsistency():
     assert exposed_matched - clean < 0.25 * (exposed_unmatched - clean_unmatched), scores
     warped = render_video("boxes", "orbit", frames=12, size=SIZE, corruption="warp")
     assert score_video(_exposed(warped.frames), CONFIG, backend=oracle).score > 3 * exposed_matched
-    assert CONFIG.metric_id("b", "align").endswith("/gain")
-    assert not CONFIG.model_copy(update={"match_exposure": False}).metric_id("b", "align").endswith("/gain")
+    assert CONFIG.metric_id("b", "align").endswith("/gain/crop")
+    assert "/gain" not in CONFIG.model_copy(update={"match_exposure": False}).metric_id("b", "align")
+
+
+def test_letterbox_bars_are_cut_before_scoring_and_the_rest_scores_as_without_them():
+    """Black bars over the top and bottom of a consistent clip: the scene's points reproject behind
+    them, and with the bars kept every such pixel is an error. Cut (the default), the clip scores
+    exactly as its picture alone, cut out by hand; the result says what was cut."""
+    video = render_video("boxes", "orbit", frames=12, size=SIZE)
+    oracle = OracleBackend.from_render(video)
+    framed = video.frames.clone()
+    framed[:, :24] = 0
+    framed[:, -24:] = 0
+    cut = score_video(framed, CONFIG, backend=oracle)
+    assert cut.borders == (26, 26, 0, 0) and cut.size == (SIZE[0] - 52, SIZE[1])
+    by_hand = score_video(video.frames[:, 26:-26].contiguous(), CONFIG, backend=oracle.cropped((26, 26, 0, 0)))
+    assert by_hand.borders == (0, 0, 0, 0)
+    assert cut.score == by_hand.score and cut.per_frame == by_hand.per_frame
+    kept = score_video(framed, CONFIG.model_copy(update={"crop_borders": False}), backend=oracle)
+    assert kept.borders == (0, 0, 0, 0) and kept.size == SIZE
+    assert kept.score > 3 * cut.score, (kept.score, cut.score)
+    assert not kept.metric_id.endswith("/crop") and cut.metric_id.endswith("/crop")
 
 
 def test_optical_flow_between_frames_of_another_exposure_matches_their_brightness_first():

@@ -7,7 +7,16 @@ import torch
 
 from common.errors import CorruptVideoError, InputNotFoundError, InputTooLargeError, NotAVideoError, TooFewFramesError
 from common.synthetic import render_video
-from common.video import evenly_filled, load_video, resized_size, to_float, uniform_indices, write_image_folder, write_video
+from common.video import (
+    constant_borders,
+    evenly_filled,
+    load_video,
+    resized_size,
+    to_float,
+    uniform_indices,
+    write_image_folder,
+    write_video,
+)
 
 
 def _frames(n=6, h=32, w=48):
@@ -25,6 +34,35 @@ def test_evenly_filled_keeps_the_given_indices_and_adds_up_to_the_count():
     assert evenly_filled(8, range(8), 16) == list(range(8))  # never more than there are
     assert evenly_filled(100, [50], 5) == [0, 25, 50, 74, 99]
     assert evenly_filled(30, range(0, 30, 2), 4) == list(range(0, 30, 2)) + [29]  # more kept than the count: all kept
+
+
+def test_constant_borders_find_letterbox_and_pillarbox_bars_through_a_lossy_codec(tmp_path):
+    """Black bars above and below, dark grey bars at the sides, written as H.264 and read back: each
+    is found, less the rows the codec's ringing reaches (within its 8 px blocks), plus the 2 px
+    margin; the picture is never cut by more than the margin."""
+    video = render_video("boxes", "orbit", frames=12, size=(180, 240))
+    assert constant_borders(video.frames) == (0, 0, 0, 0)
+    framed = video.frames.clone()
+    framed[:, :20] = 0
+    framed[:, -24:] = 0
+    framed[:, :, :30] = 16
+    framed[:, :, -16:] = 16
+    assert constant_borders(framed) == (22, 26, 32, 18)  # exact bars: the bar plus the 2 px margin
+    decoded = load_video(write_video(tmp_path / "framed.mp4", framed)).frames
+    top, bottom, left, right = constant_borders(decoded)
+    for found, bar in ((top, 20), (bottom, 24), (left, 30), (right, 16)):
+        assert bar - 6 <= found <= bar + 2, constant_borders(decoded)
+
+
+def test_constant_borders_leave_a_clip_of_one_colour_and_thin_content_whole():
+    flat = torch.full((4, 60, 80, 3), 90, dtype=torch.uint8)
+    assert constant_borders(flat) == (0, 0, 0, 0)  # all "bar": left whole, for the static-camera check
+    noise = _frames(4, 60, 80)
+    noise[:, :40] = 0  # bars that would leave a third of the frame are not counted on that axis
+    assert constant_borders(noise) == (0, 0, 0, 0)
+    noise[:, :20] = 0
+    noise[:, 20:40] = _frames(4, 20, 80)
+    assert constant_borders(noise) == (22, 0, 0, 0)
 
 
 def test_uniform_indices_cover_the_whole_video():
