@@ -47,7 +47,7 @@ class ScoreConfig(BaseModel):
     )
     crop_borders: bool = Field(
         True,
-        description="Bars of one colour along the frame edges (letterbox, pillarbox; `common.video.constant_borders`) "
+        description="Bars of one dark colour along the frame edges (letterbox, pillarbox; `common.video.constant_borders`) "
         "are cut before scoring: they hold no scene, and every point reprojected behind them scored as an error. "
         "False: the whole frame is scored.",
     )

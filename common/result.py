@@ -39,7 +39,7 @@ class ScoreResult(BaseModel):
     size: tuple[int, int] = Field(description="(height, width) of the scored frames.")
     borders: tuple[int, int, int, int] = Field(
         (0, 0, 0, 0),
-        description="(top, bottom, left, right): pixels of bars of one colour (letterbox, pillarbox) cut from the "
+        description="(top, bottom, left, right): pixels of bars of one dark colour (letterbox, pillarbox) cut from the "
         "decoded frames before scoring; `size` is what is left.",
     )
     timings_s: dict[str, float]

@@ -74,7 +74,7 @@ def score_video(
         max_input_side=config.max_input_side,
         max_input_frames=config.max_input_frames,
     )
-    # Bars of one colour along the edges (letterbox, pillarbox) hold no scene: cut before anything sees them.
+    # Bars of one dark colour along the edges (letterbox, pillarbox) hold no scene: cut before anything sees them.
     borders = constant_borders(video.frames) if config.crop_borders else (0, 0, 0, 0)
     if any(borders):
         top, bottom, left, right = borders

@@ -54,9 +54,14 @@ def test_constant_borders_find_letterbox_and_pillarbox_bars_through_a_lossy_code
         assert bar - 6 <= found <= bar + 2, constant_borders(decoded)
 
 
-def test_constant_borders_leave_a_clip_of_one_colour_and_thin_content_whole():
-    flat = torch.full((4, 60, 80, 3), 90, dtype=torch.uint8)
-    assert constant_borders(flat) == (0, 0, 0, 0)  # all "bar": left whole, for the static-camera check
+def test_constant_borders_leave_bright_flat_scene_and_a_clip_of_one_colour_whole():
+    black = torch.full((4, 60, 80, 3), 10, dtype=torch.uint8)
+    assert constant_borders(black) == (0, 0, 0, 0)  # all "bar": left whole, for the static-camera check
+    wall = _frames(4, 60, 80)
+    wall[:, :20] = 128  # a flat grey wall or a clear sky over the top of every frame is scene, not a bar
+    assert constant_borders(wall) == (0, 0, 0, 0)
+    wall[:, :20] = 30  # a dark grey bar is one
+    assert constant_borders(wall) == (22, 0, 0, 0)
     noise = _frames(4, 60, 80)
     noise[:, :40] = 0  # bars that would leave a third of the frame are not counted on that axis
     assert constant_borders(noise) == (0, 0, 0, 0)
