@@ -78,7 +78,7 @@ def score_video(
     borders = constant_borders(video.frames) if config.crop_borders else (0, 0, 0, 0)
     if any(borders):
         top, bottom, left, right = borders
-        M, height, width, _ = video.frames.shape
+        _, height, width, _ = video.frames.shape
         video = replace(video, frames=video.frames[:, top:height - bottom, left:width - right].contiguous())
     position = {index: p for p, index in enumerate(video.indices)}
     scored = [position[i] for i in plan["scored"]]

@@ -108,13 +108,13 @@ def constant_borders(
     `tolerance` grey levels of one colour (not all: a codec's ringing spills into a bar's lines
     next to a bar of another colour) no channel of which is above `max_level`. Dark only: a flat
     wall, a white backdrop or a clear sky can fill whole rows of every frame too, and they are
-    scene (without texture, they get no depth anyway). Bars are counted from each edge inwards, plus `margin` pixels
-    for the ringing where the picture starts. A bar holds no scene: with a moving camera the
-    scene's points reproject behind it and every comparison there is an error (bear with black
-    bars over a quarter of the frame: 0.2178 kept, 0.1573 cut; docs/backends.md, "Letterbox and
-    pillarbox bars"). Bars that would leave less than `max_fraction` of an axis are not counted on
-    it (a clip of one colour is left whole, for the static-camera check). About 0.1 s for 32
-    frames of 720 x 404.
+    scene (without texture, they get no depth anyway). Bars are counted from each edge inwards,
+    plus `margin` pixels for the ringing where the picture starts. A bar holds no scene: with a
+    moving camera the scene's points reproject behind it and every comparison there is an error
+    (bear with black bars over a quarter of the frame: 0.2178 kept, 0.1573 cut; docs/backends.md,
+    "Letterbox and pillarbox bars"). Bars that would leave less than `max_fraction` of an axis
+    are not counted on it (a clip of one colour is left whole, for the static-camera check).
+    About 0.1 s for 32 frames of 720 x 404.
     """
     low = frames.amin(dim=0).to(torch.int16)  # (H, W, 3) over time
     high = frames.amax(dim=0).to(torch.int16)
