@@ -114,7 +114,7 @@ def constant_borders(
     (bear with black bars over a quarter of the frame: 0.2178 kept, 0.1573 cut; docs/backends.md,
     "Letterbox and pillarbox bars"). Bars that would leave less than `max_fraction` of an axis
     are not counted on it (a clip of one colour is left whole, for the static-camera check).
-    About 0.1 s for 32 frames of 720 x 404.
+    0.03-0.07 s for 32 frames of 720 x 404-480 (2-core CPU; a second round only with side bars).
     """
     low = frames.amin(dim=0).to(torch.int16)  # (H, W, 3) over time
     high = frames.amax(dim=0).to(torch.int16)
@@ -134,13 +134,16 @@ def constant_borders(
         return leading(low, high), leading(low.flip(0), high.flip(0))
 
     # Rows are judged between the side bars and columns between the top and bottom ones, so a
-    # second round finds bars of two colours (black above and below, grey at the sides).
-    top = bottom = left = right = 0
+    # second round finds bars of two colours (black above and below, grey at the sides). Without
+    # side bars the second round would judge the same rows again: most clips end after one.
+    left = right = 0
     for _ in range(2):
         cols = slice(left, width - right)
         top, bottom = both_ends(low[:, cols], high[:, cols])
         rows = slice(top, max(top, height - bottom))
         left, right = both_ends(low[rows].transpose(0, 1), high[rows].transpose(0, 1))
+        if not (left or right):
+            break
 
     def with_margin(start: int, end: int, size: int) -> tuple[int, int]:
         start, end = (start + margin if start else 0), (end + margin if end else 0)

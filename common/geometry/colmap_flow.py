@@ -237,7 +237,7 @@ class ColmapFlowBackend(GeometryBackend):
     def reconstruct(self, frames: Tensor, scored: Sequence[int], video_indices: Sequence[int]) -> SceneGeometry:
         timings: dict[str, float] = {}
         M, H, W, _ = frames.shape
-        flows = _Flows(frames, self.flow_max_side, self.match_brightness)
+        flows = self._flows(frames)
         start = time.perf_counter()
         cameras = self.cameras(frames, scored, flows)
         timings["sfm"] = time.perf_counter() - start
@@ -286,6 +286,10 @@ class ColmapFlowBackend(GeometryBackend):
             timings_s=timings,
         )
 
+    def _flows(self, frames: Tensor) -> "_Flows":
+        """A new flow cache for `frames` (M, H, W, 3) uint8 with this backend's flow settings."""
+        return _Flows(frames, self.flow_max_side, self.match_brightness)
+
     def _textured(self, energy: np.ndarray, height: int, width: int) -> Tensor:
         """(h, w) gradient energy of a frame at flow scale (`_texture`) -> (H, W) bool: where its flow can be measured."""
         if self.min_texture <= 0:
@@ -329,7 +333,7 @@ class ColmapFlowBackend(GeometryBackend):
         flows: the video's flow cache, shared with the depth stage (a new one when None).
         Also used by the hybrid backend (`common.geometry.hybrid`).
         """
-        flows = flows or _Flows(frames, self.flow_max_side, self.match_brightness)
+        flows = flows or self._flows(frames)
         subset = evenly_filled(len(frames), scored, self.sfm_frames)
         with tempfile.TemporaryDirectory(prefix="vgpa-sfm-") as tmp:
             start = time.perf_counter()
@@ -378,7 +382,7 @@ class ColmapFlowBackend(GeometryBackend):
         scale = len(positions) / len(fast.positions) * (side / min(FAST.max_side, long_side)) ** 2
         predicted = fast.inlier_matches() * scale
         if predicted <= self.dense_match_budget:
-            masks = self._feature_masks(flows or _Flows(frames, self.flow_max_side, self.match_brightness), positions)
+            masks = self._feature_masks(flows or self._flows(frames), positions)
             return name, _Workspace(folder, frames, settings, positions, masks).cameras(self.min_calibrated_fov_deg)
         fast.verify_again(self.relaxed_ransac_px)
         # Views that agree only to the relaxed tolerance are the worst ones to self-calibrate from
