@@ -244,6 +244,14 @@ def warp_frames(frames: Tensor, fields: list[Tensor]) -> Tensor:
     return torch.from_numpy(np.stack(out))
 
 
+def false_colour(frames: Tensor) -> Tensor:
+    """(N, H, W, 3) uint8 RGB frames as another scene would look: their grey levels through a false-colour
+    map (OpenCV's JET). The renderer's scenes share one palette, so a cut from one to another barely
+    moves the colours; this one is a cut to a scene of other hues, as between two real shots."""
+    grey = [cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY) for frame in frames.numpy()]
+    return torch.from_numpy(np.stack([cv2.cvtColor(cv2.applyColorMap(g, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB) for g in grey]))
+
+
 def corrupt_frames(
     frames: Tensor, kind: ImageCorruption, seed: int = 0, strength: float = 0.03, amplitude_px: Optional[float] = None
 ) -> Tensor:

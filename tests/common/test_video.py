@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from common.errors import CorruptVideoError, InputNotFoundError, InputTooLargeError, NotAVideoError, TooFewFramesError
-from common.synthetic import render_video
+from common.synthetic import false_colour, render_video
 from common.video import (
     constant_borders,
     evenly_filled,
     load_video,
     resized_size,
+    shot_cuts,
     to_float,
     uniform_indices,
     write_image_folder,
@@ -68,6 +69,45 @@ def test_constant_borders_leave_bright_flat_scene_and_a_clip_of_one_colour_whole
     noise[:, :20] = 0
     noise[:, 20:40] = _frames(4, 20, 80)
     assert constant_borders(noise) == (22, 0, 0, 0)
+
+
+def test_shot_cuts_find_a_cut_to_another_scene_through_a_lossy_codec(tmp_path):
+    orbit = render_video("boxes", "orbit", frames=24, size=(180, 240)).frames
+    other = false_colour(render_video("room", "truck", frames=24, size=(180, 240)).frames)
+    assert shot_cuts(orbit) == [] and shot_cuts(other) == []
+    cut = torch.cat([orbit[:16], other[16:]])
+    assert shot_cuts(cut) == [16]
+    assert shot_cuts(load_video(write_video(tmp_path / "cut.mp4", cut)).frames) == [16]
+    assert shot_cuts(torch.cat([orbit[:8], other[8:16], orbit[16:]])) == [8, 16]  # and back
+    assert shot_cuts(torch.cat([orbit[:23], other[23:]])) == [23]  # the last frame: nothing after it says otherwise
+
+
+def test_shot_cuts_leave_a_flash_an_odd_frame_a_fade_and_wide_views_of_one_scene_alone():
+    orbit = render_video("boxes", "orbit", frames=24, size=(180, 240)).frames
+    other = false_colour(render_video("room", "truck", frames=24, size=(180, 240)).frames)
+    flash = orbit.clone()
+    flash[10] = (flash[10].float() * 1.8).clamp(0, 255).to(torch.uint8)
+    odd = orbit.clone()
+    odd[10] = other[10]  # one frame of another scene: the frames on either side of it still match
+    fade = orbit.clone()
+    fade[:4] = 0  # black, then fading in: no scene to cut from
+    for k in range(4, 8):
+        fade[k] = (fade[k].float() * (k - 3) / 5).to(torch.uint8)
+    wide = render_video("boxes", "orbit", frames=5, size=(180, 240)).frames  # the whole orbit in 5 views
+    for frames in (flash, odd, fade, wide, orbit[:1]):
+        assert shot_cuts(frames) == []
+
+
+def test_shot_cuts_on_real_footage(shared_data):
+    """Real captures of views up to 45 degrees apart are one shot each; a real clip cut into another is two."""
+    for name in ("statue", "kitchen"):
+        assert shot_cuts(load_video(shared_data / "real" / name).frames) == [], name
+    bear = load_video(shared_data / "real-dynamic" / "bear.mp4", wanted=lambda n: range(0, n, 4)).frames
+    backpack = load_video(shared_data / "real-dynamic" / "backpack.mp4", wanted=lambda n: range(0, n, 4)).frames
+    height, width = min(bear.shape[1], backpack.shape[1]), min(bear.shape[2], backpack.shape[2])
+    bear, backpack = bear[:, :height, :width], backpack[:, :height, :width]
+    assert shot_cuts(bear) == [] and shot_cuts(backpack) == []
+    assert shot_cuts(torch.cat([bear[:10], backpack[10:]])) == [10]
 
 
 def test_uniform_indices_cover_the_whole_video():
