@@ -80,6 +80,13 @@ class ScoreConfig(BaseModel):
         description="Unscorable when the recovered cameras see less than this field of view (degrees, long side): a "
         "reconstruction collapsed to a near-orthographic projection explains almost any image motion.",
     )
+    detect_cuts: bool = Field(
+        True,
+        description="A video that cuts to another shot (`common.video.shot_cuts`: a lasting jump of the colour histogram "
+        "between neighbouring frames) and whose frames do not all register in one reconstruction is unscorable: no "
+        "single 3D scene explains it. Without this, the frames after the cut were left out as unregistered and the "
+        "rest scored like a consistent video. False: such frames are only counted as failed.",
+    )
     min_motion: float = Field(0.001, ge=0.0, le=1000.0, description="Unscorable (static camera) below this camera motion value.")
     min_parallax_px: float = Field(
         1.0, ge=0.0, le=10_000.0, description="Unscorable (no parallax) when the median flow between first and last frame is below this."

@@ -42,6 +42,10 @@ class ScoreResult(BaseModel):
         description="(top, bottom, left, right): pixels of bars of one dark colour (letterbox, pillarbox) cut from the "
         "decoded frames before scoring; `size` is what is left.",
     )
+    shot_cuts: list[int] = Field(
+        default_factory=list,
+        description="Video frame indices where a new shot begins (a cut: `common.video.shot_cuts`), among the decoded frames.",
+    )
     timings_s: dict[str, float]
     previews: list[str] = Field(default_factory=list, description="Preview PNG paths when previews were requested.")
 

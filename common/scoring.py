@@ -24,7 +24,7 @@ from common.geometry import GeometryBackend, ReconstructionFailed, SceneGeometry
 from common.perceptual import create_metric
 from common.raster import rasterize_points
 from common.result import FrameScore, ScoreResult
-from common.video import VideoSource, constant_borders, load_video, to_float, uniform_indices
+from common.video import VideoSource, constant_borders, load_video, shot_cuts, to_float, uniform_indices
 
 Progress = Callable[[str], None]
 
@@ -80,6 +80,8 @@ def score_video(
         top, bottom, left, right = borders
         _, height, width, _ = video.frames.shape
         video = replace(video, frames=video.frames[:, top:height - bottom, left:width - right].contiguous())
+    # A cut to another shot is judged once the cameras say which frames fit one scene (step 3).
+    cuts = [video.indices[k] for k in shot_cuts(video.frames)] if config.detect_cuts else []
     position = {index: p for p, index in enumerate(video.indices)}
     scored = [position[i] for i in plan["scored"]]
     frames = to_float(video.frames[scored]).to(device)  # (T, H, W, 3) in [0, 1]
@@ -95,6 +97,7 @@ def score_video(
         frame_indices=plan["scored"],
         size=(H, W),
         borders=borders,
+        shot_cuts=cuts,
         **{"lambda": config.lambda_},
     )
 
@@ -115,15 +118,20 @@ def score_video(
     try:
         geometry = backend.reconstruct(video.frames, scored, video.indices)
     except ReconstructionFailed as err:
-        return unscorable(f"reconstruction failed: {err}", registered_frames=0, per_frame=_frame_rows(plan["scored"]))
+        return unscorable(_cut_reason(cuts) + f"reconstruction failed: {err}", registered_frames=0, per_frame=_frame_rows(plan["scored"]))
     step.merge(geometry.timings_s)
     registered = geometry.registered.cpu()
     n_registered = int(registered.sum())
+    unregistered = [i for i, ok in zip(plan["scored"], registered) if not ok]
+    if cuts and unregistered:  # the frames of the other shot are not a registration failure: they are another scene
+        return unscorable(
+            _cut_reason(cuts) + f"frames {unregistered} do not register with the rest, and no single 3D scene explains the video",
+            registered_frames=n_registered, per_frame=_frame_rows(plan["scored"], registered), failed_frames=unregistered,
+        )
     if n_registered < max(2, config.min_ok_fraction * T):
         return unscorable(
             f"only {n_registered} of {T} scored frames were registered by the {backend.name} backend",
-            registered_frames=n_registered, per_frame=_frame_rows(plan["scored"], registered),
-            failed_frames=[i for i, ok in zip(plan["scored"], registered) if not ok],
+            registered_frames=n_registered, per_frame=_frame_rows(plan["scored"], registered), failed_frames=unregistered,
         )
 
     # 4. Lift each frame's confident static pixels to 3D; 5. z-buffer them into every other frame.
@@ -184,6 +192,14 @@ def score_video(
         status="ok", score=mse + config.lambda_ * perceptual, mse=mse, perceptual=perceptual,
         timings_s=step.done(), **base, **extra,
     )
+
+
+def _cut_reason(cuts: list[int]) -> str:
+    """The start of an unscorable reason that names the video's cuts to another shot ("" without any)."""
+    if not cuts:
+        return ""
+    where = f"frame {cuts[0]}" if len(cuts) == 1 else "frames " + ", ".join(map(str, cuts))
+    return f"the video cuts to another shot at {where} (the colours jump and stay changed): "
 
 
 @dataclass

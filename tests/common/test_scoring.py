@@ -10,7 +10,7 @@ from common.config import ScoreConfig
 from common.errors import ConfigError
 from common.geometry.oracle import OracleBackend
 from common.scoring import score_video
-from common.synthetic import render_video
+from common.synthetic import false_colour, render_video
 
 SIZE = (180, 240)
 CONFIG = ScoreConfig(max_side=240)  # keep the rendered resolution
@@ -67,7 +67,7 @@ def test_result_carries_settings_and_is_json(clean_scores):
     result = clean_scores[SCENES[0]]
     data = json.loads(json.dumps(result.to_json_dict()))
     for key in ("status", "reason", "score", "mse", "perceptual", "perceptual_metric", "metric_id", "coverage",
-                "motion", "backend", "frames", "per_frame", "timings_s", "borders"):
+                "motion", "backend", "frames", "per_frame", "timings_s", "borders", "shot_cuts"):
         assert key in data
     assert data["metric_id"] == "colmap-flow.r8/align/lambda=1/T=10/side=240/pairwise@2/trim=0.25/gain/crop"
     assert data["borders"] == [0, 0, 0, 0] and data["size"] == [180, 240]
@@ -176,6 +176,23 @@ def test_letterbox_bars_are_cut_before_scoring_and_the_rest_scores_as_without_th
     assert kept.borders == (0, 0, 0, 0) and kept.size == SIZE
     assert kept.score > 3 * cut.score, (kept.score, cut.score)
     assert not kept.metric_id.endswith("/crop") and cut.metric_id.endswith("/crop")
+
+
+def test_a_video_that_cuts_to_another_shot_is_unscorable_and_names_the_cut(clean_scores):
+    """The last third of a consistent orbit replaced by another scene: its frames do not register with
+    the rest. Left out as mere registration failures, the rest scored like a consistent video (about
+    as well as the orbit alone); with the cut found, no single 3D scene explains the video."""
+    orbit = render_video("boxes", "orbit", frames=24, size=SIZE).frames
+    other = false_colour(render_video("room", "truck", frames=24, size=SIZE).frames)
+    cut = torch.cat([orbit[:16], other[16:]])
+    result = score_video(cut, CONFIG)
+    assert result.status == "unscorable" and result.score is None
+    assert result.reason.startswith("the video cuts to another shot at frame 16"), result.reason
+    assert result.shot_cuts == [16] and result.failed_frames == [18, 20, 23]
+    ignored = score_video(cut, CONFIG.model_copy(update={"detect_cuts": False}))
+    assert ignored.status == "ok" and ignored.shot_cuts == [] and ignored.failed_frames == [18, 20, 23]
+    assert ignored.score < 1.1 * clean_scores[SCENES[0]].score  # the hole the check closes
+    assert clean_scores[SCENES[0]].shot_cuts == []
 
 
 def test_optical_flow_between_frames_of_another_exposure_matches_their_brightness_first():
