@@ -252,6 +252,24 @@ def false_colour(frames: Tensor) -> Tensor:
     return torch.from_numpy(np.stack([cv2.cvtColor(cv2.applyColorMap(g, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB) for g in grey]))
 
 
+def with_caption(frames: Tensor, text: str = "VidGen AI", scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """(N, H, W, 3) uint8 `frames` with a caption fixed to the screen near the bottom-right corner (a
+    watermark, a logo: white letters outlined in dark grey, `scale` times 1/720 of the frame width
+    per pixel of OpenCV's font), and its (H, W) bool pixels."""
+    height, width = frames.shape[1:3]
+    size = scale * width / 720
+    corner = (int(width * 0.62), int(height * 0.92))
+    outline, stroke = max(2, round(5 * size)), max(1, round(2 * size))
+    letters = np.zeros((height, width, 3), np.uint8)
+    cv2.putText(letters, text, corner, cv2.FONT_HERSHEY_DUPLEX, size, (40, 40, 40), outline, cv2.LINE_AA)
+    cv2.putText(letters, text, corner, cv2.FONT_HERSHEY_DUPLEX, size, (255, 255, 255), stroke, cv2.LINE_AA)
+    cover = np.zeros((height, width), np.uint8)
+    cv2.putText(cover, text, corner, cv2.FONT_HERSHEY_DUPLEX, size, 255, outline, cv2.LINE_AA)
+    alpha = cover[..., None] / 255.0
+    captioned = (frames.numpy() * (1 - alpha) + letters * alpha).round().astype(np.uint8)
+    return torch.from_numpy(captioned), torch.from_numpy(cover > 0)
+
+
 def corrupt_frames(
     frames: Tensor, kind: ImageCorruption, seed: int = 0, strength: float = 0.03, amplitude_px: Optional[float] = None
 ) -> Tensor:

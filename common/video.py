@@ -198,6 +198,69 @@ def shot_cuts(frames: Tensor, min_distance: float = 0.8, min_ratio: float = 5.0,
     return cuts
 
 
+def static_overlay(
+    frames: Tensor, max_side: int = 360, max_range: float = 10.0, min_contrast: float = 25.0, min_area: float = 0.0005,
+    max_static: float = 0.8, quantile: float = 0.1,
+) -> Tensor:
+    """(H, W) bool: the pixels of `frames` (N, H, W, 3) uint8 that hold an overlay fixed to the screen while the
+    picture moves: a watermark, a logo, a caption, a dashboard. They are not scene and follow no camera.
+
+    At `max_side` px, in grey levels: a pixel is an overlay pixel where its 5 x 5 neighbourhood in
+    the median frame has a contrast (standard deviation) of at least `min_contrast` and its value
+    over the frames stays within `max_range` (after a 3 x 3 blur, between the `quantile` and
+    1 - `quantile` quantiles over the frames: a low-bitrate codec redraws thin letters differently
+    in some frames), as decoded (an overlay composited onto the video) or with each frame scaled to
+    the video's mean brightness (one that a model drew into its frames, flickering with them). A
+    textured scene point under a moving camera changes; a flat wall or sky does not, but it has no
+    contrast. Blobs of at least `min_area` of the frame (strokes closed into words), grown by 2 px
+    at `max_side`. Nothing when more than `max_static` of the contrasted pixels stay still: the
+    camera barely moves (the static-camera check judges that). Chosen on 175 videos without an
+    overlay (nothing found in any) and 28 with a caption (27 found; docs/backends.md, "Screen
+    overlays"). About 50-100 ms for 32 frames of 720 px.
+    """
+    arrays = frames.numpy()
+    count, height, width, _ = arrays.shape
+    empty = torch.zeros(height, width, dtype=torch.bool)
+    if count < 3:
+        return empty
+    scale = min(1.0, max_side / max(height, width))
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    grey = np.stack([cv2.resize(cv2.cvtColor(f, cv2.COLOR_RGB2GRAY), size, interpolation=cv2.INTER_AREA) for f in arrays])
+    grey = np.stack([cv2.GaussianBlur(g, (3, 3), 0) for g in grey.astype(np.float32)])
+    means = grey.reshape(count, -1).mean(axis=1)
+    levelled = grey * (means.mean() / np.maximum(means, 1.0))[:, None, None]
+
+    lowest, highest = int(quantile * (count - 1)), count - 1 - int(quantile * (count - 1))
+
+    def stays(values: np.ndarray) -> np.ndarray:  # (N, h, w) -> (h, w): within max_range between the quantiles
+        ordered = np.partition(values, (lowest, highest), axis=0)
+        return ordered[highest] - ordered[lowest] <= max_range
+
+    still = stays(grey) | stays(levelled)
+    median = np.median(grey, axis=0)
+    mean = cv2.blur(median, (5, 5))
+    contrast = np.sqrt(np.maximum(cv2.blur(median * median, (5, 5)) - mean * mean, 0.0)) >= min_contrast
+    candidates = (still & contrast).astype(np.uint8)
+    if not contrast.any() or candidates.sum() > max_static * contrast.sum():
+        return empty
+    candidates = cv2.morphologyEx(candidates, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (7, 7)))
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(candidates, connectivity=8)
+    big = stats[:, cv2.CC_STAT_AREA] >= min_area * candidates.size
+    big[0] = False  # label 0 is the background
+    mask = cv2.dilate(big[labels].astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5)))
+    return torch.from_numpy(cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST) > 0)
+
+
+def inpainted(frames: Tensor, mask: Tensor, radius: int = 3) -> Tensor:
+    """(N, H, W, 3) uint8 `frames` with the (H, W) bool `mask` filled from its surroundings, frame by frame
+    (OpenCV's Telea inpainting): a screen overlay's sharp, still edges would give structure-from-motion
+    features that do not move with the scene."""
+    if not bool(mask.any()):
+        return frames
+    hole = mask.numpy().astype(np.uint8)
+    return torch.from_numpy(np.stack([cv2.inpaint(f, hole, radius, cv2.INPAINT_TELEA) for f in frames.numpy()]))
+
+
 def resized_size(height: int, width: int, max_side: int) -> tuple[int, int]:
     """(h, w) with the long side at most max_side, aspect kept, both even (video codecs like even sizes)."""
     scale = min(1.0, max_side / max(height, width))

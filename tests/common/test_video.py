@@ -6,13 +6,15 @@ import pytest
 import torch
 
 from common.errors import CorruptVideoError, InputNotFoundError, InputTooLargeError, NotAVideoError, TooFewFramesError
-from common.synthetic import false_colour, render_video
+from common.synthetic import false_colour, render_video, with_caption
 from common.video import (
     constant_borders,
     evenly_filled,
+    inpainted,
     load_video,
     resized_size,
     shot_cuts,
+    static_overlay,
     to_float,
     uniform_indices,
     write_image_folder,
@@ -108,6 +110,31 @@ def test_shot_cuts_on_real_footage(shared_data):
     bear, backpack = bear[:, :height, :width], backpack[:, :height, :width]
     assert shot_cuts(bear) == [] and shot_cuts(backpack) == []
     assert shot_cuts(torch.cat([bear[:10], backpack[10:]])) == [10]
+
+
+def test_static_overlay_finds_a_caption_fixed_to_the_screen_and_nothing_of_the_scene(tmp_path):
+    orbit = render_video("boxes", "orbit", frames=12, size=(180, 240)).frames
+    assert not static_overlay(orbit).any()
+    captioned, letters = with_caption(orbit, scale=2.0)
+    near_letters = torch.nn.functional.max_pool2d(letters[None, None].float(), 13, 1, 6)[0, 0] > 0
+    for frames in (captioned, load_video(write_video(tmp_path / "captioned.mp4", captioned)).frames):
+        mask = static_overlay(frames)
+        assert mask[letters].float().mean() > 0.99, "the letters are found (all but a few codec-blurred edge pixels)"
+        assert bool(near_letters[mask].all()), "and nothing further than 6 px from them"
+    flicker = (captioned.float() * torch.linspace(0.75, 1.0, 12).view(12, 1, 1, 1)).round().to(torch.uint8)
+    assert static_overlay(flicker)[letters].float().mean() > 0.95  # drawn into frames whose exposure changes
+    still, _ = with_caption(render_video("boxes", "static", frames=12, size=(180, 240)).frames, scale=2.0)
+    assert not static_overlay(still).any()  # a still camera: everything stands still, nothing to tell apart
+
+
+def test_inpainted_fills_only_the_mask_from_around_it():
+    orbit = render_video("boxes", "orbit", frames=3, size=(180, 240)).frames
+    captioned, letters = with_caption(orbit, scale=2.0)
+    filled = inpainted(captioned, letters)
+    assert torch.equal(filled[:, ~letters], captioned[:, ~letters])
+    # The white letters are gone: what fills them is close to the scene they hid.
+    assert (filled[:, letters].float() - orbit[:, letters].float()).abs().mean() < 0.3 * (captioned[:, letters].float() - orbit[:, letters].float()).abs().mean()
+    assert inpainted(orbit, torch.zeros(180, 240, dtype=torch.bool)) is orbit
 
 
 def test_uniform_indices_cover_the_whole_video():
