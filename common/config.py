@@ -51,6 +51,12 @@ class ScoreConfig(BaseModel):
         "are cut before scoring: they hold no scene, and every point reprojected behind them scored as an error. "
         "False: the whole frame is scored.",
     )
+    mask_overlays: bool = Field(
+        True,
+        description="Pixels of an overlay fixed to the screen while the picture moves (a watermark, a logo, a caption; "
+        "`common.video.static_overlay`) are left out of the comparison and filled in for the reconstruction: they "
+        "follow no camera. False: they are scored as scene.",
+    )
     compare_scale: int = Field(
         2, ge=1, le=8,
         description="Frames and renders are compared after averaging blocks of this many pixels a side (1: full resolution).",
@@ -108,4 +114,6 @@ class ScoreConfig(BaseModel):
         trim = f"/trim={self.trim_sources:g}" if self.trim_sources > 0 else ""
         gain = "/gain" if self.match_exposure else ""
         crop = "/crop" if self.crop_borders else ""
-        return f"{backend}/{perceptual_metric}/lambda={lam}/T={self.frames}/side={self.max_side}/pairwise@{self.compare_scale}{excl}{trim}{gain}{crop}"
+        overlay = "/overlay" if self.mask_overlays else ""
+        return (f"{backend}/{perceptual_metric}/lambda={lam}/T={self.frames}/side={self.max_side}/pairwise@{self.compare_scale}"
+                f"{excl}{trim}{gain}{crop}{overlay}")

@@ -42,6 +42,11 @@ class ScoreResult(BaseModel):
         description="(top, bottom, left, right): pixels of bars of one dark colour (letterbox, pillarbox) cut from the "
         "decoded frames before scoring; `size` is what is left.",
     )
+    overlay_fraction: float = Field(
+        0.0,
+        description="Fraction of the frame found to be an overlay fixed to the screen (watermark, logo, caption: "
+        "`common.video.static_overlay`), left out of the comparison and filled in for the reconstruction.",
+    )
     shot_cuts: list[int] = Field(
         default_factory=list,
         description="Video frame indices where a new shot begins (a cut: `common.video.shot_cuts`), among the decoded frames.",

@@ -24,7 +24,7 @@ from common.geometry import GeometryBackend, ReconstructionFailed, SceneGeometry
 from common.perceptual import create_metric
 from common.raster import rasterize_points
 from common.result import FrameScore, ScoreResult
-from common.video import VideoSource, constant_borders, load_video, shot_cuts, to_float, uniform_indices
+from common.video import VideoSource, constant_borders, inpainted, load_video, shot_cuts, static_overlay, to_float, uniform_indices
 
 Progress = Callable[[str], None]
 
@@ -82,6 +82,10 @@ def score_video(
         video = replace(video, frames=video.frames[:, top:height - bottom, left:width - right].contiguous())
     # A cut to another shot is judged once the cameras say which frames fit one scene (step 3).
     cuts = [video.indices[k] for k in shot_cuts(video.frames)] if config.detect_cuts else []
+    # Screen overlays (watermarks, logos, captions) follow no camera: left out of the comparison, and
+    # filled in for the reconstruction, whose features would otherwise stand still on their edges.
+    overlay = static_overlay(video.frames) if config.mask_overlays else torch.zeros(video.frames.shape[1:3], dtype=torch.bool)
+    recon_frames = inpainted(video.frames, overlay)
     position = {index: p for p, index in enumerate(video.indices)}
     scored = [position[i] for i in plan["scored"]]
     frames = to_float(video.frames[scored]).to(device)  # (T, H, W, 3) in [0, 1]
@@ -98,6 +102,7 @@ def score_video(
         size=(H, W),
         borders=borders,
         shot_cuts=cuts,
+        overlay_fraction=float(overlay.float().mean()),
         **{"lambda": config.lambda_},
     )
 
@@ -116,7 +121,7 @@ def score_video(
     # 3. Geometry of the scored frames.
     step("geometry")
     try:
-        geometry = backend.reconstruct(video.frames, scored, video.indices)
+        geometry = backend.reconstruct(recon_frames, scored, video.indices)
     except ReconstructionFailed as err:
         return unscorable(_cut_reason(cuts) + f"reconstruction failed: {err}", registered_frames=0, per_frame=_frame_rows(plan["scored"]))
     step.merge(geometry.timings_s)
@@ -136,7 +141,7 @@ def score_video(
 
     # 4. Lift each frame's confident static pixels to 3D; 5. z-buffer them into every other frame.
     step("reproject")
-    errors = pairwise_errors(frames, geometry, config, metric, device, keep_previews=preview_dir is not None)
+    errors = pairwise_errors(frames, geometry, config, metric, device, keep_previews=preview_dir is not None, overlay=overlay)
     moving_fraction = errors.moving_fraction
 
     # 6. Errors on covered static pixels only, per frame over all the frames it was rendered from.
@@ -256,7 +261,8 @@ class PairwiseErrors:
 
 
 def pairwise_errors(
-    frames: Tensor, geometry: SceneGeometry, config: ScoreConfig, metric, device=None, keep_previews: bool = False
+    frames: Tensor, geometry: SceneGeometry, config: ScoreConfig, metric, device=None, keep_previews: bool = False,
+    overlay: Optional[Tensor] = None,
 ) -> PairwiseErrors:
     """Render every registered frame's confident static pixels into every other frame, and compare.
 
@@ -278,12 +284,14 @@ def pairwise_errors(
     world_to_cam = geometry.world_to_cam.to(device).float()
     registered = geometry.registered.to(device)
     moving = geometry.moving.to(device) if geometry.moving is not None else torch.zeros(T, H, W, dtype=torch.bool, device=device)
-    confident = (geometry.confidence.to(device) >= config.min_confidence) & (depth > 0) & ~moving
+    # Left out of the 3D points and of the comparison: moving things, and pixels of a screen overlay.
+    excluded = moving | overlay.to(device) if overlay is not None else moving
+    confident = (geometry.confidence.to(device) >= config.min_confidence) & (depth > 0) & ~excluded
     confident &= registered.view(T, 1, 1)
     world = unproject_depth(depth, K, world_to_cam)  # (T, H, W, 3)
     scale = config.compare_scale
     small_frames, _ = _pool(frames, torch.ones(T, H, W, dtype=torch.bool, device=device), scale)
-    static_small = ~(F.max_pool2d(moving[:, None].float(), scale, scale)[:, 0] > 0) if scale > 1 else ~moving
+    static_small = ~(F.max_pool2d(excluded[:, None].float(), scale, scale)[:, 0] > 0) if scale > 1 else ~excluded
 
     squared = torch.zeros(T, T, dtype=torch.float64)
     perceptual = torch.zeros(T, T, dtype=torch.float64)
@@ -296,7 +304,7 @@ def pairwise_errors(
         if not bool(registered[s]) or not bool(confident[s].any()):
             continue
         image, zbuffer, mask = rasterize_points(world[s][confident[s]], frames[s][confident[s]], K, world_to_cam, H, W)
-        mask &= registered.view(T, 1, 1) & ~moving
+        mask &= registered.view(T, 1, 1) & ~excluded
         mask &= ~_shows_through(zbuffer, mask)
         if config.exclude_self:
             mask[s] = False

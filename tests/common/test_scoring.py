@@ -10,7 +10,7 @@ from common.config import ScoreConfig
 from common.errors import ConfigError
 from common.geometry.oracle import OracleBackend
 from common.scoring import score_video
-from common.synthetic import false_colour, render_video
+from common.synthetic import false_colour, render_video, with_caption
 
 SIZE = (180, 240)
 CONFIG = ScoreConfig(max_side=240)  # keep the rendered resolution
@@ -67,9 +67,9 @@ def test_result_carries_settings_and_is_json(clean_scores):
     result = clean_scores[SCENES[0]]
     data = json.loads(json.dumps(result.to_json_dict()))
     for key in ("status", "reason", "score", "mse", "perceptual", "perceptual_metric", "metric_id", "coverage",
-                "motion", "backend", "frames", "per_frame", "timings_s", "borders", "shot_cuts"):
+                "motion", "backend", "frames", "per_frame", "timings_s", "borders", "shot_cuts", "overlay_fraction"):
         assert key in data
-    assert data["metric_id"] == "colmap-flow.r8/align/lambda=1/T=10/side=240/pairwise@2/trim=0.25/gain/crop"
+    assert data["metric_id"] == "colmap-flow.r8/align/lambda=1/T=10/side=240/pairwise@2/trim=0.25/gain/crop/overlay"
     assert data["borders"] == [0, 0, 0, 0] and data["size"] == [180, 240]
     assert data["score"] == pytest.approx(data["mse"] + data["lambda"] * data["perceptual"])
     assert data["frame_indices"][0] == 0 and data["frame_indices"][-1] == 23
@@ -82,7 +82,7 @@ def test_lambda_and_frames_change_the_metric_id():
     a = score_video(video.frames, CONFIG, backend=oracle)
     b = score_video(video.frames, CONFIG.model_copy(update={"lambda_": 0.0, "frames": 6}), backend=oracle)
     c = score_video(video.frames, CONFIG.model_copy(update={"compare_scale": 1, "trim_sources": 0.0}), backend=oracle)
-    assert c.metric_id != a.metric_id and c.metric_id.endswith("pairwise@1/gain/crop") and a.metric_id.endswith("/trim=0.25/gain/crop")
+    assert c.metric_id != a.metric_id and c.metric_id.endswith("pairwise@1/gain/crop/overlay") and a.metric_id.endswith("/trim=0.25/gain/crop/overlay")
     assert a.metric_id != b.metric_id and b.frames == 6
     assert b.score == pytest.approx(b.mse)
 
@@ -154,7 +154,7 @@ def test_exposure_that_changes_from_frame_to_frame_is_not_inconsistency():
     assert exposed_matched - clean < 0.25 * (exposed_unmatched - clean_unmatched), scores
     warped = render_video("boxes", "orbit", frames=12, size=SIZE, corruption="warp")
     assert score_video(_exposed(warped.frames), CONFIG, backend=oracle).score > 3 * exposed_matched
-    assert CONFIG.metric_id("b", "align").endswith("/gain/crop")
+    assert CONFIG.metric_id("b", "align").endswith("/gain/crop/overlay")
     assert "/gain" not in CONFIG.model_copy(update={"match_exposure": False}).metric_id("b", "align")
 
 
@@ -172,10 +172,12 @@ def test_letterbox_bars_are_cut_before_scoring_and_the_rest_scores_as_without_th
     by_hand = score_video(video.frames[:, 26:-26].contiguous(), CONFIG, backend=oracle.cropped((26, 26, 0, 0)))
     assert by_hand.borders == (0, 0, 0, 0)
     assert cut.score == by_hand.score and cut.per_frame == by_hand.per_frame
-    kept = score_video(framed, CONFIG.model_copy(update={"crop_borders": False}), backend=oracle)
+    # Kept, the bars' inner edges (dark, still, contrasted against the scene) are what the overlay
+    # mask would take out: scored whole here, as before either existed.
+    kept = score_video(framed, CONFIG.model_copy(update={"crop_borders": False, "mask_overlays": False}), backend=oracle)
     assert kept.borders == (0, 0, 0, 0) and kept.size == SIZE
     assert kept.score > 3 * cut.score, (kept.score, cut.score)
-    assert not kept.metric_id.endswith("/crop") and cut.metric_id.endswith("/crop")
+    assert "/crop" not in kept.metric_id and "/crop" in cut.metric_id
 
 
 def test_a_video_that_cuts_to_another_shot_is_unscorable_and_names_the_cut(clean_scores):
@@ -193,6 +195,22 @@ def test_a_video_that_cuts_to_another_shot_is_unscorable_and_names_the_cut(clean
     assert ignored.status == "ok" and ignored.shot_cuts == [] and ignored.failed_frames == [18, 20, 23]
     assert ignored.score < 1.1 * clean_scores[SCENES[0]].score  # the hole the check closes
     assert clean_scores[SCENES[0]].shot_cuts == []
+
+
+def test_a_caption_fixed_to_the_screen_is_left_out_and_the_clip_scores_about_as_without_it(clean_scores):
+    """A watermark follows no camera: scored as scene, its letters' SIFT features stand still and pull
+    the cameras, and the scene's points render behind it. Found, it is filled in for the
+    reconstruction and left out of the comparison."""
+    plain = clean_scores[SCENES[0]]
+    captioned, letters = with_caption(render_video("boxes", "orbit", frames=24, size=SIZE).frames, scale=2.0)
+    masked = score_video(captioned, CONFIG)
+    assert masked.status == "ok" and masked.metric_id.endswith("/crop/overlay")
+    assert float(letters.float().mean()) <= masked.overlay_fraction < 2 * float(letters.float().mean())
+    scored_as_scene = score_video(captioned, CONFIG.model_copy(update={"mask_overlays": False}))
+    assert scored_as_scene.overlay_fraction == 0.0 and not scored_as_scene.metric_id.endswith("/overlay")
+    assert scored_as_scene.score > 1.2 * plain.score, (scored_as_scene.score, plain.score)
+    assert abs(masked.score - plain.score) < 0.2 * plain.score, (masked.score, plain.score)
+    assert plain.overlay_fraction == 0.0
 
 
 def test_optical_flow_between_frames_of_another_exposure_matches_their_brightness_first():
