@@ -75,6 +75,17 @@ def format_result(name: str, result: dict) -> str:
         f"  frames    {result['frames']} scored, {result['registered_frames']} registered, "
         f"coverage {coverage}, camera motion {motion}"
     )
+    left_out = []
+    if result.get("moving_fraction"):
+        left_out.append(f"moving things {100 * result['moving_fraction']:.1f}%")
+    if result.get("overlay_fraction"):
+        left_out.append(f"screen overlay {100 * result['overlay_fraction']:.1f}%")
+    if any(result.get("borders") or ()):
+        left_out.append("bars {} / {} / {} / {} px (top / bottom / left / right)".format(*result["borders"]))
+    if left_out:
+        lines.append("  left out  " + ", ".join(left_out))
+    if result.get("shot_cuts"):
+        lines.append("  cuts      to another shot at frame " + ", ".join(map(str, result["shot_cuts"])))
     lines.append(f"  {'frame':>7} {'mse':>8} {result['perceptual_metric']:>10} {'coverage':>9}  ok")
     for row in result["per_frame"]:
         mse = f"{row['mse']:.4f}" if row["mse"] is not None else "-"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from common.synthetic import render_video
+from common.synthetic import render_video, with_caption
 from common.video import write_video
 
 VGPA = [sys.executable, "-c", "from clients.cli import main; main()"]
@@ -47,6 +47,16 @@ def test_human_output_is_a_short_table(demo_video):
     done = run("score", demo_video, "--frames", "4", "--quiet")
     assert done.returncode == 0, done.stderr
     assert "score" in done.stdout and "metric" in done.stdout and done.stderr == ""
+
+
+def test_human_output_says_what_was_left_out(tmp_path):
+    captioned, _ = with_caption(render_video("boxes", "orbit", frames=20, size=(180, 240)).frames, scale=2.0)
+    framed = captioned.clone()
+    framed[:, :20] = 0  # a letterbox bar above
+    done = run("score", write_video(tmp_path / "captioned.mp4", framed), "--frames", "6", "--quiet")
+    assert done.returncode == 0, done.stderr
+    left_out = next(line for line in done.stdout.splitlines() if line.strip().startswith("left out"))
+    assert "screen overlay" in left_out and "bars 2" in left_out, done.stdout
 
 
 def _write(path: Path, data: bytes) -> Path:
