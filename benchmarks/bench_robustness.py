@@ -73,21 +73,20 @@ def zoomed(frames: torch.Tensor, end: float = 1.3) -> torch.Tensor:
     return torch.from_numpy(np.stack(out))
 
 
-def _score(path: Path, config: ScoreConfig) -> tuple[str, float]:
+def _score(path: Path, config: ScoreConfig) -> tuple[str, float, str]:
+    """(score or "unscorable", seconds, reason)."""
     start = time.perf_counter()
     result = score_video(path, config)
     seconds = time.perf_counter() - start
-    if result.status != "ok":
-        return f"unscorable ({result.reason[:60]})", seconds
-    return f"{result.score:.4f}", seconds
+    return (f"{result.score:.4f}" if result.status == "ok" else "unscorable"), seconds, result.reason or ""
 
 
 def _line(name: str, path: Path, off: Optional[str], config: ScoreConfig) -> None:
-    ours, seconds = _score(path, config)
+    ours, seconds, reason = _score(path, config)
     switched = _score(path, config.model_copy(update={off: False}))[0] if off else "-"
     baseline = validity.score_baseline(path, config.frames).score
-    print(f"  {name:<22} {ours:>12}  {switched:>12}  {baseline if baseline is None else f'{baseline:.3f}':>8}  {seconds:5.1f} s",
-          flush=True)
+    print(f"  {name:<22} {ours:>12}  {switched:>12}  {baseline if baseline is None else f'{baseline:.3f}':>8}  {seconds:5.1f} s"
+          + (f"  ({reason})" if reason else ""), flush=True)
 
 
 def main() -> None:
