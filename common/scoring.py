@@ -276,6 +276,8 @@ def pairwise_errors(
     `preview` stays empty: copying renders costs time on every score).
     Comparison at 1 / config.compare_scale: blocks of covered pixels are averaged first, so the
     1-pixel splats' nearest-neighbour resampling does not dominate the error.
+    overlay: (H, W) bool pixels of an overlay fixed to the screen (`common.video.static_overlay`),
+    left out like moving things: neither lifted to 3D nor compared.
     """
     T, H, W, _ = frames.shape
     device = frames.device if device is None else device
