@@ -7,11 +7,14 @@ import importlib.util
 import sys
 from pathlib import Path
 
-import cv2
 import torch
 
+# common before cv2: importing common sets OpenCV's pixel limit, which cv2 reads when it loads
+# (tests/common/test_video.py checks it, and this module is collected first).
 from common.synthetic import false_colour, render_video
 from common.video import constant_borders, shot_cuts
+
+import cv2  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_robustness.py"
 
