@@ -232,6 +232,7 @@ class PairwiseErrors:
     preview_mask: Tensor
     moving: Tensor
     lifted: Tensor
+    overlay: Optional[Tensor] = None  # (H, W) bool: a screen overlay's pixels, left out like moving things
 
     def frame_errors(self, t: int, lambda_: float = 1.0, trim: float = 0.0) -> tuple[Optional[float], Optional[float]]:
         """(MSE, perceptual) of target frame t over the pairs that rendered into it; None when none did.
@@ -336,6 +337,7 @@ def pairwise_errors(
         confident_fraction=float(confident.float().mean()),
         moving_fraction=float(moving[registered].float().mean()) if bool(registered.any()) else 0.0,
         preview=preview, preview_mask=preview_mask, moving=moving, lifted=confident,
+        overlay=overlay.to(device) if overlay is not None else None,
     )
 
 
@@ -419,9 +421,10 @@ def _frame_rows(indices: list[int], registered: Optional[Tensor] = None) -> list
 
 
 def _write_previews(folder: Path, frames: Tensor, errors: PairwiseErrors, indices: list[int]) -> list[str]:
-    """One PNG per frame: original (moving things tinted red, pixels that got no depth darkened: no
-    texture, failed flow checks) | render from the nearest frame (holes checkered) | error heatmap
-    (holes grey, moving things blue): what was compared, what was left out and why."""
+    """One PNG per frame: original (moving things tinted red, a screen overlay cyan, pixels that got no
+    depth darkened: no texture, failed flow checks) | render from the nearest frame (holes checkered) |
+    error heatmap (holes grey, moving things blue, a screen overlay cyan): what was compared, what was
+    left out and why."""
     folder.mkdir(parents=True, exist_ok=True)
     H, W = frames.shape[1:3]
     v, u = np.mgrid[0:H, 0:W]
@@ -431,14 +434,17 @@ def _write_previews(folder: Path, frames: Tensor, errors: PairwiseErrors, indice
         original = (frames[t].cpu().numpy() * 255).round().astype(np.uint8)
         mask = errors.preview_mask[t].cpu().numpy()
         moving = errors.moving[t].cpu().numpy()
-        no_depth = ~errors.lifted[t].cpu().numpy() & ~moving
+        overlay = errors.overlay.cpu().numpy() if errors.overlay is not None else np.zeros((H, W), bool)
+        no_depth = ~errors.lifted[t].cpu().numpy() & ~moving & ~overlay
         tinted = np.where(no_depth[..., None], (0.4 * original).astype(np.uint8), original)
         tinted = np.where(moving[..., None], (0.5 * original + [127, 0, 0]).astype(np.uint8), tinted)
+        tinted = np.where(overlay[..., None], (0.5 * original + [0, 127, 127]).astype(np.uint8), tinted)
         reproj = np.where(mask[..., None], (errors.preview[t].cpu().numpy() * 255).round().astype(np.uint8), checker)
         error = (errors.preview[t] - frames[t]).abs().mean(-1).cpu().numpy()
         heat = cv2.applyColorMap(np.clip(error / 0.25 * 255, 0, 255).astype(np.uint8), cv2.COLORMAP_INFERNO)
         heat = np.where(mask[..., None], cv2.cvtColor(heat, cv2.COLOR_BGR2RGB), 128).astype(np.uint8)
         heat[moving] = (40, 60, 200)
+        heat[overlay] = (0, 180, 180)
         panel = np.concatenate([tinted, reproj, heat], axis=1)
         path = folder / f"frame_{index:05d}.png"
         cv2.imwrite(str(path), cv2.cvtColor(panel, cv2.COLOR_RGB2BGR))

@@ -197,14 +197,20 @@ def test_a_video_that_cuts_to_another_shot_is_unscorable_and_names_the_cut(clean
     assert clean_scores[SCENES[0]].shot_cuts == []
 
 
-def test_a_caption_fixed_to_the_screen_is_left_out_and_the_clip_scores_about_as_without_it(clean_scores):
+def test_a_caption_fixed_to_the_screen_is_left_out_and_the_clip_scores_about_as_without_it(clean_scores, tmp_path):
     """A watermark follows no camera: scored as scene, its letters' SIFT features stand still and pull
     the cameras, and the scene's points render behind it. Found, it is filled in for the
     reconstruction and left out of the comparison."""
+    import cv2
+
     plain = clean_scores[SCENES[0]]
     captioned, letters = with_caption(render_video("boxes", "orbit", frames=24, size=SIZE).frames, scale=2.0)
-    masked = score_video(captioned, CONFIG)
+    masked = score_video(captioned, CONFIG, preview_dir=tmp_path)
     assert masked.status == "ok" and masked.metric_id.endswith("/crop/overlay")
+    # The previews show it left out: the white letters tinted cyan in the first panel.
+    panel = torch.from_numpy(cv2.cvtColor(cv2.imread(masked.previews[0]), cv2.COLOR_BGR2RGB)).int()
+    shown = panel[:, : SIZE[1]][letters]
+    assert float((shown[:, 1:].float().mean(1) - shown[:, 0].float()).mean()) > 80
     assert float(letters.float().mean()) <= masked.overlay_fraction < 2 * float(letters.float().mean())
     scored_as_scene = score_video(captioned, CONFIG.model_copy(update={"mask_overlays": False}))
     assert scored_as_scene.overlay_fraction == 0.0 and not scored_as_scene.metric_id.endswith("/overlay")
