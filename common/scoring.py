@@ -429,12 +429,12 @@ def _write_previews(folder: Path, frames: Tensor, errors: PairwiseErrors, indice
     H, W = frames.shape[1:3]
     v, u = np.mgrid[0:H, 0:W]
     checker = (((u // 8) + (v // 8)) % 2 * 40 + 90).astype(np.uint8)[..., None].repeat(3, -1)
+    overlay = errors.overlay.cpu().numpy() if errors.overlay is not None else np.zeros((H, W), bool)
     paths = []
     for t, index in enumerate(indices):
         original = (frames[t].cpu().numpy() * 255).round().astype(np.uint8)
         mask = errors.preview_mask[t].cpu().numpy()
         moving = errors.moving[t].cpu().numpy()
-        overlay = errors.overlay.cpu().numpy() if errors.overlay is not None else np.zeros((H, W), bool)
         no_depth = ~errors.lifted[t].cpu().numpy() & ~moving & ~overlay
         tinted = np.where(no_depth[..., None], (0.4 * original).astype(np.uint8), original)
         tinted = np.where(moving[..., None], (0.5 * original + [127, 0, 0]).astype(np.uint8), tinted)

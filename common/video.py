@@ -152,15 +152,16 @@ def constant_borders(
     return (*with_margin(top, bottom, height), *with_margin(left, right, width))
 
 
-def _colour_histogram(frame: np.ndarray) -> np.ndarray:
-    """(30, 32) float32 hue-saturation histogram of one (H, W, 3) uint8 RGB frame at 128 px, summing to 1.
+def _colour_histogram(frame: np.ndarray) -> tuple[np.ndarray, float]:
+    """One (H, W, 3) uint8 RGB frame at 128 px -> its (30, 32) float32 hue-saturation histogram summing
+    to 1, and its contrast (standard deviation of the grey levels).
 
     Hue and saturation, not brightness: exposure that changes from frame to frame barely moves it."""
     height, width = frame.shape[:2]
     scale = min(1.0, 128 / max(height, width))
     small = cv2.resize(frame, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA)
     hist = cv2.calcHist([cv2.cvtColor(small, cv2.COLOR_RGB2HSV)], [0, 1], None, [30, 32], [0, 180, 0, 256])
-    return hist / max(float(hist.sum()), 1.0)
+    return hist / max(float(hist.sum()), 1.0), float(cv2.cvtColor(small, cv2.COLOR_RGB2GRAY).std())
 
 
 def shot_cuts(frames: Tensor, min_distance: float = 0.8, min_ratio: float = 5.0, min_contrast: float = 4.0) -> list[int]:
@@ -169,28 +170,28 @@ def shot_cuts(frames: Tensor, min_distance: float = 0.8, min_ratio: float = 5.0,
     A cut is a jump of the colour histogram (`_colour_histogram`, Bhattacharyya distance) between
     neighbouring frames of at least `min_distance` and `min_ratio` times the video's median jump,
     that lasts: the frames on each side of it, one step further (where there is one), differ as
-    much (one odd frame inside the video, a flash or a glitch, is not a cut). Frames without contrast (grey standard deviation under
-    `min_contrast` levels: black, a fade) are no scene and cut nothing. Measured (docs/backends.md,
-    "Scene cuts"): between the frames of the benchmark's videos, sparse captures of views 45 degrees
-    apart included, the largest jump is 0.61 and at most 2.6 times the median; a cut from one real
-    clip to another 0.985-0.994 and 10-11 times. About 3 ms a frame.
+    much (one odd frame inside the video, a flash or a glitch, is not a cut). Frames without
+    contrast (grey standard deviation under `min_contrast` levels: black, a fade) are no scene and
+    cut nothing. Measured (docs/backends.md, "Scene cuts"): between the frames of the benchmark's
+    videos, sparse captures of views 45 degrees apart included, the largest jump is 0.61 and at
+    most 2.6 times the median; a cut from one real clip to another 0.985-0.994 and 10-11 times.
+    Under 1 ms a frame at 720 px.
     """
     if len(frames) < 2:
         return []
-    arrays = frames.numpy()
-    hists = [_colour_histogram(frame) for frame in arrays]
-    flat = [float(cv2.cvtColor(cv2.resize(f, (64, 36)), cv2.COLOR_RGB2GRAY).std()) < min_contrast for f in arrays]
+    hists, contrasts = zip(*(_colour_histogram(frame) for frame in frames.numpy()))
 
     def distance(a: int, b: int) -> float:
         return float(cv2.compareHist(hists[a], hists[b], cv2.HISTCMP_BHATTACHARYYA))
 
     jumps = np.array([distance(k, k + 1) for k in range(len(frames) - 1)])
     cuts = []
-    for k, jump in enumerate(jumps):
-        a, b = k, k + 1
-        others = np.delete(jumps, k)
-        typical = float(np.median(others)) if len(others) else 0.0
-        if flat[a] or flat[b] or jump < min_distance or jump < min_ratio * typical:
+    for a, jump in enumerate(jumps):
+        b = a + 1
+        if jump < min_distance or min(contrasts[a], contrasts[b]) < min_contrast:
+            continue
+        others = np.delete(jumps, a)
+        if len(others) and jump < min_ratio * float(np.median(others)):
             continue
         lasting = (b + 1 >= len(frames) or distance(a, b + 1) >= min_distance) and (a == 0 or distance(a - 1, b) >= min_distance)
         if lasting:
@@ -215,8 +216,8 @@ def static_overlay(
     contrast. Blobs of at least `min_area` of the frame (strokes closed into words), grown by 2 px
     at `max_side`. Nothing when more than `max_static` of the contrasted pixels stay still: the
     camera barely moves (the static-camera check judges that). Chosen on 175 videos without an
-    overlay (nothing found in any) and 28 with a caption (27 found; docs/backends.md, "Screen
-    overlays"). About 50-100 ms for 32 frames of 720 px.
+    overlay (nothing found in any) and 28 with a caption (26 found; docs/backends.md, "Screen
+    overlays"). 50-180 ms for 32 frames of 720 px (2-core CPU).
     """
     arrays = frames.numpy()
     count, height, width, _ = arrays.shape
