@@ -10,10 +10,15 @@ from pydantic import BaseModel, Field
 class FrameScore(BaseModel):
     index: int = Field(description="Index of the frame in the decoded video (0-based).")
     registered: bool = Field(description="The geometry backend recovered a camera for this frame.")
+    posed_from_neighbours: bool = Field(
+        False,
+        description="The backend gave this frame no camera (or one that nothing reprojected into): it was posed from "
+        "the registered frames around it (`common.posing`) and compared like them.",
+    )
     mse: Optional[float] = Field(None, description="Mean squared error on covered pixels, values in [0,1].")
     perceptual: Optional[float] = Field(None, description="Perceptual distance on covered pixels.")
     coverage: float = Field(0.0, description="Fraction of the frame's pixels covered by the reprojected cloud.")
-    ok: bool = Field(False, description="Registered and covered at least min_coverage.")
+    ok: bool = Field(False, description="Registered (or posed from its neighbours) and covered at least min_coverage.")
 
 
 class ScoreResult(BaseModel):

@@ -22,6 +22,7 @@ from common.camera import camera_motion, unproject_depth
 from common.config import ScoreConfig
 from common.geometry import GeometryBackend, ReconstructionFailed, SceneGeometry, shared_backend
 from common.perceptual import create_metric
+from common.posing import neighbour_poses
 from common.raster import rasterize_points
 from common.result import FrameScore, ScoreResult
 from common.video import VideoSource, constant_borders, inpainted, load_video, shot_cuts, static_overlay, to_float, uniform_indices
@@ -141,7 +142,32 @@ def score_video(
 
     # 4. Lift each frame's confident static pixels to 3D; 5. z-buffer them into every other frame.
     step("reproject")
-    errors = pairwise_errors(frames, geometry, config, metric, device, keep_previews=preview_dir is not None, overlay=overlay)
+    keep_previews = preview_dir is not None
+    errors = pairwise_errors(frames, geometry, config, metric, device, keep_previews=keep_previews, overlay=overlay)
+    reg = registered.nonzero().squeeze(1)
+    median_depth = _median_depth(geometry, reg, config.min_confidence)
+    # A frame without a camera, or one that nothing reprojects into, is posed from its neighbours
+    # and compared like the rest: left out, it cost nothing (common.posing).
+    posed: dict[int, Tensor] = {}
+    unexplained = [t for t in range(T) if not registered[t] or float(errors.covered[t]) < config.min_coverage]
+    if unexplained and config.pose_from_neighbours:
+        step("neighbour poses")
+        posed = neighbour_poses(
+            video.frames[scored], geometry.depth.cpu(), errors.lifted.cpu(), geometry.K.cpu(), geometry.world_to_cam.cpu(),
+            registered, plan["scored"], unexplained, config.max_neighbour_step * max(H, W), median_depth,
+        )
+    if posed:
+        step("reproject")
+        stand_in = torch.zeros(T, dtype=torch.bool)
+        stand_in[list(posed)] = True
+        world_to_cam = geometry.world_to_cam.clone().double()
+        for t, pose in posed.items():
+            world_to_cam[t] = pose
+        # A frame posed from its neighbours is compared, not lifted: its depth came with no camera, or a wrong one.
+        errors = pairwise_errors(
+            frames, replace(geometry, world_to_cam=world_to_cam, registered=registered & ~stand_in), config, metric, device,
+            keep_previews=keep_previews, overlay=overlay, targets=registered | stand_in,
+        )
     moving_fraction = errors.moving_fraction
 
     # 6. Errors on covered static pixels only, per frame over all the frames it was rendered from.
@@ -149,9 +175,9 @@ def score_video(
     per_frame = []
     for t, index in enumerate(plan["scored"]):
         coverage = float(errors.covered[t])
-        row = FrameScore(index=index, registered=bool(registered[t]), coverage=coverage)
+        row = FrameScore(index=index, registered=bool(registered[t]), posed_from_neighbours=t in posed, coverage=coverage)
         frame_mse, frame_perceptual = errors.frame_errors(t, config.lambda_, config.trim_sources)
-        if row.registered and frame_mse is not None:
+        if (row.registered or row.posed_from_neighbours) and frame_mse is not None:
             row.mse, row.perceptual = frame_mse, frame_perceptual
             row.ok = coverage >= config.min_coverage
         per_frame.append(row)
@@ -160,10 +186,8 @@ def score_video(
     confident_fraction = errors.confident_fraction
 
     # 7. Camera motion (translation in units of the scene's median depth) and the verdict.
-    reg = registered.nonzero().squeeze(1)
-    median_depth = float(geometry.depth[reg][geometry.confidence[reg] >= config.min_confidence].median()) if confident_fraction > 0 else 1.0
     motion = camera_motion(geometry.world_to_cam[reg].cpu(), scale=max(median_depth, 1e-9))
-    coverage = float(np.mean([r.coverage for r in per_frame if r.registered]))
+    coverage = float(np.mean([r.coverage for r in per_frame if r.registered or r.posed_from_neighbours]))
     extra = dict(registered_frames=n_registered, per_frame=per_frame, failed_frames=failed, coverage=coverage,
                  motion=motion, moving_fraction=moving_fraction)
     if preview_dir is not None:
@@ -197,6 +221,12 @@ def score_video(
         status="ok", score=mse + config.lambda_ * perceptual, mse=mse, perceptual=perceptual,
         timings_s=step.done(), **base, **extra,
     )
+
+
+def _median_depth(geometry: SceneGeometry, registered: Tensor, min_confidence: float) -> float:
+    """Median confident depth of the registered frames (1.0 where there is none): the scene's scale."""
+    confident = geometry.depth[registered][geometry.confidence[registered] >= min_confidence]
+    return float(confident.median()) if confident.numel() else 1.0
 
 
 def _cut_reason(cuts: list[int]) -> str:
@@ -263,7 +293,7 @@ class PairwiseErrors:
 
 def pairwise_errors(
     frames: Tensor, geometry: SceneGeometry, config: ScoreConfig, metric, device=None, keep_previews: bool = False,
-    overlay: Optional[Tensor] = None,
+    overlay: Optional[Tensor] = None, targets: Optional[Tensor] = None,
 ) -> PairwiseErrors:
     """Render every registered frame's confident static pixels into every other frame, and compare.
 
@@ -279,6 +309,8 @@ def pairwise_errors(
     1-pixel splats' nearest-neighbour resampling does not dominate the error.
     overlay: (H, W) bool pixels of an overlay fixed to the screen (`common.video.static_overlay`),
     left out like moving things: neither lifted to 3D nor compared.
+    targets: (T,) bool, the frames rendered into and compared (default: the registered ones); a
+    frame posed from its neighbours (`common.posing`) is a target but not registered, so not lifted.
     """
     T, H, W, _ = frames.shape
     device = frames.device if device is None else device
@@ -286,6 +318,7 @@ def pairwise_errors(
     K = geometry.K.to(device).float()
     world_to_cam = geometry.world_to_cam.to(device).float()
     registered = geometry.registered.to(device)
+    compared = registered if targets is None else targets.to(device)
     moving = geometry.moving.to(device) if geometry.moving is not None else torch.zeros(T, H, W, dtype=torch.bool, device=device)
     # Left out of the 3D points and of the comparison: moving things, and pixels of a screen overlay.
     excluded = moving | overlay.to(device) if overlay is not None else moving
@@ -307,7 +340,7 @@ def pairwise_errors(
         if not bool(registered[s]) or not bool(confident[s].any()):
             continue
         image, zbuffer, mask = rasterize_points(world[s][confident[s]], frames[s][confident[s]], K, world_to_cam, H, W)
-        mask &= registered.view(T, 1, 1) & ~excluded
+        mask &= compared.view(T, 1, 1) & ~excluded
         mask &= ~_shows_through(zbuffer, mask)
         if config.exclude_self:
             mask[s] = False

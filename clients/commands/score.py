@@ -71,9 +71,11 @@ def format_result(name: str, result: dict) -> str:
     lines.append(f"  metric    {result['metric_id']}")
     coverage = f"{result['coverage']:.2f}" if result.get("coverage") is not None else "-"
     motion = f"{result['motion']:.4f}" if result.get("motion") is not None else "-"
+    posed = sum(1 for row in result["per_frame"] if row.get("posed_from_neighbours"))
     lines.append(
-        f"  frames    {result['frames']} scored, {result['registered_frames']} registered, "
-        f"coverage {coverage}, camera motion {motion}"
+        f"  frames    {result['frames']} scored, {result['registered_frames']} registered"
+        + (f", {posed} posed from neighbours" if posed else "")
+        + f", coverage {coverage}, camera motion {motion}"
     )
     left_out = []
     if result.get("moving_fraction"):
@@ -90,7 +92,9 @@ def format_result(name: str, result: dict) -> str:
     for row in result["per_frame"]:
         mse = f"{row['mse']:.4f}" if row["mse"] is not None else "-"
         perc = f"{row['perceptual']:.4f}" if row["perceptual"] is not None else "-"
-        flag = "yes" if row["ok"] else ("not registered" if not row["registered"] else "low coverage")
+        flag = "yes" if row["ok"] else ("not registered" if not row["registered"] and not row.get("posed_from_neighbours") else "low coverage")
+        if row.get("posed_from_neighbours"):
+            flag += " (posed from neighbours)"
         lines.append(f"  {row['index']:>7} {mse:>8} {perc:>10} {row['coverage']:>9.2f}  {flag}")
     timings = ", ".join(f"{k} {v:.2f}s" for k, v in result["timings_s"].items() if "." not in k)
     lines.append(f"  time      {timings}")

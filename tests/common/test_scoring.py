@@ -69,7 +69,7 @@ def test_result_carries_settings_and_is_json(clean_scores):
     for key in ("status", "reason", "score", "mse", "perceptual", "perceptual_metric", "metric_id", "coverage",
                 "motion", "backend", "frames", "per_frame", "timings_s", "borders", "shot_cuts", "overlay_fraction"):
         assert key in data
-    assert data["metric_id"] == "colmap-flow.r8/align/lambda=1/T=10/side=240/pairwise@2/trim=0.25/gain/crop/overlay"
+    assert data["metric_id"] == "colmap-flow.r8/align/lambda=1/T=10/side=240/pairwise@2/trim=0.25/gain/crop/overlay/posed=0.25"
     assert data["borders"] == [0, 0, 0, 0] and data["size"] == [180, 240]
     assert data["score"] == pytest.approx(data["mse"] + data["lambda"] * data["perceptual"])
     assert data["frame_indices"][0] == 0 and data["frame_indices"][-1] == 23
@@ -82,7 +82,7 @@ def test_lambda_and_frames_change_the_metric_id():
     a = score_video(video.frames, CONFIG, backend=oracle)
     b = score_video(video.frames, CONFIG.model_copy(update={"lambda_": 0.0, "frames": 6}), backend=oracle)
     c = score_video(video.frames, CONFIG.model_copy(update={"compare_scale": 1, "trim_sources": 0.0}), backend=oracle)
-    assert c.metric_id != a.metric_id and c.metric_id.endswith("pairwise@1/gain/crop/overlay") and a.metric_id.endswith("/trim=0.25/gain/crop/overlay")
+    assert c.metric_id != a.metric_id and c.metric_id.endswith("pairwise@1/gain/crop/overlay/posed=0.25") and a.metric_id.endswith("/trim=0.25/gain/crop/overlay/posed=0.25")
     assert a.metric_id != b.metric_id and b.frames == 6
     assert b.score == pytest.approx(b.mse)
 
@@ -154,7 +154,7 @@ def test_exposure_that_changes_from_frame_to_frame_is_not_inconsistency():
     assert exposed_matched - clean < 0.25 * (exposed_unmatched - clean_unmatched), scores
     warped = render_video("boxes", "orbit", frames=12, size=SIZE, corruption="warp")
     assert score_video(_exposed(warped.frames), CONFIG, backend=oracle).score > 3 * exposed_matched
-    assert CONFIG.metric_id("b", "align").endswith("/gain/crop/overlay")
+    assert CONFIG.metric_id("b", "align").endswith("/gain/crop/overlay/posed=0.25")
     assert "/gain" not in CONFIG.model_copy(update={"match_exposure": False}).metric_id("b", "align")
 
 
@@ -191,10 +191,14 @@ def test_a_video_that_cuts_to_another_shot_is_unscorable_and_names_the_cut(clean
     assert result.status == "unscorable" and result.score is None
     assert result.reason.startswith("the video cuts to another shot at frame 16"), result.reason
     assert result.shot_cuts == [16] and result.failed_frames == [18, 20, 23]
-    ignored = score_video(cut, CONFIG.model_copy(update={"detect_cuts": False}))
+    ignored = score_video(cut, CONFIG.model_copy(update={"detect_cuts": False, "pose_from_neighbours": False}))
     assert ignored.status == "ok" and ignored.shot_cuts == [] and ignored.failed_frames == [18, 20, 23]
     assert ignored.score < 1.1 * clean_scores[SCENES[0]].score  # the hole the check closes
     assert clean_scores[SCENES[0]].shot_cuts == []
+    # Without the cut check, the frames of the other shot are posed from their neighbours (common.posing) and cost what they cost.
+    posed = score_video(cut, CONFIG.model_copy(update={"detect_cuts": False}))
+    assert posed.status == "ok" and posed.failed_frames == [] and posed.score > 1.5 * clean_scores[SCENES[0]].score
+    assert [row.index for row in posed.per_frame if row.posed_from_neighbours] == [18, 20, 23]
 
 
 def test_a_caption_fixed_to_the_screen_is_left_out_and_the_clip_scores_about_as_without_it(clean_scores, tmp_path):
@@ -206,14 +210,14 @@ def test_a_caption_fixed_to_the_screen_is_left_out_and_the_clip_scores_about_as_
     plain = clean_scores[SCENES[0]]
     captioned, letters = with_caption(render_video("boxes", "orbit", frames=24, size=SIZE).frames, scale=2.0)
     masked = score_video(captioned, CONFIG, preview_dir=tmp_path)
-    assert masked.status == "ok" and masked.metric_id.endswith("/crop/overlay")
+    assert masked.status == "ok" and masked.metric_id.endswith("/crop/overlay/posed=0.25")
     # The previews show it left out: the white letters tinted cyan in the first panel.
     panel = torch.from_numpy(cv2.cvtColor(cv2.imread(masked.previews[0]), cv2.COLOR_BGR2RGB)).int()
     shown = panel[:, : SIZE[1]][letters]
     assert float((shown[:, 1:].float().mean(1) - shown[:, 0].float()).mean()) > 80
     assert float(letters.float().mean()) <= masked.overlay_fraction < 2 * float(letters.float().mean())
     scored_as_scene = score_video(captioned, CONFIG.model_copy(update={"mask_overlays": False}))
-    assert scored_as_scene.overlay_fraction == 0.0 and not scored_as_scene.metric_id.endswith("/overlay")
+    assert scored_as_scene.overlay_fraction == 0.0 and "/overlay" not in scored_as_scene.metric_id
     assert scored_as_scene.score > 1.2 * plain.score, (scored_as_scene.score, plain.score)
     assert abs(masked.score - plain.score) < 0.2 * plain.score, (masked.score, plain.score)
     assert plain.overlay_fraction == 0.0
