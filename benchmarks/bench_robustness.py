@@ -11,6 +11,9 @@ in the same run, with the setting that handles it switched off, and by the epipo
 - letterbox: black bars over 1/8 of the height added above and below the clean clip (`crop_borders`);
 - cut: the clean clip's last 30% replaced by another set's clean clip, cropped to the same size: no
   single 3D scene explains it (`detect_cuts`), it must not score like the clean clip;
+- morph at 70%: the clean clip's last 30% cross-fading into another set's clip (`common.synthetic.cross_fade`):
+  no cut, yet its last frames fit no single scene and often do not register; left out, they cost
+  nothing (`pose_from_neighbours`), and the clip must not score like the clean one;
 - zoom 1.3x: the clean clip scaled about its centre, growing linearly to 1.3x at the last frame. A
   consistent video; one focal length per video cannot explain it (an open case, printed to track it).
 
@@ -35,7 +38,7 @@ sys.path.insert(0, str(REPO))
 
 from common.config import ScoreConfig  # noqa: E402
 from common.scoring import score_video  # noqa: E402
-from common.synthetic import false_colour, with_caption  # noqa: E402
+from common.synthetic import cross_fade, false_colour, with_caption  # noqa: E402
 from common.video import load_video, write_video  # noqa: E402
 
 import cv2  # noqa: E402
@@ -125,6 +128,8 @@ def main() -> None:
                 path = write_video(folder / f"{name}-cropped.mp4", clips["clean"][:, :cut.shape[1], :cut.shape[2]].contiguous(), fps=fps)
                 _line("clean, cropped as cut", path, None, config)
             _line("cut at 70%, clean", write_video(folder / f"{name}-cut.mp4", cut, fps=fps), "detect_cuts", config)
+            path = write_video(folder / f"{name}-morph.mp4", cross_fade(clips["clean"], other), fps=fps)
+            _line("morph at 70%, clean", path, "pose_from_neighbours", config)
             path = write_video(folder / f"{name}-zoom.mp4", zoomed(clips["clean"]), fps=fps)
             _line("zoom 1.3x, clean", path, None, config)
 

@@ -105,7 +105,7 @@ class ScoreConfig(BaseModel):
         0.25, ge=0.0, le=10.0,
         description="Frames are posed from their neighbours only where the registered cameras move at most this "
         "fraction of the frame's long side between neighbouring scored frames (median; `common.posing.step_px`). "
-        "Measured on the shared footage: hand-held clips 0.05-0.14, the synthetic renders 0.02-0.14, the sparse captures "
+        "Measured on the shared footage: hand-held clips 0.03-0.14, the synthetic renders 0.02-0.10, the sparse captures "
         "0.33 and more (their neighbours' poses say little about a frame).",
     )
     min_motion: float = Field(0.001, ge=0.0, le=1000.0, description="Unscorable (static camera) below this camera motion value.")

@@ -252,6 +252,21 @@ def false_colour(frames: Tensor) -> Tensor:
     return torch.from_numpy(np.stack([cv2.cvtColor(cv2.applyColorMap(g, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB) for g in grey]))
 
 
+def cross_fade(frames: Tensor, other: Tensor, start: float = 0.7) -> Tensor:
+    """(N, H, W, 3) uint8 `frames` whose last 1 - `start` fade linearly into `other`'s frames of the same
+    index (resized to `frames`' size; repeated from its start where it is shorter): a clip that morphs
+    into another scene, the way a generated clip can drift away from its first frames. No cut: every
+    frame is near its neighbours."""
+    n, height, width, _ = frames.shape
+    other = F.interpolate(other.permute(0, 3, 1, 2).float(), size=(height, width), mode="bilinear", align_corners=False)
+    other = other.permute(0, 2, 3, 1)[torch.arange(n) % len(other)]
+    first = int(start * n)
+    weight = torch.zeros(n)
+    weight[first:] = torch.linspace(0, 1, n - first)
+    weight = weight.view(n, 1, 1, 1)
+    return (frames.float() * (1 - weight) + other * weight).round().clamp(0, 255).to(torch.uint8)
+
+
 def with_caption(frames: Tensor, text: str = "VidGen AI", scale: float = 1.0) -> tuple[Tensor, Tensor]:
     """(N, H, W, 3) uint8 `frames` with a caption fixed to the screen near the bottom-right corner (a
     watermark, a logo: white letters outlined in dark grey, `scale` times 1/720 of the frame width

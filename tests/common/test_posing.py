@@ -7,14 +7,13 @@ import cv2
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from clients.commands.score import format_result
 from common.config import ScoreConfig
 from common.geometry.oracle import OracleBackend
 from common.posing import fit_pose, interpolate_pose, neighbour_poses, refine_pose, step_px
 from common.scoring import score_video
-from common.synthetic import render_video
+from common.synthetic import cross_fade, render_video
 from common.video import load_video, uniform_indices
 
 SIZE = (180, 240)
@@ -86,6 +85,7 @@ def test_a_frame_without_a_camera_is_posed_from_its_neighbours_and_scores_as_if_
         assert row.posed_from_neighbours and not row.registered and row.ok
         assert row.mse + row.perceptual == pytest.approx(reference.mse + reference.perceptual, abs=tolerance)
     assert posed.score == pytest.approx(registered.score, rel=0.1)
+    assert score_video(video.frames, CONFIG, backend=_Unregistered(video, [4, 9])).score == posed.score  # no random sampling
     assert "/posed=0.25" in posed.metric_id
     table = format_result("clip", posed.to_json_dict())
     assert "8 registered, 2 posed from neighbours" in table and "yes (posed from neighbours)" in table
@@ -126,13 +126,8 @@ def test_real_footage_that_morphs_into_another_clip_scores_worse_than_the_clip(s
         video = load_video(shared_data / "real-dynamic" / f"{name}.mp4", max_side=720)
         return video.frames[uniform_indices(len(video.frames), 49)]
 
-    clip, other = frames_of("backpack"), frames_of("bear")
-    other = F.interpolate(other.permute(0, 3, 1, 2).float(), size=clip.shape[1:3], mode="bilinear").permute(0, 2, 3, 1)
-    start = int(0.7 * len(clip))
-    weight = torch.zeros(len(clip))
-    weight[start:] = torch.linspace(0, 1, len(clip) - start)
-    weight = weight.view(-1, 1, 1, 1)
-    morphed = (clip.float() * (1 - weight) + other * weight).round().to(torch.uint8)
+    clip = frames_of("backpack")
+    morphed = cross_fade(clip, frames_of("bear"), start=0.7)
     clean = score_video(clip)
     left_out = score_video(morphed, ScoreConfig(pose_from_neighbours=False))
     posed = score_video(morphed)
@@ -141,3 +136,13 @@ def test_real_footage_that_morphs_into_another_clip_scores_worse_than_the_clip(s
     assert left_out.failed_frames and left_out.score < 1.05 * clean.score
     assert posed.failed_frames == [] and {r.index for r in posed.per_frame if r.posed_from_neighbours} == set(left_out.failed_frames)
     assert posed.score > 1.15 * clean.score, (clean.score, left_out.score, posed.score)
+
+
+def test_cross_fade_keeps_the_first_70_percent_and_ends_on_the_other_clip():
+    clip = render_video("boxes", "orbit", frames=20, size=(60, 80)).frames
+    other = render_video("room", "truck", frames=10, size=(90, 120)).frames
+    faded = cross_fade(clip, other, start=0.7)
+    assert faded.shape == clip.shape and faded.dtype == torch.uint8
+    assert torch.equal(faded[:14], clip[:14])
+    ending = torch.nn.functional.interpolate(other[-1:].permute(0, 3, 1, 2).float(), size=(60, 80), mode="bilinear")
+    assert float((faded[-1].float() - ending[0].permute(1, 2, 0)).abs().max()) <= 0.5 + 1e-4  # other[19 % 10] = other[9]
