@@ -32,8 +32,8 @@ from torch import Tensor
 
 from common.camera import as_4x4, camera_centers, rotation_angle, unproject_depth
 
-# Flow for the refinement is computed with the long side at most this (px): enough for a pose, and
-# about 10 ms a pair on one core.
+# Flow for the refinement is computed with the long side at most this (px): enough for a pose; posing
+# two frames of a 720 px clip (flow, RANSAC and fits) takes about 80 ms.
 _FLOW_SIDE = 360
 # Pixel tolerances (at 720 px on the long side) of the refinement rounds: the interpolated pose of
 # a hand-held camera is off by up to ~30 px (leave-one-out on the shared real clips), a refined one by ~1-2.
@@ -90,8 +90,8 @@ def refine_pose(points: np.ndarray, pixels: np.ndarray, K: np.ndarray, world_to_
     """The pose that maps world `points` (n, 3) nearest to their observed `pixels` (n, 2).
 
     Levenberg-Marquardt (OpenCV's solvePnPRefineLM) from `world_to_cam` (4, 4), over the points
-    within a tolerance of their observation, in rounds of shrinking tolerance (48, 16, 6 px at 720 px
-    on the long side). Returns (the pose, points within the last tolerance); the pose it was given
+    within a tolerance of their observation, in rounds of shrinking tolerance (48, 16, 6, 3 px at 720
+    px on the long side). Returns (the pose, points within the last tolerance); the pose it was given
     where fewer than 50 points agree with it.
     """
     pose = world_to_cam.astype(np.float64).copy()
@@ -114,7 +114,7 @@ def refine_pose(points: np.ndarray, pixels: np.ndarray, K: np.ndarray, world_to_
 
 
 def fit_pose(points: np.ndarray, pixels: np.ndarray, K: np.ndarray, start: np.ndarray, long_side: int) -> np.ndarray:
-    """The pose (4, 4) under which most world `points` (n, 3) land within 6 px (at 720 px on the long
+    """The pose (4, 4) under which most world `points` (n, 3) land within 3 px (at 720 px on the long
     side) of their observed `pixels` (n, 2): `refine_pose` from `start`, or from a RANSAC fit of all the
     points (OpenCV's solvePnPRansac, SQPnP, whose sampling is seeded the same in every call), which
     finds the camera where `start` is too far off (a fast hand-held camera beyond its last neighbour)."""
@@ -172,7 +172,7 @@ def neighbour_poses(
     size = (max(8, round(W * scale)), max(8, round(H * scale)))
     gray = [cv2.resize(cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY), size, interpolation=cv2.INTER_AREA) for frame in frames.numpy()]
     flow = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
-    world = unproject_depth(depth.double(), K.double(), poses)  # (T, H, W, 3)
+    world: dict[int, Tensor] = {}  # (H, W, 3) world points of a source frame, lifted when first needed
     found = {}
     for t in wanted:
         start = interpolate_pose([times[k] for k in known], poses[known], times[t]).numpy()
@@ -181,6 +181,8 @@ def neighbour_poses(
         nearest = before[-1:] + after[:1]  # the nearest registered frame on each side (its flow is the most exact)
         points, pixels = [], []
         for s in nearest:
+            if s not in world:
+                world[s] = unproject_depth(depth[s:s + 1].double(), K[s:s + 1].double(), poses[s:s + 1])[0]
             got = _tracked_points(gray[s], gray[t], flow, world[s], usable[s], (W / size[0], H / size[1]))
             if got is not None:
                 points.append(got[0])

@@ -157,7 +157,7 @@ def score_video(
             registered, plan["scored"], unexplained, config.max_neighbour_step * max(H, W), median_depth,
         )
     if posed:
-        step("reproject")
+        step("reproject posed")
         stand_in = torch.zeros(T, dtype=torch.bool)
         stand_in[list(posed)] = True
         world_to_cam = geometry.world_to_cam.clone().double()
