@@ -92,8 +92,9 @@ def format_result(name: str, result: dict) -> str:
     for row in result["per_frame"]:
         mse = f"{row['mse']:.4f}" if row["mse"] is not None else "-"
         perc = f"{row['perceptual']:.4f}" if row["perceptual"] is not None else "-"
-        flag = "yes" if row["ok"] else ("not registered" if not row["registered"] and not row.get("posed_from_neighbours") else "low coverage")
-        if row.get("posed_from_neighbours"):
+        posed_row = row.get("posed_from_neighbours", False)
+        flag = "yes" if row["ok"] else ("low coverage" if row["registered"] or posed_row else "not registered")
+        if posed_row:
             flag += " (posed from neighbours)"
         lines.append(f"  {row['index']:>7} {mse:>8} {perc:>10} {row['coverage']:>9.2f}  {flag}")
     timings = ", ".join(f"{k} {v:.2f}s" for k, v in result["timings_s"].items() if "." not in k)
