@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from common.config import ScoreConfig  # noqa: E402
+from common.geometry.colmap_flow import ColmapFlowBackend  # noqa: E402
 from common.scoring import score_video  # noqa: E402
 from common.synthetic import cross_fade, false_colour, with_caption  # noqa: E402
 from common.video import load_video, write_video  # noqa: E402
@@ -103,7 +104,7 @@ def main() -> None:
     if missing:
         sys.exit(f"unknown or unavailable sets: {missing} (real sets need ../shared/data)")
     config = ScoreConfig()
-    print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; metric {config.metric_id('colmap-flow.r8', 'align')}")
+    print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; metric {config.metric_id(f'colmap-flow.r{ColmapFlowBackend.revision}', 'align')}")
     print(f"  {'video':<22} {'default':>12}  {'handling off':>12}  {'baseline':>8}  time")
     with tempfile.TemporaryDirectory(prefix="vgpa-robust-") as tmp:
         folder = Path(tmp)

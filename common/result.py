@@ -32,6 +32,9 @@ class ScoreResult(BaseModel):
     metric_id: str
     coverage: Optional[float] = Field(None, description="Mean covered fraction over registered frames.")
     motion: Optional[float] = Field(None, description="Mean translation + 0.1 * mean rotation (rad), normalised units.")
+    fov_deg: Optional[float] = Field(
+        None, description="Field of view (degrees, over the frame's long side) of the recovered cameras (their median)."
+    )
     moving_fraction: Optional[float] = Field(
         None, description="Fraction of the registered frames' pixels found moving against the cameras and left out of the error."
     )

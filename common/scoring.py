@@ -188,14 +188,14 @@ def score_video(
     # 7. Camera motion (translation in units of the scene's median depth) and the verdict.
     motion = camera_motion(geometry.world_to_cam[reg].cpu(), scale=max(median_depth, 1e-9))
     coverage = float(np.mean([r.coverage for r in per_frame if r.registered or r.posed_from_neighbours]))
+    fov = _field_of_view_deg(geometry.K[reg], H, W)
     extra = dict(registered_frames=n_registered, per_frame=per_frame, failed_frames=failed, coverage=coverage,
-                 motion=motion, moving_fraction=moving_fraction)
+                 motion=motion, moving_fraction=moving_fraction, fov_deg=fov)
     if preview_dir is not None:
         step("previews")
         extra["previews"] = _write_previews(Path(preview_dir), frames, errors, plan["scored"])
     if motion < config.min_motion:
         return unscorable(f"static camera: camera motion {motion:.5f} is below {config.min_motion:g}", **extra)
-    fov = _field_of_view_deg(geometry.K[reg], H, W)
     if fov < config.min_fov_deg:
         return unscorable(
             f"the cameras collapsed to a near-orthographic projection (field of view {fov:.1f} degrees, needs "

@@ -76,6 +76,7 @@ def format_result(name: str, result: dict) -> str:
         f"  frames    {result['frames']} scored, {result['registered_frames']} registered"
         + (f", {posed} posed from neighbours" if posed else "")
         + f", coverage {coverage}, camera motion {motion}"
+        + (f", field of view {result['fov_deg']:.0f} deg" if result.get("fov_deg") is not None else "")
     )
     left_out = []
     if result.get("moving_fraction"):

@@ -6,8 +6,9 @@
    pass of bounded cost: a denser one (finer SIFT, every pair up to 25 frames) for clips that
    matched little, the same matches verified to a looser tolerance for clips that matched a lot.
    A sparse capture (at most 12 frames, views far apart) gets affine-covariant SIFT in that pass.
-   A focal length that bundle adjustment narrows below `min_calibrated_fov_deg` is fixed at the
-   prior instead. Moving things (animals, people, vehicles) are found first, without cameras: each
+   A self-calibrated focal length is kept only where the matches demand it (`FocalRule`):
+   otherwise, and whenever it narrows the field of view below 30 degrees, the focal is fixed at
+   COLMAP's prior. Moving things (animals, people, vehicles) are found first, without cameras: each
    SfM frame's flow to its SfM neighbours against a fundamental matrix that RANSAC fits to it.
    They get no features: they would pull the cameras with them.
 2. Depth: dense DIS optical flow from each scored frame to two registered neighbours (one on
@@ -134,9 +135,8 @@ class ColmapFlowBackend(GeometryBackend):
         min_blob: smallest moving blob, as a fraction of the frame.
         moving_fb: a pixel can only be moving where its flow is forward-backward consistent to
             this many times `fb_tolerance` (flow that fails on wide baselines is not motion).
-        min_calibrated_fov_deg: when bundle adjustment narrows the field of view below this
-            (degrees, long side), the cameras are re-estimated with the focal length fixed at
-            COLMAP's prior (1.2 x the long side, about 45 degrees): see `_structure_from_motion`.
+        focal_rule: when a self-calibrated focal length is kept rather than COLMAP's prior (1.2 x
+            the long side, about 45 degrees): see `FocalRule`.
         neighbour_angle_deg: the parallax (degrees, over the scene depth) a triangulation neighbour
             must reach; the closest frame on each side that reaches it is taken. Wider baselines
             lower the depth noise of slow cameras (measured on the validity benchmark, issue 9).
@@ -183,10 +183,10 @@ class ColmapFlowBackend(GeometryBackend):
     #    clip, not their union with 16 evenly spaced ones: 22).
     # 8: optical flow between brightness-matched frames (`match_brightness`); the SfM pass's
     #    motion masks use that flow too.
-    revision = 8
+    revision = 9
     # The revision of `cameras` alone (the hybrid backend's part of its metric_id): 4 changed the
-    # depth only, 5, 6, 7 and 8 the cameras.
-    cameras_revision = 8
+    # depth only, 5, 6, 7, 8 and 9 the cameras.
+    cameras_revision = 9
 
     def __init__(
         self,
@@ -199,7 +199,7 @@ class ColmapFlowBackend(GeometryBackend):
         moving_ratio: float = 6.0,
         min_blob: float = 0.005,
         moving_fb: float = 3.0,
-        min_calibrated_fov_deg: float = 30.0,
+        focal_rule: Optional["FocalRule"] = None,
         neighbour_angle_deg: float = 1.5,
         dense_frames: int = 25,
         dense_match_budget: int = 30_000,
@@ -223,7 +223,7 @@ class ColmapFlowBackend(GeometryBackend):
         self.dense_match_budget = dense_match_budget
         self.relaxed_ransac_px = relaxed_ransac_px
         self.neighbour_angle_deg = neighbour_angle_deg
-        self.min_calibrated_fov_deg = min_calibrated_fov_deg
+        self.focal_rule = focal_rule or FocalRule()
         self.moving_fb = moving_fb
         self.min_blob = min_blob
         self.sfm_frames = sfm_frames
@@ -341,7 +341,7 @@ class ColmapFlowBackend(GeometryBackend):
             passes = {"masks": time.perf_counter() - start}
             start = time.perf_counter()
             fast = _Workspace(Path(tmp) / "fast", frames, FAST, subset, masks)
-            cameras = fast.cameras(self.min_calibrated_fov_deg)
+            cameras = fast.cameras(self.focal_rule)
             passes["fast"] = time.perf_counter() - start
             registered = sum(i in cameras.poses for i in scored)
             if registered < self.min_registered * len(scored):
@@ -383,11 +383,11 @@ class ColmapFlowBackend(GeometryBackend):
         predicted = fast.inlier_matches() * scale
         if predicted <= self.dense_match_budget:
             masks = self._feature_masks(flows or self._flows(frames), positions)
-            return name, _Workspace(folder, frames, settings, positions, masks).cameras(self.min_calibrated_fov_deg)
+            return name, _Workspace(folder, frames, settings, positions, masks).cameras(self.focal_rule)
         fast.verify_again(self.relaxed_ransac_px)
         # Views that agree only to the relaxed tolerance are the worst ones to self-calibrate from
         # (and a mapping costs seconds on such clips): the focal is fixed at the prior.
-        return "relaxed", fast.cameras(self.min_calibrated_fov_deg, self_calibrate=False)
+        return "relaxed", fast.cameras(None)
 
     def _feature_masks(self, flows: "_Flows", positions: Sequence[int]) -> dict[int, np.ndarray]:
         """Moving things found before any camera exists: position -> (h, w) bool at flow scale
@@ -633,20 +633,17 @@ class _Workspace:
         pycolmap.set_random_seed(0)
         pycolmap.geometric_verification(self.database, verifier_options=verifier, two_view_geometry_options=two_view)
 
-    def cameras(self, min_calibrated_fov_deg: float, self_calibrate: bool = True) -> Cameras:
+    def cameras(self, focal_rule: Optional[FocalRule]) -> Cameras:
         """Global SfM of the workspace's matches; cameras in the frames' pixels (no poses: none found).
 
-        self_calibrate: False fixes the focal length at COLMAP's prior from the start.
+        focal_rule: when the self-calibrated focal length is kept (`FocalRule`); None fixes it at
+        COLMAP's prior from the start.
         """
-        model = self._map(refine_focal=self_calibrate)
-        # Self-calibration is ill-conditioned when the camera mostly rotates or barely moves
-        # (pans, slow generated clips): bundle adjustment then lengthens the focal towards a
-        # near-orthographic camera that explains away inconsistency (a panning clip's
-        # corrupted copies reached 2,500-7,000 px at 720 px, and scored better than the clean
-        # clip). A narrow field of view is re-estimated with the focal fixed at the prior, so
-        # such videos are judged with one camera model; the decision depends on the input only.
-        if self_calibrate and model is not None and _fov_deg(model, self.size) < min_calibrated_fov_deg:
-            model = self._map(refine_focal=False) or model
+        model = self._map(refine_focal=focal_rule is not None)
+        if focal_rule is not None and model is not None and not focal_rule.near_prior(model, self.size):
+            fixed = self._map(refine_focal=False)
+            if fixed is not None and not focal_rule.keeps(model, fixed, self.size):
+                model = fixed
         if model is None:
             return Cameras(np.eye(3), {}, {})
         camera = next(iter(model.cameras.values()))
@@ -667,6 +664,56 @@ class _Workspace:
     def _map(self, refine_focal: bool):
         self._mappings += 1
         return _global_mapping(self.database, self.images, self.folder / f"model{self._mappings}", refine_focal)
+
+
+@dataclass(frozen=True)
+class FocalRule:
+    """When a self-calibrated focal length is kept instead of COLMAP's prior (1.2 x the long side).
+
+    On pans and slow clips the matches barely constrain the focal, and the one bundle adjustment
+    finds follows the video's inconsistency, fitting it by discarding the matches that disagree:
+    the bear clip's 6 px drift reached 29 px (a 170-degree field of view, 30% of the observations
+    that the prior's model keeps) and scored 2.4x its clean clip; the same drift on the mirrored
+    clip reached 1,331 px (64% of them) and scored 14% *better* than its clean clip. Each corrupted
+    copy was judged with another camera than its clean clip. The self-calibrated model is kept
+    only when
+
+    - it keeps at least `min_kept` of the observations of the same matches mapped with the focal
+      fixed at the prior (a real camera's focal fits more of them, or nearly as many: 0.90-1.35 on
+      the benchmark's clean and neutral copies; the degenerate ones 0.30-0.70), and
+    - its field of view is at least `min_fov_deg` degrees (long side): a narrower one is the
+      near-orthographic camera that explains inconsistency away.
+
+    Otherwise the prior's model is used. A focal within `skip_within` of the prior is kept without
+    the comparison (it changes nothing, and the second mapping costs about a second). The mean
+    reprojection error was tried as a third test (keep only a focal that fits 5% or 10% better)
+    and rejected: with the 200-300 observations of an 8-frame capture it flips between copies of
+    one clip. Measured in docs/backends.md, "The focal length the matches demand (revision 9)".
+    """
+
+    min_kept: float = 0.8
+    min_fov_deg: float = 30.0
+    skip_within: float = 0.05
+
+    @staticmethod
+    def prior(size: tuple[int, int]) -> float:
+        """COLMAP's prior focal (px) for SfM images of size (width, height)."""
+        return 1.2 * max(size)
+
+    def near_prior(self, model, size: tuple[int, int]) -> bool:
+        return abs(_focal(model) / self.prior(size) - 1) <= self.skip_within
+
+    def keeps(self, calibrated, fixed, size: tuple[int, int]) -> bool:
+        """Whether the self-calibrated model `calibrated` is kept rather than `fixed` (focal at the prior)."""
+        return _fov_deg(calibrated, size) >= self.min_fov_deg and _observations(calibrated) >= self.min_kept * _observations(fixed)
+
+
+def _focal(model) -> float:
+    return float(next(iter(model.cameras.values())).calibration_matrix()[0, 0])
+
+
+def _observations(model) -> int:
+    return sum(len(point.track.elements) for point in model.points3D.values())
 
 
 def _global_mapping(database: Path, images: Path, output: Path, refine_focal: bool):
@@ -886,8 +933,7 @@ class _Sweeps:
 
 def _fov_deg(model, size: tuple[int, int]) -> float:
     """Field of view (degrees) over the long side of the SfM images (width, height) of a model's camera."""
-    focal = float(next(iter(model.cameras.values())).calibration_matrix()[0, 0])
-    return math.degrees(2 * math.atan(max(size) / 2 / max(focal, 1e-9)))
+    return math.degrees(2 * math.atan(max(size) / 2 / max(_focal(model), 1e-9)))
 
 
 def _flow_size(height: int, width: int, max_side: int) -> tuple[int, int]:

@@ -130,7 +130,7 @@ def test_hybrid_backend_scores_end_to_end_with_its_name_in_metric_id(tiny_depth_
     config = ScoreConfig(backend="hybrid", weights=tiny_depth_model, max_side=160, frames=6, recon_frames=12)
     result = score_video(video.frames, config)
     assert result.backend == "hybrid+depth_anything"
-    assert result.metric_id.startswith("hybrid+depth_anything.r8/")  # its cameras are colmap-flow r8 (r4 changed the flow depth only)
+    assert result.metric_id.startswith("hybrid+depth_anything.r9/")  # its cameras are colmap-flow r9 (r4 changed the flow depth only)
     assert result.metric_id != config.metric_id("colmap-flow", result.perceptual_metric)
     assert result.registered_frames == 6
     assert result.status in ("ok", "unscorable")
