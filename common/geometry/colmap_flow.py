@@ -680,7 +680,7 @@ class FocalRule:
 
     - it keeps at least `min_kept` of the observations of the same matches mapped with the focal
       fixed at the prior (a real camera's focal fits more of them, or nearly as many: 0.90-1.35 on
-      the benchmark's clean and neutral copies; the degenerate ones 0.30-0.70), and
+      the clean and neutral copies measured; the degenerate ones 0.30-0.70), and
     - its field of view is at least `min_fov_deg` degrees (long side): a narrower one is the
       near-orthographic camera that explains inconsistency away.
 
