@@ -27,7 +27,6 @@ three scorings. Last, the pairs right out of all of them.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import tempfile
 import time
@@ -38,7 +37,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from common.config import ScoreConfig  # noqa: E402
-from common.geometry.colmap_flow import ColmapFlowBackend  # noqa: E402
 from common.scoring import score_video  # noqa: E402
 from common.synthetic import corrupt_frames  # noqa: E402
 from common.video import write_video  # noqa: E402
@@ -107,14 +105,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sets", default=",".join(DEFAULT_SETS))
     args = parser.parse_args()
-    wanted = args.sets.split(",")
-    sets = {s.name: s for s in validity.video_sets() if s.name in wanted}
-    missing = [name for name in wanted if name not in sets]
-    if missing:
-        sys.exit(f"unknown or unavailable sets: {missing} (real sets need ../shared/data)")
+    sets = validity.chosen_sets(args.sets)
     config = ScoreConfig()
-    print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
-          f"metric {config.metric_id(f'colmap-flow.r{ColmapFlowBackend.revision}', 'align')}")
+    print(validity.machine_line(config))
     print(f"  {'copy':<20} {'clean':>10} " + " ".join(f"{k:>10}" for k in CORRUPTIONS)
           + f" | {'baseline':>8} " + " ".join(f"{k:>10}" for k in CORRUPTIONS) + "   time")
     right, baseline_right, total = 0, 0, 0

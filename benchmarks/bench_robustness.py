@@ -26,7 +26,6 @@ the baseline's (mean Sampson distance, px), and seconds of the default scoring.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import tempfile
 import time
@@ -37,7 +36,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from common.config import ScoreConfig  # noqa: E402
-from common.geometry.colmap_flow import ColmapFlowBackend  # noqa: E402
 from common.scoring import score_video  # noqa: E402
 from common.synthetic import cross_fade, false_colour, with_caption  # noqa: E402
 from common.video import load_video, write_video  # noqa: E402
@@ -98,13 +96,9 @@ def main() -> None:
     parser.add_argument("--sets", default=",".join(DEFAULT_SETS))
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "vgpa-validity-2")
     args = parser.parse_args()
-    wanted = args.sets.split(",")
-    sets = {s.name: s for s in validity.video_sets() if s.name in wanted}
-    missing = [name for name in wanted if name not in sets]
-    if missing:
-        sys.exit(f"unknown or unavailable sets: {missing} (real sets need ../shared/data)")
+    sets = validity.chosen_sets(args.sets)
     config = ScoreConfig()
-    print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; metric {config.metric_id(f'colmap-flow.r{ColmapFlowBackend.revision}', 'align')}")
+    print(validity.machine_line(config))
     print(f"  {'video':<22} {'default':>12}  {'handling off':>12}  {'baseline':>8}  time")
     with tempfile.TemporaryDirectory(prefix="vgpa-robust-") as tmp:
         folder = Path(tmp)

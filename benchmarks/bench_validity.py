@@ -38,6 +38,7 @@ import argparse
 import json
 import math
 import os
+import platform
 import statistics
 import sys
 import tempfile
@@ -190,6 +191,22 @@ def held_out_sets() -> list[VideoSet]:
             sets.append(VideoSet(f"{name}-slow", _real(path, frames=49, consecutive=True), _bulge, fps=16.0, seed=2))
     return sets
 
+
+def chosen_sets(names: str) -> dict[str, VideoSet]:
+    """The usual sets (`video_sets`, in their order) named in the comma-separated `names`, by name;
+    exits naming any that is unknown or whose data is absent (for the scripts built on these sets)."""
+    wanted = [name for name in names.split(",") if name]
+    sets = {s.name: s for s in video_sets() if s.name in wanted}
+    missing = [name for name in wanted if name not in sets]
+    if missing:
+        sys.exit(f"unknown or unavailable sets: {missing} (real sets need ../shared/data)")
+    return sets
+
+
+def machine_line(config: ScoreConfig) -> str:
+    """The machine, its threads and the metric_id of the default backend: the first line of a run's output."""
+    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
+            f"metric {config.metric_id(f'colmap-flow.r{ColmapFlowBackend.revision}', 'align')}")
 
 def build_files(video_set: VideoSet, cache: Path) -> dict[str, Path]:
     """clean, corruptions and neutral copies as H.264 files (those in the cache folder are reused)."""

@@ -685,7 +685,7 @@ class FocalRule:
       near-orthographic camera that explains inconsistency away.
 
     Otherwise the prior's model is used. A focal within `skip_within` of the prior is kept without
-    the comparison (it changes nothing, and the second mapping costs about a second). The mean
+    the comparison (it changes nothing, and the second mapping costs 0.03-0.65 s). The mean
     reprojection error was tried as a third test (keep only a focal that fits 5% or 10% better)
     and rejected: with the 200-300 observations of an 8-frame capture it flips between copies of
     one clip. Measured in docs/backends.md, "The focal length the matches demand (revision 9)".

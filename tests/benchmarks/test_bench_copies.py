@@ -2,28 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 # common before cv2 (see test_bench_robustness.py).
 from common.synthetic import render_video
+from tests.benchmarks.scripts import load_benchmark
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_copies.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_copies", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load()
+bench = load_benchmark("bench_copies")
 ORBIT = render_video("boxes", "orbit", frames=6, size=(120, 160)).frames  # (6, 120, 160, 3) landscape
 
 

@@ -3,10 +3,6 @@ tests/common; the benchmark itself takes minutes a set, so it is not run here)."
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
 
 # common before cv2: importing common sets OpenCV's pixel limit, which cv2 reads when it loads
@@ -16,18 +12,9 @@ from common.video import constant_borders, shot_cuts
 
 import cv2  # noqa: E402
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_robustness.py"
+from tests.benchmarks.scripts import load_benchmark  # noqa: E402
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_robustness", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load()
+bench = load_benchmark("bench_robustness")
 ORBIT = render_video("boxes", "orbit", frames=20, size=(120, 160)).frames
 
 

@@ -3,26 +3,14 @@ tested in tests/common; the whole benchmark takes about 15 minutes, so it is not
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_validity.py"
+from tests.benchmarks.scripts import load_benchmark
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_validity", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load()
+bench = load_benchmark("bench_validity")
 
 
 def test_the_shifted_copy_moves_the_picture_by_half_a_pixel():
@@ -107,3 +95,11 @@ def test_held_out_sets_take_other_frames_and_other_corruption_seeds(tmp_path):
     usual = {s.name: s for s in bench.video_sets()}
     for held in bench.held_out_sets():  # empty without the shared data
         assert held.name not in usual and held.seed != 1
+
+
+def test_the_scripts_on_these_sets_get_them_in_the_benchmarks_order_or_exit_naming_the_unknown():
+    chosen = bench.chosen_sets("syn-slow,syn-orbit")
+    assert list(chosen) == ["syn-orbit", "syn-slow"] and chosen["syn-slow"].name == "syn-slow"
+    with pytest.raises(SystemExit, match="nope"):
+        bench.chosen_sets("syn-slow,nope")
+    assert "colmap-flow.r" in bench.machine_line(bench.ScoreConfig())

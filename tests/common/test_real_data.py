@@ -11,6 +11,7 @@ from common.video import load_video, uniform_indices
 
 pytestmark = pytest.mark.real_data
 CONFIG = ScoreConfig(max_side=480)
+PRIOR_FOV = math.degrees(2 * math.atan(1 / 2.4))  # COLMAP's prior focal, 1.2 x the long side: 45.2 degrees
 
 
 def _frames(folder, count=None):
@@ -29,7 +30,7 @@ def test_real_sequence_registers_and_beats_its_corruption(shared_data, name, cou
     assert clean.status == "ok", clean.reason
     assert clean.registered_frames >= 0.7 * clean.frames, f"{clean.registered_frames} of {clean.frames} registered"
     if name == "statue":  # a real camera's focal, far from the prior's 45 degrees: the matches demand it (FocalRule)
-        assert abs(clean.fov_deg - math.degrees(2 * math.atan(1 / 2.4))) > 5, clean.fov_deg
+        assert abs(clean.fov_deg - PRIOR_FOV) > 5, clean.fov_deg
     if name == "kitchen":  # wide baselines: the fast SfM pass matches little, a second pass registers it
         # 8 frames of an orbit, views about 45 degrees apart: affine-covariant SIFT, plane-sweep depth
         assert f"geometry.sfm_{'sparse' if count else 'dense'}" in clean.timings_s, clean.timings_s
@@ -67,6 +68,5 @@ def test_a_drift_is_judged_with_the_clean_clips_camera(shared_data):
     frames = load_video(path, wanted=lambda total: uniform_indices(total, 49), max_side=720).frames.flip(2).contiguous()
     clean = score_video(frames, ScoreConfig())
     drift = score_video(corrupt_frames(frames, "drift", seed=1, amplitude_px=6.0), ScoreConfig())
-    prior_fov = math.degrees(2 * math.atan(1 / 2.4))  # COLMAP's prior focal: 1.2 x the long side
-    assert clean.fov_deg == pytest.approx(prior_fov, abs=0.5) and drift.fov_deg == pytest.approx(prior_fov, abs=0.5)
+    assert clean.fov_deg == pytest.approx(PRIOR_FOV, abs=0.5) and drift.fov_deg == pytest.approx(PRIOR_FOV, abs=0.5)
     assert clean.score < drift.score, (clean.score, drift.score)
