@@ -1,0 +1,74 @@
+"""Work split over threads: the same results, in the same order, for any number of workers."""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from common.parallel import cpu_workers, ordered_map
+from common.synthetic import render_video
+
+
+def test_ordered_map_keeps_the_items_order_whichever_finishes_first():
+    def slow_first(x: int) -> int:
+        time.sleep(0.05 if x == 0 else 0.0)  # the first item finishes last
+        return x * x
+
+    assert list(ordered_map(slow_first, range(6), workers=2)) == [0, 1, 4, 9, 16, 25]
+    assert list(ordered_map(slow_first, range(6), workers=1)) == [0, 1, 4, 9, 16, 25]
+    assert list(ordered_map(slow_first, [], workers=2)) == []
+
+
+def test_cpu_workers_follow_torch_threads_up_to_the_limit():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # what Ray sets in a replica that reserved one CPU
+        assert cpu_workers() == 1
+        torch.set_num_threads(4)
+        assert cpu_workers() == 2 and cpu_workers(limit=3) == 3
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _database(workspace) -> dict:
+    """Every table of a workspace's COLMAP database that later steps read, as comparable values."""
+    import pycolmap
+
+    database = pycolmap.Database.open(workspace.database)
+    try:
+        images = database.read_all_images()
+        tables = {
+            "cameras": [(c.camera_id, str(c.model), c.width, c.height, tuple(c.params)) for c in database.read_all_cameras()],
+            "images": [(i.image_id, i.name, i.camera_id, i.frame_id) for i in images],
+            "rigs": [str(r) for r in database.read_all_rigs()],
+            "frames": [str(f) for f in database.read_all_frames()],
+        }
+        for image in images:
+            tables[f"keypoints {image.name}"] = np.asarray(database.read_keypoints(image.image_id)).tobytes()
+            tables[f"descriptors {image.name}"] = np.asarray(database.read_descriptors(image.image_id).data).tobytes()
+        pairs, geometries = database.read_two_view_geometries()
+        tables["verified"] = [(pair, g.config, np.asarray(g.inlier_matches).tobytes()) for pair, g in zip(pairs, geometries)]
+        return tables
+    finally:
+        database.close()
+
+
+@pytest.mark.parametrize("settings", ["FAST", "SPARSE"])
+def test_sift_split_over_two_threads_gives_the_same_database_as_one(settings, tmp_path, monkeypatch):
+    """Features extracted on two threads (halves of the frames, each into its own database, then
+    copied) equal one thread's: cameras, images, rigs and frames as COLMAP writes them, every
+    keypoint and descriptor, and so the verified matches; with feature masks too."""
+    import common.geometry.colmap_flow as colmap_flow
+
+    frames = render_video("boxes", "orbit", frames=6, size=(120, 160)).frames
+    masks = {2: np.zeros((120, 160), bool)}
+    masks[2][:, :60] = True  # no features on the left of frame 2
+    databases = []
+    for workers in (1, 2):
+        monkeypatch.setattr(colmap_flow, "cpu_workers", lambda limit=2, n=workers: n)
+        workspace = colmap_flow._Workspace(tmp_path / str(workers), frames, getattr(colmap_flow, settings), range(6), masks)
+        databases.append(_database(workspace))
+    one, two = databases
+    assert len(one["images"]) == 6 and len(one["cameras"]) == 1 and len(one["verified"]) > 0
+    assert one == two
