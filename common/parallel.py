@@ -9,13 +9,16 @@ is bit-identical for any count (tests/common/test_parallel.py).
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import Callable, Generic, Hashable, Iterable, Iterator, TypeVar
 
 import torch
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
+Key = TypeVar("Key", bound=Hashable)
+Value = TypeVar("Value")
 
 
 def cpu_workers(limit: int = 2) -> int:
@@ -30,3 +33,29 @@ def ordered_map(function: Callable[[Item], Result], items: Iterable[Item], worke
         return
     with ThreadPoolExecutor(workers) as pool:
         yield from pool.map(function, items)
+
+
+class OnceCache(Generic[Key, Value]):
+    """A cache whose values are computed once per key, also when several threads ask at once.
+
+    A second thread asking for a key being computed waits for it instead of computing it again;
+    threads asking for different keys compute side by side.
+    """
+
+    def __init__(self) -> None:
+        self._values: dict[Key, Value] = {}
+        self._locks: dict[Key, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def get(self, key: Key, compute: Callable[[], Value]) -> Value:
+        if key in self._values:
+            return self._values[key]
+        with self._guard:
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:
+            if key not in self._values:
+                self._values[key] = compute()
+        return self._values[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._values

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -45,7 +46,7 @@ from torch import Tensor
 
 from common.camera import camera_centers, rescale_intrinsics, rotation_angle
 from common.geometry.base import GeometryBackend, ReconstructionFailed, SceneGeometry
-from common.parallel import cpu_workers, ordered_map
+from common.parallel import OnceCache, cpu_workers, ordered_map
 from common.video import evenly_filled, uniform_indices
 
 pycolmap.logging.minloglevel = 2  # errors only: COLMAP's INFO lines would drown the CLI's output
@@ -258,16 +259,18 @@ class ColmapFlowBackend(GeometryBackend):
         moving = torch.zeros(T, H, W, dtype=torch.bool)
         registered = torch.tensor([i in registered_set for i in scored])
         poses = torch.eye(4, dtype=torch.float64).repeat(T, 1, 1)
+        neighbours_of = {i: self._neighbours(i, registered_set, world_to_cam, cameras.scene_depth) for i in scored if i in registered_set}
+        pairs = [(i, j) for i, neighbours in neighbours_of.items() for j in neighbours]
+        # Each pair's depth is its own (the flow and sweep caches compute each entry once), so the
+        # pairs run on two threads where two CPUs are allowed, with the same result as one by one.
+        pair_depths = dict(zip(pairs, ordered_map(lambda pair: self._pair_depth(flows, sweeps, cameras, *pair), pairs, cpu_workers())))
         for t, i in enumerate(scored):
             if i not in registered_set:
                 continue
             poses[t] = world_to_cam[i]
-            neighbours = self._neighbours(i, registered_set, world_to_cam, cameras.scene_depth)
-            estimates, misses = [], []
-            for j in neighbours:
-                frame_depth, miss = self._pair_depth(flows, sweeps, cameras, i, j)
-                estimates.append(frame_depth)
-                misses.append(miss)
+            neighbours = neighbours_of[i]
+            estimates = [pair_depths[(i, j)][0] for j in neighbours]
+            misses = [pair_depths[(i, j)][1] for j in neighbours]
             if estimates:
                 # Moving only where every neighbour agrees: one pair's flow can fail on its own
                 # (wide baselines, low texture), a thing that moves misses both pairs' lines.
@@ -784,38 +787,39 @@ class _Flows:
         self.match_brightness = match_brightness
         self.height, self.width = frames.shape[1:3]
         self.size = _flow_size(self.height, self.width, max_side)
-        self._gray: dict[int, np.ndarray] = {}
-        self._texture: dict[int, np.ndarray] = {}
-        self._small: dict[tuple[int, int], np.ndarray] = {}
-        self._full: dict[tuple[int, int], np.ndarray] = {}
-        self._dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)  # one per video: not thread-safe
+        # Each entry computed once, also when the depth stage asks from two threads.
+        self._gray: OnceCache[int, np.ndarray] = OnceCache()
+        self._texture: OnceCache[int, np.ndarray] = OnceCache()
+        self._small: OnceCache[tuple[int, int], np.ndarray] = OnceCache()
+        self._full: OnceCache[tuple[int, int], np.ndarray] = OnceCache()
+        self._dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)  # one per video: not thread-safe,
+        self._dis_lock = threading.Lock()  # so one flow at a time
 
     def gray(self, i: int) -> np.ndarray:
-        if i not in self._gray:
+        def compute() -> np.ndarray:
             image = cv2.cvtColor(self.frames[i].numpy(), cv2.COLOR_RGB2GRAY)
             full = (self.width, self.height)
-            self._gray[i] = cv2.resize(image, self.size, interpolation=cv2.INTER_AREA) if self.size != full else image
-        return self._gray[i]
+            return cv2.resize(image, self.size, interpolation=cv2.INTER_AREA) if self.size != full else image
+
+        return self._gray.get(i, compute)
 
     def texture(self, i: int) -> np.ndarray:
         """(h, w) float32 gradient energy of `gray(i)` (`_texture`)."""
-        if i not in self._texture:
-            self._texture[i] = _texture(self.gray(i))
-        return self._texture[i]
+        return self._texture.get(i, lambda: _texture(self.gray(i)))
 
     def small(self, i: int, j: int) -> np.ndarray:
-        if (i, j) not in self._small:
-            target = self.gray(j)
+        def compute() -> np.ndarray:
+            source, target = self.gray(i), self.gray(j)
             if self.match_brightness:  # DIS's refinement assumes constant brightness
-                gain = float(np.clip(self.gray(i).mean() / max(float(target.mean()), 1.0), 0.5, 2.0))
+                gain = float(np.clip(source.mean() / max(float(target.mean()), 1.0), 0.5, 2.0))
                 target = np.clip(target.astype(np.float32) * gain + 0.5, 0, 255).astype(np.uint8)
-            self._small[(i, j)] = self._dis.calc(self.gray(i), target, None)
-        return self._small[(i, j)]
+            with self._dis_lock:
+                return self._dis.calc(source, target, None)
+
+        return self._small.get((i, j), compute)
 
     def full(self, i: int, j: int) -> np.ndarray:
-        if (i, j) not in self._full:
-            self._full[(i, j)] = _upsample_flow(self.small(i, j), self.height, self.width)
-        return self._full[(i, j)]
+        return self._full.get((i, j), lambda: _upsample_flow(self.small(i, j), self.height, self.width))
 
 
 class _FlowEnds:
@@ -925,21 +929,21 @@ class _Sweeps:
         full, small = (flows.height, flows.width), (flows.size[1], flows.size[0])
         self.Ks = rescale_intrinsics(torch.from_numpy(cameras.K), full, small, pixel_centre=0.0).numpy()  # flow scale
         self.Ks_inv = np.linalg.inv(self.Ks)
-        self._raw: dict[tuple[int, int], Optional[np.ndarray]] = {}
+        self._raw: OnceCache[tuple[int, int], Optional[np.ndarray]] = OnceCache()
 
     def raw(self, i: int, j: int) -> Optional[np.ndarray]:
         """(h, w) depth of frame i from frame j at flow scale before the left-right check."""
-        if (i, j) not in self._raw:
+        def compute() -> Optional[np.ndarray]:
             observed = self.cameras.observations.get(i)
             if observed is None or len(observed) < 10:
-                self._raw[(i, j)] = None
-            else:
-                near, far = np.percentile(observed[:, 2], [2, 98])
-                R, t = _relative_pose(self.cameras.poses[i], self.cameras.poses[j])
-                self._raw[(i, j)] = _sweep_depth(
-                    self.flows.gray(i), self.flows.gray(j), self.Ks, R, t, near / self.margin, far * self.margin, self.min_ncc
-                )
-        return self._raw[(i, j)]
+                return None
+            near, far = np.percentile(observed[:, 2], [2, 98])
+            R, t = _relative_pose(self.cameras.poses[i], self.cameras.poses[j])
+            return _sweep_depth(
+                self.flows.gray(i), self.flows.gray(j), self.Ks, R, t, near / self.margin, far * self.margin, self.min_ncc
+            )
+
+        return self._raw.get((i, j), compute)
 
     def depth(self, i: int, j: int) -> Optional[np.ndarray]:
         forward, backward = self.raw(i, j), self.raw(j, i)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.parallel import cpu_workers, ordered_map
+from common.parallel import OnceCache, cpu_workers, ordered_map
 from common.synthetic import render_video
 
 
@@ -29,6 +29,36 @@ def test_cpu_workers_follow_torch_threads_up_to_the_limit():
         assert cpu_workers() == 2 and cpu_workers(limit=3) == 3
     finally:
         torch.set_num_threads(threads)
+
+
+def test_once_cache_computes_each_key_once_when_threads_ask_at_once():
+    cache: OnceCache[int, int] = OnceCache()
+    calls: list[int] = []
+
+    def compute(key: int) -> int:
+        calls.append(key)
+        time.sleep(0.02)  # long enough for the other threads to ask meanwhile
+        return 10 * key
+
+    keys = [1, 2, 1, 1, 2, 3, 3, 1]
+    assert list(ordered_map(lambda k: cache.get(k, lambda: compute(k)), keys, workers=4)) == [10 * k for k in keys]
+    assert sorted(calls) == [1, 2, 3] and 3 in cache and 4 not in cache
+
+
+def test_depth_stage_on_two_threads_gives_the_same_geometry_as_one(monkeypatch):
+    """Flow and sweep depths of the scored frames' pairs computed side by side equal one by one."""
+    import common.geometry.colmap_flow as colmap_flow
+
+    frames = render_video("room", "truck", frames=12, size=(120, 160)).frames
+    scored = [0, 3, 6, 9, 11]
+    geometries = []
+    for workers in (1, 2):
+        monkeypatch.setattr(colmap_flow, "cpu_workers", lambda limit=2, n=workers: n)
+        geometries.append(colmap_flow.ColmapFlowBackend().reconstruct(frames, scored, list(range(12))))
+    one, two = geometries
+    assert int(one.registered.sum()) >= 4 and float((one.depth > 0).float().mean()) > 0.2
+    for name in ("depth", "confidence", "moving", "world_to_cam", "K", "registered"):
+        assert torch.equal(getattr(one, name), getattr(two, name)), name
 
 
 def _database(workspace) -> dict:
