@@ -1,9 +1,9 @@
 """The scorer's work split over one thread against two (`common.parallel.cpu_workers`): same scores, less time?
 
 For each chosen set of `bench_validity.py` (its cached H.264 files), the clean clip and its 6 px
-drift are scored twice in the same run: with the SfM's SIFT extraction and the depth stage's frame
-pairs forced onto one thread (the scorer before 2026-12-07) and with the default (two threads where
-torch has two). The order of the
+drift are scored twice in the same run: with the SfM's SIFT extraction and the depth stage's
+frames forced onto one thread (the scorer before 2026-12-07) and with the default (two threads
+where torch has two). The order of the
 two alternates from file to file, so neither always runs on a warmer machine. Printed per file: both
 scores (they must be bit-identical), both times, and the SfM stage's share; at the end the median
 and worst time per video of each.

@@ -75,8 +75,6 @@ class SfmSettings:
 # bundle adjustment sums vary from run to run, and so did the cameras (a focal of 433 px in one run,
 # 133 px in the next, on the same clip). The rest of the pipeline uses the other core.
 FAST = SfmSettings(max_side=480, first_octave=0, max_features=2048)
-
-
 # When the fast pass leaves too many scored frames unregistered and matched little (wide
 # baselines, low texture), one denser pass: SIFT at 720 px (from the upsampled octave when the
 # frames are smaller) with more features on up to `dense_frames` frames, every pair matched up to
@@ -259,18 +257,19 @@ class ColmapFlowBackend(GeometryBackend):
         moving = torch.zeros(T, H, W, dtype=torch.bool)
         registered = torch.tensor([i in registered_set for i in scored])
         poses = torch.eye(4, dtype=torch.float64).repeat(T, 1, 1)
-        neighbours_of = {i: self._neighbours(i, registered_set, world_to_cam, cameras.scene_depth) for i in scored if i in registered_set}
-        pairs = [(i, j) for i, neighbours in neighbours_of.items() for j in neighbours]
-        # Each pair's depth is its own (the flow and sweep caches compute each entry once), so the
-        # pairs run on two threads where two CPUs are allowed, with the same result as one by one.
-        pair_depths = dict(zip(pairs, ordered_map(lambda pair: self._pair_depth(flows, sweeps, cameras, *pair), pairs, cpu_workers())))
-        for t, i in enumerate(scored):
-            if i not in registered_set:
-                continue
+        def depths_from_neighbours(i: int) -> tuple[int, list[tuple[np.ndarray, np.ndarray]]]:
+            neighbours = self._neighbours(i, registered_set, world_to_cam, cameras.scene_depth)
+            return i, [self._pair_depth(flows, sweeps, cameras, i, j) for j in neighbours]
+
+        # Each frame's depths from its neighbours are its own (the flow and sweep caches compute
+        # each entry once), so two frames are worked on at once where two CPUs are allowed; they
+        # are fused in order as they come, the same as one by one.
+        position = {i: t for t, i in enumerate(scored)}
+        for i, pair_depths in ordered_map(depths_from_neighbours, [i for i in scored if i in registered_set], cpu_workers()):
+            t = position[i]
             poses[t] = world_to_cam[i]
-            neighbours = neighbours_of[i]
-            estimates = [pair_depths[(i, j)][0] for j in neighbours]
-            misses = [pair_depths[(i, j)][1] for j in neighbours]
+            estimates = [depth for depth, _ in pair_depths]
+            misses = [miss for _, miss in pair_depths]
             if estimates:
                 # Moving only where every neighbour agrees: one pair's flow can fail on its own
                 # (wide baselines, low texture), a thing that moves misses both pairs' lines.
@@ -281,7 +280,7 @@ class ColmapFlowBackend(GeometryBackend):
                 stack[:, ~self._textured(flows.texture(i), H, W)] = float("nan")  # flow there is interpolated
                 valid = ~torch.isnan(stack)
                 depth[t] = torch.nan_to_num(stack.nanmedian(dim=0).values, nan=0.0).float()
-                confidence[t] = valid.float().sum(0) / max(len(neighbours), 2)
+                confidence[t] = valid.float().sum(0) / max(len(pair_depths), 2)
         timings["flow_depth"] = time.perf_counter() - start
         return SceneGeometry(
             depth=depth,
@@ -597,9 +596,9 @@ class _Workspace:
         extraction.sift.max_num_features = settings.max_features
         extraction.sift.domain_size_pooling = settings.domain_size_pooling
         extraction.sift.estimate_affine_shape = settings.affine_shape
-        # One thread here too: with two, the fast pass's features gave another score from run to run
-        # on the statue capture's 6 px drift (0.2768, 0.2767; one thread 0.2738 every time), though
-        # the 22 SfM frames of bear and of the slow synthetic clip came out bit-identical.
+        # One thread per extraction too: with COLMAP's own two threads, the fast pass's features gave
+        # another score from run to run on the statue capture's 6 px drift (0.2768, 0.2767; one
+        # thread 0.2738 every time). `_extract` runs one-thread extractions side by side instead.
         extraction.num_threads = 1
         self._extract(reader, extraction)
         matching = pycolmap.FeatureMatchingOptions()
@@ -618,9 +617,7 @@ class _Workspace:
         into databases of their own (COLMAP releases the GIL; one SQLite file takes one writer) and
         copied into the workspace's, whose cameras, rigs, frames and images `import_images` wrote
         as `extract_features` would have: the database, and every score, is the same for any
-        number of workers. (Two global mappings side by side were tried too, for `FocalRule`, and
-        not kept: the refined one then varied from run to run, backpack's 6 px drift scoring
-        0.29169, 0.29184 and 0.29222.)
+        number of workers. (Not COLMAP's own extraction threads: see the comment in `__init__`.)
         """
         names = [f"{i:06d}.bmp" for i in self.positions]
         extract = partial(pycolmap.extract_features, camera_mode=pycolmap.CameraMode.SINGLE, reader_options=reader,
@@ -676,6 +673,8 @@ class _Workspace:
         focal_rule: when the self-calibrated focal length is kept (`FocalRule`); None fixes it at
         COLMAP's prior from the start.
         """
+        # The two mappings run one after the other: side by side (threads, a database copy each)
+        # the refined one varied from run to run (backpack's 6 px drift: 0.29169, 0.29184, 0.29222).
         model = self._map(refine_focal=focal_rule is not None)
         if focal_rule is not None and model is not None and not focal_rule.near_prior(model, self.size):
             fixed = self._map(refine_focal=False)

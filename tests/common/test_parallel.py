@@ -46,7 +46,7 @@ def test_once_cache_computes_each_key_once_when_threads_ask_at_once():
 
 
 def test_depth_stage_on_two_threads_gives_the_same_geometry_as_one(monkeypatch):
-    """Flow and sweep depths of the scored frames' pairs computed side by side equal one by one."""
+    """The scored frames' depths from their neighbours, two frames at a time, equal one by one."""
     import common.geometry.colmap_flow as colmap_flow
 
     frames = render_video("room", "truck", frames=12, size=(120, 160)).frames
