@@ -10,7 +10,8 @@ is bit-identical for any count (tests/common/test_parallel.py).
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Generic, Hashable, Iterable, Iterator, TypeVar
 
 import torch
@@ -27,12 +28,23 @@ def cpu_workers(limit: int = 2) -> int:
 
 
 def ordered_map(function: Callable[[Item], Result], items: Iterable[Item], workers: int) -> Iterator[Result]:
-    """`map(function, items)` on `workers` threads, results in the items' order (plain `map` for 1)."""
+    """`map(function, items)` on `workers` threads, results in the items' order (plain `map` for 1).
+
+    At most `workers` + 1 items are started and not yet taken by the caller (`Executor.map` would
+    start them all at once and hold every result until it is taken): a caller that fuses large
+    results as they come holds a few of them, not all.
+    """
     if workers < 2:
         yield from map(function, items)
         return
     with ThreadPoolExecutor(workers) as pool:
-        yield from pool.map(function, items)
+        started: deque[Future[Result]] = deque()
+        for item in items:
+            started.append(pool.submit(function, item))
+            if len(started) > workers:
+                yield started.popleft().result()
+        while started:
+            yield started.popleft().result()
 
 
 class OnceCache(Generic[Key, Value]):

@@ -257,6 +257,7 @@ class ColmapFlowBackend(GeometryBackend):
         moving = torch.zeros(T, H, W, dtype=torch.bool)
         registered = torch.tensor([i in registered_set for i in scored])
         poses = torch.eye(4, dtype=torch.float64).repeat(T, 1, 1)
+
         def depths_from_neighbours(i: int) -> tuple[int, list[tuple[np.ndarray, np.ndarray]]]:
             neighbours = self._neighbours(i, registered_set, world_to_cam, cameras.scene_depth)
             return i, [self._pair_depth(flows, sweeps, cameras, i, j) for j in neighbours]

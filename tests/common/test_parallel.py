@@ -20,6 +20,20 @@ def test_ordered_map_keeps_the_items_order_whichever_finishes_first():
     assert list(ordered_map(slow_first, [], workers=2)) == []
 
 
+def test_ordered_map_starts_only_a_few_items_ahead_of_the_caller():
+    started: list[int] = []
+
+    def note(x: int) -> int:
+        started.append(x)
+        return x
+
+    results = ordered_map(note, range(100), workers=2)
+    assert next(results) == 0
+    time.sleep(0.05)  # the workers would have started every item by now if nothing held them back
+    assert len(started) <= 4  # the taken one, the two workers' and one waiting
+    assert list(results) == list(range(1, 100)) and sorted(started) == list(range(100))
+
+
 def test_cpu_workers_follow_torch_threads_up_to_the_limit():
     threads = torch.get_num_threads()
     try:
