@@ -208,6 +208,7 @@ def machine_line(config: ScoreConfig) -> str:
     return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
             f"metric {config.metric_id(f'colmap-flow.r{ColmapFlowBackend.revision}', 'align')}")
 
+
 def build_files(video_set: VideoSet, cache: Path) -> dict[str, Path]:
     """clean, corruptions and neutral copies as H.264 files (those in the cache folder are reused)."""
     folder = cache / video_set.name
