@@ -206,7 +206,11 @@ def test_two_zero2_workers_learn_the_preference_and_stay_identical(finished_run)
 
 
 @pytest.mark.ray
-def test_metrics_are_written_while_training_and_heldout_loss_keeps_the_best_lora(ray_cluster, workspace):
+def test_heldout_loss_keeps_the_best_lora_under_zero3_in_bf16_with_uneven_shards(ray_cluster, workspace):
+    """Held-out evaluation every 4 steps keeps the LoRA with the lowest held-out loss; the metrics of each
+    step are on disk before the driver hears of it. On 2 ZeRO-3 ranks (parameters partitioned too) in bf16
+    with fp32 gradient accumulation: 3 held-out pairs, so rank 1 repeats a pair with weight 0 and both run
+    the same forwards. One launch for all three: a Ray Train launch costs about 30 s on 2 cores."""
     from diffusers import CogVideoXPipeline
 
     root, model, pairs = workspace
@@ -217,28 +221,20 @@ def test_metrics_are_written_while_training_and_heldout_loss_keeps_the_best_lora
         lines = (out / "metrics.jsonl").read_text().splitlines()
         in_file_when_reported.append(any(json.loads(line)["step"] == row["step"] for line in lines))
 
-    cfg = small_config(run_name="heldout", heldout_fraction=0.25, eval_every=4, max_steps=12, checkpoint_every=12)
+    cfg = small_config(run_name="heldout", zero_stage=3, precision="bf16", heldout_fraction=0.2, eval_every=4,
+                       max_steps=12, checkpoint_every=12)
     summary = train(cfg, pairs, model, out, on_step=on_step)
     assert in_file_when_reported == [True] * 12
+    assert summary["precision"] == "bf16" and summary["steps"] == 12
+    assert math.isfinite(summary["final_metrics"]["loss"]) and summary["final_metrics"]["lora_rank_spread"] == 0.0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = {r["step"]: r for r in rows if "eval/loss" in r}
-    assert sorted(evals) == [4, 8, 12] and summary["heldout_pairs"] == 4
-    assert all(r["eval/pairs"] == 4 and 0 <= r["eval/rewards/accuracies"] <= 1 for r in evals.values())
+    assert sorted(evals) == [4, 8, 12] and summary["heldout_pairs"] == 3
+    assert all(r["eval/pairs"] == 3 and 0 <= r["eval/rewards/accuracies"] <= 1 for r in evals.values())
     best_step = min(evals, key=lambda k: evals[k]["eval/loss"])
     assert summary["best"]["step"] == best_step
     assert summary["best"]["eval/loss"] == pytest.approx(evals[best_step]["eval/loss"])
     CogVideoXPipeline.from_pretrained(model).load_lora_weights(out / "best")
-
-
-@pytest.mark.ray
-def test_heldout_evaluation_under_zero3_with_uneven_shards(ray_cluster, workspace):
-    """3 held-out pairs on 2 ZeRO-3 ranks: rank 1 repeats a pair with weight 0, so both run the same forwards."""
-    root, model, pairs = workspace
-    cfg = small_config(run_name="zero3-eval", zero_stage=3, heldout_fraction=0.2, eval_every=2, max_steps=2,
-                       checkpoint_every=2)
-    summary = train(cfg, pairs, model, root / "zero3-eval")
-    assert summary["final_metrics"]["eval/pairs"] == 3 and summary["best"]["step"] == 2
-    assert (root / "zero3-eval" / "best" / LORA_WEIGHTS_NAME).is_file()
 
 
 @pytest.mark.ray
@@ -275,15 +271,6 @@ def test_resuming_on_pairs_from_another_latent_space_is_refused(finished_run, wo
     other_pairs = write_pairs_for(other, tmp_path / "other-pairs", synthetic_pairs(16))
     with pytest.raises(ConfigError, match=r"run 'straight'.*scaling_factor 0.5 \(pairs\) vs 1.15"):
         train(small_config(run_name="straight"), other_pairs, other, root / "straight")
-
-
-@pytest.mark.ray
-def test_bf16_run_on_cpu_with_fp32_gradient_accumulation(ray_cluster, workspace):
-    root, model, pairs = workspace
-    cfg = small_config(run_name="bf16", precision="bf16", max_steps=2, checkpoint_every=2, batch_size=4)
-    summary = train(cfg, pairs, model, root / "bf16")
-    assert summary["precision"] == "bf16" and summary["steps"] == 2
-    assert math.isfinite(summary["final_metrics"]["loss"]) and summary["final_metrics"]["lora_rank_spread"] == 0.0
 
 
 @pytest.mark.ray
