@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import av
 import numpy as np
@@ -144,13 +145,15 @@ def test_cache_reports_missing_clip(tmp_path, clips):
 
 @pytest.mark.ray
 def test_train_command_end_to_end_image_to_video_with_a_beta_list(ray_cluster, tmp_path, clips, capsys):
-    """cache -> train on an image-to-video model (condition latent concatenated on channels), with validation,
-    for a list of betas: one training per value, each validated and exported in its own folder. (One launch
-    per value is the least a list can cost: a Ray Train launch takes about 30 s on 2 cores.)"""
+    """cache -> train on a CogVideoX 1.5 image-to-video model (the condition latent concatenated on channels and
+    scaled by 1 / scaling_factor, 3 latent frames padded to 4, ofs), with validation, for a list of betas: one
+    training per value, each validated and exported in its own folder. (One launch per value is the least a
+    list can cost: a Ray Train launch takes about 30 s on 2 cores. CogVideoX 1.0's image-to-video model is
+    trained by `vgpa demo --tiny`, test_mine_demo.py.)"""
     from diffusers import CogVideoXImageToVideoPipeline
     from PIL import Image
 
-    model = tiny.save_tiny_cogvideox(tmp_path / "model", i2v=True)
+    model = tiny.save_tiny_cogvideox(tmp_path / "model", i2v=True, version="1.5")
     main(["cache", "--videos", str(clips), "--model", str(model), "--output", str(tmp_path / "pairs")])
     Image.fromarray(np.full((tiny.HEIGHT, tiny.WIDTH, 3), 128, np.uint8)).save(tmp_path / "first.png")
     (tmp_path / "cfg.yaml").write_text(
@@ -171,6 +174,11 @@ def test_train_command_end_to_end_image_to_video_with_a_beta_list(ray_cluster, t
         summary = json.loads((run / "train_summary.json").read_text())
         assert summary["run_name"] == f"cli-beta{beta}" and summary["config"]["beta"] == float(beta)
         assert summary["steps"] == 3 and summary["config"]["lora_rank"] == 4
+        assert load_pairs_index(summary["pairs"]).summary["latent_space"]["family"] == "cogvideox-1.5"
+        steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [s["step"] for s in steps] == [1, 2, 3]
+        assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # a fresh LoRA: policy == reference
+        assert all(math.isfinite(s["loss"]) and s["grad_norm"] > 0 for s in steps)
         # Validation at step 3: one fixed-seed video, saved and scored (random weights: unscorable is an answer).
         assert (run / "validation" / "step_00000003" / "00.mp4").is_file()
         scores = json.loads((run / "validation" / "step_00000003" / "scores.json").read_text())
