@@ -2,6 +2,11 @@
 
 Pixel convention, defined once: decoded frames are uint8 RGB (N, H, W, 3); scoring works on
 float32 in [0, 1] made by `to_float` (x / 255). No range is ever guessed from the data.
+
+Frames are returned as a player shows them (`Display`): upright (a video's display rotation, an
+image's EXIF orientation) and with square pixels (a video's sample aspect ratio). The scorer's
+cameras are pinholes with one focal length: a frame of non-square pixels has none, and its video
+would be judged less consistent than it is.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import struct
 import zipfile
 import zlib
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Iterable, Sequence, Union
 
@@ -53,7 +59,7 @@ class DecodedVideo:
     frames: Tensor  # (N, H, W, 3) uint8 RGB, only the frames that were asked for
     indices: list[int]  # index of each kept frame in the whole video
     total_frames: int  # frames in the whole video
-    source_size: tuple[int, int]  # (height, width) before resizing
+    source_size: tuple[int, int]  # (height, width) as shown (`Display`), before resizing
     fps: float | None = None
 
 
@@ -262,6 +268,55 @@ def inpainted(frames: Tensor, mask: Tensor, radius: int = 3) -> Tensor:
     return torch.from_numpy(np.stack([cv2.inpaint(f, hole, radius, cv2.INPAINT_TELEA) for f in frames.numpy()]))
 
 
+#: Sample aspect ratios (pixel width / height) taken as a picture's: anamorphic formats use 8:9 to
+#: 2:1. Beyond these the number is damaged metadata, and honouring it would stretch the frame absurdly.
+SAR_RANGE = (Fraction(1, 4), Fraction(4))
+#: EXIF orientation tag (1-8) -> (quarter turns counter-clockwise, mirrored first): the picture PIL's
+#: ImageOps.exif_transpose shows.
+_EXIF_ORIENTATIONS = {1: (0, False), 2: (0, True), 3: (2, False), 4: (2, True), 5: (1, True), 6: (3, False),
+                      7: (3, True), 8: (1, False)}
+
+
+@dataclass(frozen=True)
+class Display:
+    """How stored pixels are shown: mirrored left-right first (`mirror`), then turned counter-clockwise
+    by `quarter_turns` x 90 degrees, with pixels `sar` times as wide as they are high."""
+
+    quarter_turns: int = 0
+    mirror: bool = False
+    sar: Fraction = Fraction(1)
+
+    @classmethod
+    def of_exif(cls, orientation: int | None) -> "Display":
+        turns, mirror = _EXIF_ORIENTATIONS.get(orientation or 1, (0, False))  # a tag out of 1-8 says nothing
+        return cls(turns, mirror)
+
+    @classmethod
+    def of_video(cls, rotation_deg: float | None, sar: Fraction | None, what: str) -> "Display":
+        """From PyAV: `VideoFrame.rotation` (degrees counter-clockwise) and the codec's sample aspect ratio
+        (None or 0 where unknown: square). A rotation off the quarter turns is left alone, as ffmpeg does."""
+        turns = round((rotation_deg or 0) / 90)
+        if abs((rotation_deg or 0) - 90 * turns) > 1:
+            turns = 0
+        sar = Fraction(sar) if sar else Fraction(1)
+        if not SAR_RANGE[0] <= sar <= SAR_RANGE[1]:
+            raise CorruptVideoError(f"{what}: sample aspect ratio {sar.numerator}:{sar.denominator} is not a "
+                                    f"picture's (from 1:4 to 4:1)")
+        return cls(turns % 4, False, sar)
+
+    def size(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) shown for stored (height, width)."""
+        width = max(1, round(width * self.sar))
+        return (width, height) if self.quarter_turns % 2 else (height, width)
+
+    def show(self, image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        """A stored (h, w, 3) image as shown, resized to `size` (height, width, as shown)."""
+        image = _resize(image, (size[1], size[0]) if self.quarter_turns % 2 else size)  # resized while still stored
+        if self.mirror:
+            image = image[:, ::-1]
+        return np.ascontiguousarray(np.rot90(image, self.quarter_turns)) if self.quarter_turns or self.mirror else image
+
+
 def resized_size(height: int, width: int, max_side: int) -> tuple[int, int]:
     """(h, w) with the long side at most max_side, aspect kept, both even (video codecs like even sizes)."""
     scale = min(1.0, max_side / max(height, width))
@@ -373,38 +428,55 @@ def _from_images(names, read, what, wanted, *, max_side, max_input_side, max_inp
     for i in indices:
         check_deadline()
         data = read(names[i])
-        header_size = _image_header_size(data, f"{what}: image {names[i]}")
+        stored_size, display = _image_header(data, f"{what}: image {names[i]}")
+        _check_size(*stored_size, what, max_input_side)
+        shown_size = display.size(*stored_size)
         if source_size is None:
-            source_size = header_size
-            _check_size(*source_size, what, max_input_side)
+            source_size = shown_size
             size = resized_size(*source_size, max_side)
-        elif header_size != source_size:
+        elif shown_size != source_size:
             raise NotAVideoError(
-                f"{what}: image {names[i]} is {header_size[1]}x{header_size[0]}, "
+                f"{what}: image {names[i]} is {shown_size[1]}x{shown_size[0]}, "
                 f"the first is {source_size[1]}x{source_size[0]}; all frames must share one size"
             )
         try:
-            image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-            if image is None or image.shape[:2] != source_size:
+            # Decoded as stored, then turned as its EXIF tag says (`Display`): the same for every format.
+            image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+            if image is None or image.shape[:2] != stored_size:
                 raise CorruptVideoError(f"{what}: cannot read image {names[i]}")
-            kept.append(torch.from_numpy(_resize(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), size)))
+            kept.append(torch.from_numpy(display.show(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), size)))
         except cv2.error:
             raise CorruptVideoError(f"{what}: cannot decode image {names[i]}") from None
     return DecodedVideo(torch.stack(kept), indices, len(names), source_size)
 
 
-def _image_header_size(data: bytes, what: str) -> tuple[int, int]:
-    """(height, width) from an image's header; nothing is decoded (PIL opens lazily)."""
+def _image_header(data: bytes, what: str) -> tuple[tuple[int, int], Display]:
+    """(height, width) as stored and the EXIF orientation, from an image's header; nothing is decoded
+    (PIL opens lazily)."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
+            orientation = _exif_orientation(image)
     except Image.DecompressionBombError:  # PIL's own limit (about 179 Mpx) is far above ours
         raise InputTooLargeError(f"{what}: resolution over the limit") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, struct.error):
         raise CorruptVideoError(f"{what} cannot be read as an image") from None
     if width < 1 or height < 1:
         raise CorruptVideoError(f"{what} has no pixels")
-    return height, width
+    return (height, width), Display.of_exif(orientation)
+
+
+def _exif_orientation(image: Image.Image) -> int | None:
+    """The EXIF Orientation tag of an opened image, from what its header held. A PNG whose eXIf chunk
+    comes after the pixels has none here: PIL's getexif would decode the whole image to find it. A
+    damaged EXIF block says nothing (the pixels may still be fine)."""
+    if image.format == "PNG" and "exif" not in image.info:
+        return None
+    try:
+        orientation = image.getexif().get(0x0112)
+    except Exception:  # noqa: BLE001 - any parser failure in metadata leaves the picture as stored
+        return None
+    return orientation if isinstance(orientation, int) else None
 
 
 def _read_image_file(path: Path, max_bytes: int) -> bytes:
@@ -556,6 +628,7 @@ def _from_video_file(path: Path, kind: str, wanted, *, max_side, max_input_side,
 
 def _decode(path: Path, kind: str, keep: set[int], *, max_side: int, max_input_side: int):
     frames, indices, total, size, source_size = [], [], 0, None, (0, 0)
+    stored_size, display = None, Display()
     with _open(path, kind) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
@@ -567,12 +640,14 @@ def _decode(path: Path, kind: str, keep: set[int], *, max_side: int, max_input_s
                 _check_size(frame.height, frame.width, path.name, max_input_side)
                 if total in keep:
                     image = frame.to_ndarray(format="rgb24")
-                    if size is None:
-                        source_size = image.shape[:2]
+                    if stored_size is None:  # the first frame's display geometry holds for the video
+                        stored_size = image.shape[:2]
+                        display = Display.of_video(frame.rotation, stream.codec_context.sample_aspect_ratio, path.name)
+                        source_size = display.size(*stored_size)
                         size = resized_size(*source_size, max_side)
-                    elif image.shape[:2] != source_size:
+                    elif image.shape[:2] != stored_size:
                         raise CorruptVideoError(f"{path.name}: the frame size changes within the video")
-                    frames.append(torch.from_numpy(_resize(image, size)))
+                    frames.append(torch.from_numpy(display.show(image, size)))
                     indices.append(total)
                 total += 1
         except (av.error.FFmpegError, ValueError, cv2.error) as err:

@@ -339,3 +339,108 @@ def test_deadline_scope_stops_decoding(tmp_path):
     with deadline_scope(0.0), pytest.raises(DeadlineExceededError):  # long past
         load_video(video)
     assert load_video(video).total_frames == 20  # outside any scope: no deadline
+
+
+# ---- frames as a player shows them: EXIF orientation, display rotation, sample aspect ratio ----------
+
+
+def write_displayed_video(path, frames, *, sar=None, rotation=None) -> str:
+    """H.264 frames (N, H, W, 3) with a sample aspect ratio (pixel width / height) and a display rotation
+    (degrees counter-clockwise, as `VideoFrame.rotation` reads it back) in the stream."""
+    from fractions import Fraction
+
+    array = torch.as_tensor(frames).numpy()
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = array.shape[2], array.shape[1], "yuv420p"
+        stream.options = {"crf": "18", "preset": "veryfast", "x264-params": "no-mbtree=1"}  # as write_video: repeatable
+        if sar is not None:
+            stream.codec_context.sample_aspect_ratio = Fraction(sar)
+        if rotation is not None:
+            stream.set_display_rotation(rotation)
+        for image in array:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return str(path)
+
+
+def _marked(n=3, h=32, w=64):
+    """Frames black but for a white 8x8 block in the stored top-left corner."""
+    frames = np.zeros((n, h, w, 3), np.uint8)
+    frames[:, :8, :8] = 255
+    return frames
+
+
+def _white_centre(frame) -> tuple[float, float]:
+    ys, xs = np.nonzero(torch.as_tensor(frame).numpy().mean(-1) > 128)
+    return float(ys.mean()), float(xs.mean())
+
+
+@pytest.mark.parametrize("container", ["folder", "zip"])
+def test_images_are_shown_as_their_exif_orientation_says(tmp_path, container):
+    """Phone photos are stored landscape with an orientation tag: every one of the eight tags gives the
+    picture PIL's ImageOps.exif_transpose shows, and a capture mixing tagged and turned images of one
+    shown size is one video. (Before, cv2 turned the pixels and the header's size did not: "cannot read".)"""
+    from PIL import Image, ImageOps
+
+    stored = _frames(1, 30, 50)[0].numpy()
+    for orientation in range(1, 9):
+        folder = tmp_path / f"{container}-{orientation}"
+        folder.mkdir()
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        for i in range(2):
+            Image.fromarray(stored).save(folder / f"{i}.jpg" if orientation == 6 else folder / f"{i}.png",
+                                         exif=exif.tobytes(), **({"quality": 100} if orientation == 6 else {}))
+        first = next(iter(sorted(folder.iterdir())))
+        expected = np.asarray(ImageOps.exif_transpose(Image.open(first)).convert("RGB"))
+        source = folder
+        if container == "zip":
+            source = tmp_path / f"{orientation}.zip"
+            with zipfile.ZipFile(source, "w") as archive:
+                for f in sorted(folder.iterdir()):
+                    archive.write(f, f.name)
+        video = load_video(source, max_side=1000)
+        assert video.source_size == expected.shape[:2] and tuple(video.frames.shape[1:3]) == expected.shape[:2]
+        assert np.array_equal(video.frames[0].numpy(), expected), orientation
+    # A tagged portrait photo beside one stored upright: the same shown size, one video.
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turn 90 degrees clockwise to show
+    Image.fromarray(stored).save(mixed / "0.png", exif=exif.tobytes())
+    Image.fromarray(np.ascontiguousarray(np.rot90(stored, -1))).save(mixed / "1.png")
+    video = load_video(mixed, max_side=1000)
+    assert video.source_size == (50, 30) and torch.equal(video.frames[0], video.frames[1])
+
+
+def test_a_rotated_video_is_shown_upright(tmp_path):
+    """A phone held upright records landscape pixels and a display rotation of -90 degrees (turn 90
+    degrees clockwise to show, ffmpeg's autorotate): frames come portrait, the stored top-left corner
+    at the top right. A rotation that is no quarter turn is left alone, as ffmpeg leaves it."""
+    portrait = load_video(write_displayed_video(tmp_path / "portrait.mp4", _marked(), rotation=-90))
+    assert portrait.source_size == (64, 32) and tuple(portrait.frames.shape[1:3]) == (64, 32)
+    y, x = _white_centre(portrait.frames[0])
+    assert y < 8 and x > 32 - 8
+    upside_down = load_video(write_displayed_video(tmp_path / "180.mp4", _marked(), rotation=180))
+    y, x = _white_centre(upside_down.frames[0])
+    assert upside_down.source_size == (32, 64) and y > 32 - 8 and x > 64 - 8
+    tilted = load_video(write_displayed_video(tmp_path / "45.mp4", _marked(), rotation=45))
+    assert tilted.source_size == (32, 64) and _white_centre(tilted.frames[0])[1] < 8
+
+
+def test_anamorphic_video_is_shown_with_square_pixels(tmp_path):
+    """Pixels 3/2 as wide as high (sample aspect ratio 3:2) are shown 1.5x as wide, as players show them;
+    within the size limit too. A ratio no picture has is damaged metadata: a clear error, not a frame
+    stretched 16 times."""
+    video = load_video(write_displayed_video(tmp_path / "sar.mp4", _marked(w=48), sar="3/2"))
+    assert video.source_size == (32, 72) and tuple(video.frames.shape[1:3]) == (32, 72)
+    assert _white_centre(video.frames[0])[1] == pytest.approx(5.5, abs=1.5)  # the 8 px block, now 12 px wide
+    small = load_video(tmp_path / "sar.mp4", max_side=36)
+    assert small.source_size == (32, 72) and tuple(small.frames.shape[1:3]) == (16, 36)
+    narrow = load_video(write_displayed_video(tmp_path / "narrow.mp4", _marked(w=48), sar="8/9"))
+    assert narrow.source_size == (32, 43)
+    with pytest.raises(CorruptVideoError, match="sample aspect ratio 16:1 is not a picture's"):
+        load_video(write_displayed_video(tmp_path / "absurd.mp4", _marked(w=48), sar="16"))
