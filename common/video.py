@@ -295,8 +295,9 @@ class Display:
     def of_video(cls, rotation_deg: float | None, sar: Fraction | None, what: str) -> "Display":
         """From PyAV: `VideoFrame.rotation` (degrees counter-clockwise) and the codec's sample aspect ratio
         (None or 0 where unknown: square). A rotation off the quarter turns is left alone, as ffmpeg does."""
-        turns = round((rotation_deg or 0) / 90)
-        if abs((rotation_deg or 0) - 90 * turns) > 1:
+        rotation_deg = rotation_deg or 0
+        turns = round(rotation_deg / 90)
+        if abs(rotation_deg - 90 * turns) > 1:
             turns = 0
         sar = Fraction(sar) if sar else Fraction(1)
         if not SAR_RANGE[0] <= sar <= SAR_RANGE[1]:
@@ -628,7 +629,7 @@ def _from_video_file(path: Path, kind: str, wanted, *, max_side, max_input_side,
 
 def _decode(path: Path, kind: str, keep: set[int], *, max_side: int, max_input_side: int):
     frames, indices, total, size, source_size = [], [], 0, None, (0, 0)
-    stored_size, display = None, Display()
+    stored_size, display = None, None
     with _open(path, kind) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
@@ -659,11 +660,20 @@ def _decode(path: Path, kind: str, keep: set[int], *, max_side: int, max_input_s
     return frames, indices, total, source_size, fps
 
 
-def write_video(path: str | Path, frames: Tensor | np.ndarray, fps: float = 8.0, *, lossless: bool = False) -> Path:
+def write_video(
+    path: str | Path,
+    frames: Tensor | np.ndarray,
+    fps: float = 8.0,
+    *,
+    lossless: bool = False,
+    sample_aspect_ratio: Fraction | str | None = None,
+    display_rotation: float | None = None,
+) -> Path:
     """Write uint8 RGB frames (N, H, W, 3) as H.264 (yuv420p), or FFV1 (bit-exact) with lossless=True.
 
     H.264 needs even sizes; frames are cropped by one pixel where needed. The same frames always
-    give the same file.
+    give the same file. `sample_aspect_ratio` (pixel width / height) and `display_rotation` (degrees
+    counter-clockwise) are written for players, and read back by `load_video` (`Display`).
     """
     path = Path(path)
     array = torch.as_tensor(frames).numpy() if not isinstance(frames, np.ndarray) else frames
@@ -680,6 +690,10 @@ def write_video(path: str | Path, frames: Tensor | np.ndarray, fps: float = 8.0,
             # write to the next at most widths (406 or 400 px wide: every time; 384: never),
             # so a corrupted copy, a sample or a benchmark set written twice scored differently.
             stream.options = {"crf": "18", "preset": "veryfast", "x264-params": "no-mbtree=1"}
+        if sample_aspect_ratio is not None:
+            stream.codec_context.sample_aspect_ratio = Fraction(sample_aspect_ratio)
+        if display_rotation is not None:
+            stream.set_display_rotation(display_rotation)
         for image in array:
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image[:height, :width]), format="rgb24")
             for packet in stream.encode(frame):

@@ -554,13 +554,13 @@ def test_an_anamorphic_video_scores_as_its_square_pixel_original(tmp_path):
     validity benchmark's backpack clip 0.333 against 0.201, worse than its 6 px drift's 0.268."""
     import cv2
 
-    from tests.common.test_video import write_displayed_video
+    from common.video import write_video
 
     frames = render_video("boxes", "orbit", frames=24, size=SIZE).frames.numpy()
     squeezed = np.stack([cv2.resize(f, (SIZE[1] * 2 // 3, SIZE[0]), interpolation=cv2.INTER_AREA) for f in frames])
-    square = score_video(write_displayed_video(tmp_path / "square.mp4", frames), CONFIG)
-    anamorphic = score_video(write_displayed_video(tmp_path / "anamorphic.mp4", squeezed, sar="3/2"), CONFIG)
-    as_stored = score_video(write_displayed_video(tmp_path / "as-stored.mp4", squeezed), CONFIG)
+    square = score_video(write_video(tmp_path / "square.mp4", frames), CONFIG)
+    anamorphic = score_video(write_video(tmp_path / "anamorphic.mp4", squeezed, sample_aspect_ratio="3/2"), CONFIG)
+    as_stored = score_video(write_video(tmp_path / "as-stored.mp4", squeezed), CONFIG)
     assert square.status == anamorphic.status == as_stored.status == "ok"
     assert tuple(anamorphic.size) == SIZE and tuple(as_stored.size) == (SIZE[0], SIZE[1] * 2 // 3)
     assert abs(anamorphic.score / square.score - 1) < 0.08, (square.score, anamorphic.score)

@@ -344,28 +344,6 @@ def test_deadline_scope_stops_decoding(tmp_path):
 # ---- frames as a player shows them: EXIF orientation, display rotation, sample aspect ratio ----------
 
 
-def write_displayed_video(path, frames, *, sar=None, rotation=None) -> str:
-    """H.264 frames (N, H, W, 3) with a sample aspect ratio (pixel width / height) and a display rotation
-    (degrees counter-clockwise, as `VideoFrame.rotation` reads it back) in the stream."""
-    from fractions import Fraction
-
-    array = torch.as_tensor(frames).numpy()
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=8)
-        stream.width, stream.height, stream.pix_fmt = array.shape[2], array.shape[1], "yuv420p"
-        stream.options = {"crf": "18", "preset": "veryfast", "x264-params": "no-mbtree=1"}  # as write_video: repeatable
-        if sar is not None:
-            stream.codec_context.sample_aspect_ratio = Fraction(sar)
-        if rotation is not None:
-            stream.set_display_rotation(rotation)
-        for image in array:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return str(path)
-
-
 def _marked(n=3, h=32, w=64):
     """Frames black but for a white 8x8 block in the stored top-left corner."""
     frames = np.zeros((n, h, w, 3), np.uint8)
@@ -420,14 +398,14 @@ def test_a_rotated_video_is_shown_upright(tmp_path):
     """A phone held upright records landscape pixels and a display rotation of -90 degrees (turn 90
     degrees clockwise to show, ffmpeg's autorotate): frames come portrait, the stored top-left corner
     at the top right. A rotation that is no quarter turn is left alone, as ffmpeg leaves it."""
-    portrait = load_video(write_displayed_video(tmp_path / "portrait.mp4", _marked(), rotation=-90))
+    portrait = load_video(write_video(tmp_path / "portrait.mp4", _marked(), display_rotation=-90))
     assert portrait.source_size == (64, 32) and tuple(portrait.frames.shape[1:3]) == (64, 32)
     y, x = _white_centre(portrait.frames[0])
     assert y < 8 and x > 32 - 8
-    upside_down = load_video(write_displayed_video(tmp_path / "180.mp4", _marked(), rotation=180))
+    upside_down = load_video(write_video(tmp_path / "180.mp4", _marked(), display_rotation=180))
     y, x = _white_centre(upside_down.frames[0])
     assert upside_down.source_size == (32, 64) and y > 32 - 8 and x > 64 - 8
-    tilted = load_video(write_displayed_video(tmp_path / "45.mp4", _marked(), rotation=45))
+    tilted = load_video(write_video(tmp_path / "45.mp4", _marked(), display_rotation=45))
     assert tilted.source_size == (32, 64) and _white_centre(tilted.frames[0])[1] < 8
 
 
@@ -435,12 +413,12 @@ def test_anamorphic_video_is_shown_with_square_pixels(tmp_path):
     """Pixels 3/2 as wide as high (sample aspect ratio 3:2) are shown 1.5x as wide, as players show them;
     within the size limit too. A ratio no picture has is damaged metadata: a clear error, not a frame
     stretched 16 times."""
-    video = load_video(write_displayed_video(tmp_path / "sar.mp4", _marked(w=48), sar="3/2"))
+    video = load_video(write_video(tmp_path / "sar.mp4", _marked(w=48), sample_aspect_ratio="3/2"))
     assert video.source_size == (32, 72) and tuple(video.frames.shape[1:3]) == (32, 72)
     assert _white_centre(video.frames[0])[1] == pytest.approx(5.5, abs=1.5)  # the 8 px block, now 12 px wide
     small = load_video(tmp_path / "sar.mp4", max_side=36)
     assert small.source_size == (32, 72) and tuple(small.frames.shape[1:3]) == (16, 36)
-    narrow = load_video(write_displayed_video(tmp_path / "narrow.mp4", _marked(w=48), sar="8/9"))
+    narrow = load_video(write_video(tmp_path / "narrow.mp4", _marked(w=48), sample_aspect_ratio="8/9"))
     assert narrow.source_size == (32, 43)
     with pytest.raises(CorruptVideoError, match="sample aspect ratio 16:1 is not a picture's"):
-        load_video(write_displayed_video(tmp_path / "absurd.mp4", _marked(w=48), sar="16"))
+        load_video(write_video(tmp_path / "absurd.mp4", _marked(w=48), sample_aspect_ratio="16"))
