@@ -2,8 +2,8 @@
 
 Builds corrupted sets from real captures (../shared/data/real: statue, kitchen, each also as 8
 evenly spaced frames), real videos with moving subjects (../shared/data/real-dynamic: bear,
-backpack) and the synthetic renderer (orbit, dolly, a slow generated-style camera at 480x720 with
-no, two and six moving objects). Each clean video gets five corruptions: smooth per-frame jitter-warps
+backpack) and the synthetic renderer (orbit, dolly; at 480x720, a slow generated-style camera with
+no, two and six moving objects, and a tripod pan with two: no parallax at all). Each clean video gets five corruptions: smooth per-frame jitter-warps
 of 3 and 8 px, progressive drift to 6 and 16 px, and a deforming region (a growing bulge on real
 footage, a growing object in the renderer). Every video is written as an H.264 file and scored
 from that file, by the project's default scorer and, in the same run, by the baseline: SIFT
@@ -169,6 +169,7 @@ def video_sets() -> list[VideoSet]:
         "syn-slow": ("boxes", "slow", 49, (480, 720)),
         "syn-slow-movers": ("boxes", "slow", 49, (480, 720), 2),
         "syn-slow-crowd": ("boxes", "slow", 49, (480, 720), 6),  # six movers, about 6% of the pixels
+        "syn-pan": ("boxes", "pan", 49, (480, 720), 2),  # a tripod pan with two movers: no parallax at all
     }.items():
         clean, deform, still = _rendered(*args)
         sets.append(VideoSet(name, clean, deform, fps=16.0, still=still))

@@ -122,7 +122,7 @@ class ScoreConfig(BaseModel):
     def metric_id(self, backend: str, perceptual_metric: str) -> str:
         """Everything that changes a score's scale. Scores with different ids are not comparable.
 
-        backend: the geometry backend's `score_id` (its name and revision, `colmap-flow.r9`).
+        backend: the geometry backend's `score_id` (its name and revision, `colmap-flow.r10`).
         """
         lam = f"{self.lambda_:g}"
         excl = "" if self.exclude_self else "+self"

@@ -16,7 +16,8 @@ Geometric corruptions make videos with no valid 3D interpretation:
 
 Scenes may hold moving objects (`movers=`): rigid boxes that slide across the scene while the
 camera moves, like the animals, people and vehicles of real generated videos. The "slow"
-trajectory is a generated-style camera: a slow, slightly curved pan-and-push over the clip.
+trajectory is a generated-style camera: a slow, slightly curved pan-and-push over the clip; "pan"
+turns the camera in place (a tripod pan: no parallax at all).
 
 World frame: y points down (like the image rows), so "up" is -y; the ground is at y = +1.
 """
@@ -38,7 +39,7 @@ from torch import Tensor
 from common.camera import intrinsics_from_fov, look_at
 
 SceneKind = Literal["boxes", "room"]
-Trajectory = Literal["orbit", "dolly", "truck", "slow", "static"]
+Trajectory = Literal["orbit", "dolly", "truck", "slow", "pan", "static"]
 Corruption = Literal["warp", "drift", "deform"]
 ImageCorruption = Literal["warp", "drift", "bulge"]
 
@@ -149,10 +150,18 @@ def camera_path(scene: Scene, trajectory: Trajectory, frames: int, amount: float
             side = torch.tensor([0.45 * s, 0.04 * math.sin(math.pi * (s + 0.5)), 0.0], dtype=torch.float64)
             eye = eye0 + direction * (s + 0.5) * 0.5 + side
             poses.append(look_at(eye, target + side * 0.5))
+        elif trajectory == "pan":  # a tripod pan: the camera turns 16 degrees in place, tilting a little
+            yaw, tilt = math.radians(16.0) * s, math.radians(2.0) * math.sin(math.pi * s)
+            forward = target - eye0
+            turned = torch.tensor(
+                [forward[0] * math.cos(yaw) + forward[2] * math.sin(yaw), forward[1] + tilt * forward.norm(),
+                 -forward[0] * math.sin(yaw) + forward[2] * math.cos(yaw)], dtype=torch.float64
+            )
+            poses.append(look_at(eye0, eye0 + turned))
         elif trajectory == "static":
             poses.append(look_at(eye0, target))
         else:
-            raise ValueError(f"unknown trajectory {trajectory!r} (orbit, dolly, truck, slow, static)")
+            raise ValueError(f"unknown trajectory {trajectory!r} (orbit, dolly, truck, slow, pan, static)")
     return torch.stack(poses)
 
 

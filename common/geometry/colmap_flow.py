@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import cv2  # must be imported before pycolmap: both bundle libpng, and the other order crashes cv2.imwrite
 import numpy as np
@@ -46,6 +46,7 @@ from torch import Tensor
 
 from common.camera import camera_centers, rescale_intrinsics, rotation_angle
 from common.geometry.base import GeometryBackend, ReconstructionFailed, SceneGeometry
+from common.geometry.turning import PairFlow, TurningFit, fit_turning, transfer
 from common.parallel import OnceCache, cpu_workers, ordered_map
 from common.video import evenly_filled, uniform_indices
 
@@ -103,6 +104,9 @@ SPARSE = SfmSettings(max_side=600, first_octave=-1, max_features=2048, exhaustiv
 # kitchen capture 0.49-0.73 and the 8-frame statue 0.37-0.62: there the test would only take
 # corruption and flow noise for movers (kitchen's 8 px jitter scored better than the clean capture).
 _MIN_FIT_POINTS, _MAX_FIT_POINTS, _FIT_RANSAC_PX, _MIN_FIT_FRACTION, _MIN_INLIER_RATIO = 50, 1000, 0.5, 0.1, 0.7
+# The fundamental matrix a turning camera's fit is compared with (`ColmapFlowBackend._turning`):
+# RANSAC's tolerance, px at flow scale.
+_TURNING_FIT_PX = 1.0
 
 
 @dataclass
@@ -186,7 +190,9 @@ class ColmapFlowBackend(GeometryBackend):
     #    clip, not their union with 16 evenly spaced ones: 22).
     # 8: optical flow between brightness-matched frames (`match_brightness`); the SfM pass's
     #    motion masks use that flow too.
-    revision = 9
+    # 10: a camera that turns in place (no parallax, no SfM cameras) is fitted from the flow and
+    #     scored (`common.geometry.turning`); such videos were unscorable.
+    revision = 10
     # The revision of `cameras` alone (the hybrid backend's part of its metric_id): 4 changed the
     # depth only, 5, 6, 7, 8 and 9 the cameras.
     cameras_revision = 9
@@ -214,7 +220,13 @@ class ColmapFlowBackend(GeometryBackend):
         sweep_min_ncc: float = 0.6,
         sweep_check_px: float = 3.0,
         match_brightness: bool = True,
+        turning: bool = True,
+        turning_floor_px: float = 0.5,
+        turning_ratio: float = 3.0,
     ) -> None:
+        self.turning = turning
+        self.turning_floor_px = turning_floor_px
+        self.turning_ratio = turning_ratio
         self.match_brightness = match_brightness
         self.sweep_check_px = sweep_check_px
         self.sweep_above_deg = sweep_above_deg
@@ -242,12 +254,27 @@ class ColmapFlowBackend(GeometryBackend):
         M, H, W, _ = frames.shape
         flows = self._flows(frames)
         start = time.perf_counter()
-        cameras = self.cameras(frames, scored, flows)
-        timings["sfm"] = time.perf_counter() - start
+        turning: dict[str, Optional[TurningFit]] = {}
+
+        def turns_in_place() -> bool:  # asked when SfM found no camera; fitted once
+            if "fit" not in turning:
+                started = time.perf_counter()
+                turning["fit"] = self._turning(flows, scored) if self.turning else None
+                timings["turning"] = time.perf_counter() - started
+            fit = turning["fit"]
+            return fit is not None and fit.explains(self._turning_floor(flows), self.turning_ratio)
+
+        cameras = self.cameras(frames, scored, flows, instead_of_second_pass=turns_in_place)
+        timings["sfm"] = time.perf_counter() - start - timings.get("turning", 0.0)
         timings.update(cameras.timings())
         K, world_to_cam, registered_set = cameras.K, cameras.poses, set(cameras.poses)
         if not registered_set:
-            raise ReconstructionFailed("structure-from-motion found no consistent cameras (static camera, no parallax or no texture?)")
+            if not turns_in_place():
+                raise ReconstructionFailed(
+                    "structure-from-motion found no consistent cameras, and a camera turning in place does not explain "
+                    "the flow either (static camera, no parallax or no texture?)"
+                )
+            return self._turning_geometry(flows, scored, turning["fit"], timings)
 
         start = time.perf_counter()
         sweeps = _Sweeps(flows, cameras, self.sweep_margin, self.sweep_min_ncc, self.sweep_check_px)
@@ -293,6 +320,76 @@ class ColmapFlowBackend(GeometryBackend):
             timings_s=timings,
         )
 
+    # --- a camera that turns in place ----------------------------------------------------------
+
+    def _turning(self, flows: "_Flows", scored: Sequence[int]) -> Optional[TurningFit]:
+        """The turning camera (`common.geometry.turning`) fitted to the flow between the scored
+        frames (None: no flow to fit); whether it explains the video is the caller's test.
+
+        The chain is the flow between consecutive scored frames; the pairs two and three apart pin
+        the focal. Each chain pair's epipolar miss under a fundamental matrix fitted to its flow
+        (no rigid-majority requirement: a corrupted pan fits it as badly as it fits the rotation)
+        is what the rotation's own miss is compared with.
+        """
+        tolerance = self.fb_tolerance * max(flows.size)
+        positions = sorted(scored)
+        pairs, fundamental_miss = [], {}
+        for stride in (1, 2, 3):
+            for i, j in zip(positions, positions[stride:]):
+                ends = _FlowEnds(flows.small(i, j), flows.small(j, i))
+                sample = ends.consistent(tolerance) & (flows.texture(i) >= self.min_texture)
+                if int(sample.sum()) < max(_MIN_FIT_POINTS, _MIN_FIT_FRACTION * sample.size):
+                    continue
+                source, target = ends.grid_sample(sample, _MAX_FIT_POINTS)
+                pairs.append(PairFlow(i, j, source, target))
+                if stride == 1:
+                    F, _ = cv2.findFundamentalMat(source, target, cv2.FM_RANSAC, _TURNING_FIT_PX, 0.999, 1000)
+                    if F is not None and F.shape == (3, 3):
+                        fundamental_miss[(i, j)] = float(np.nanmedian(ends.epipolar_miss(F)[sample]))
+        return fit_turning(pairs, positions, (flows.size[1], flows.size[0]), FocalRule.prior(flows.size), fundamental_miss)
+
+    def _turning_floor(self, flows: "_Flows") -> float:
+        """`turning_floor_px` (at 360 px) in pixels of the flow's frames."""
+        return self.turning_floor_px * max(flows.size) / 360
+
+    def _turning_geometry(self, flows: "_Flows", scored: Sequence[int], fit: TurningFit, timings: dict) -> SceneGeometry:
+        """Scene geometry of a turning camera: every pixel at depth 1 (any depth reprojects the same
+        with no translation), cameras that only turn, and moving things where the flow to both chain
+        neighbours misses the rotation's homography (the tests of `_moving`, with the transfer error
+        in place of the epipolar miss: with no parallax, motion in any direction shows)."""
+        T, H, W = len(scored), flows.height, flows.width
+        h, w = flows.size[1], flows.size[0]
+        K = rescale_intrinsics(torch.from_numpy(fit.K), (h, w), (H, W), pixel_centre=0.0)
+        chain = sorted(fit.rotations)
+        poses = torch.eye(4, dtype=torch.float64).repeat(T, 1, 1)
+        moving = torch.zeros(T, H, W, dtype=torch.bool)
+        registered = torch.zeros(T, dtype=torch.bool)
+        tolerance = self.moving_fb * self.fb_tolerance * max(flows.size)
+        for t, i in enumerate(scored):
+            if i not in fit.rotations:
+                continue
+            registered[t] = True
+            poses[t, :3, :3] = torch.from_numpy(fit.rotations[i])
+            k = chain.index(i)
+            misses = []
+            for j in chain[max(0, k - 1): k] + chain[k + 1: k + 2]:
+                ends = _FlowEnds(flows.small(i, j), flows.small(j, i))
+                predicted = transfer(fit.homography(i, j), np.stack([ends.u.ravel(), ends.v.ravel()], axis=1))
+                miss = np.hypot(ends.u2.ravel() - predicted[:, 0], ends.v2.ravel() - predicted[:, 1]).reshape(h, w)
+                miss = np.where(ends.consistent(tolerance), miss * (W / w), np.nan).astype(np.float32)
+                misses.append(cv2.resize(miss, (W, H), interpolation=cv2.INTER_NEAREST))
+            agreed = np.minimum.reduce([np.nan_to_num(m, nan=0.0) for m in misses]) if len(misses) > 1 else misses[0]
+            moving[t] = torch.from_numpy(self._moving(agreed, max(H, W)))
+        return SceneGeometry(
+            depth=registered.view(T, 1, 1).float().expand(T, H, W).clone(),
+            confidence=registered.view(T, 1, 1).float().expand(T, H, W).clone(),
+            K=K.expand(T, 3, 3).clone(),
+            world_to_cam=poses,
+            registered=registered,
+            moving=moving,
+            timings_s=timings,
+        )
+
     def _flows(self, frames: Tensor) -> "_Flows":
         """A new flow cache for `frames` (M, H, W, 3) uint8 with this backend's flow settings."""
         return _Flows(frames, self.flow_max_side, self.match_brightness)
@@ -330,7 +427,10 @@ class ColmapFlowBackend(GeometryBackend):
 
     # --- 1. cameras -----------------------------------------------------------------------------
 
-    def cameras(self, frames: Tensor, scored: Sequence[int], flows: Optional["_Flows"] = None) -> Cameras:
+    def cameras(
+        self, frames: Tensor, scored: Sequence[int], flows: Optional["_Flows"] = None,
+        instead_of_second_pass: Optional[Callable[[], bool]] = None,
+    ) -> Cameras:
         """SfM cameras of `frames` (M, H, W, 3) uint8, keyed by position in `frames`.
 
         One fast pass on `sfm_frames` of them (the scored ones among them). When it registers fewer
@@ -338,6 +438,9 @@ class ColmapFlowBackend(GeometryBackend):
         pass matched so that its cost stays bounded (`_second_pass`), and the better of the two.
         Things found moving before any camera exists (`_feature_masks`) get no SfM features.
         flows: the video's flow cache, shared with the depth stage (a new one when None).
+        instead_of_second_pass: asked when the fast pass registered none of the scored frames; when
+        it answers True the second pass is skipped (a camera turning in place explains the video:
+        `reconstruct`), and no cameras are returned.
         Also used by the hybrid backend (`common.geometry.hybrid`).
         """
         flows = flows or self._flows(frames)
@@ -351,7 +454,9 @@ class ColmapFlowBackend(GeometryBackend):
             cameras = fast.cameras(self.focal_rule)
             passes["fast"] = time.perf_counter() - start
             registered = sum(i in cameras.poses for i in scored)
-            if registered < self.min_registered * len(scored):
+            if registered == 0 and instead_of_second_pass is not None and instead_of_second_pass():
+                pass
+            elif registered < self.min_registered * len(scored):
                 start = time.perf_counter()
                 name, second = self._second_pass(fast, frames, scored, Path(tmp) / "dense", flows)
                 passes[name] = time.perf_counter() - start
@@ -456,16 +561,9 @@ class ColmapFlowBackend(GeometryBackend):
         """F (3, 3) with x_j^T F x_i = 0 fitted by RANSAC to the flow `ends` at the (h, w) bool
         `sample` pixels; None when they cover too little of the frame or too few of them agree
         with one rigid motion (`_MIN_INLIER_RATIO`)."""
-        count = int(sample.sum())
-        if count < max(_MIN_FIT_POINTS, _MIN_FIT_FRACTION * sample.size):
+        if int(sample.sum()) < max(_MIN_FIT_POINTS, _MIN_FIT_FRACTION * sample.size):
             return None
-        # A grid of at most about _MAX_FIT_POINTS samples: enough for RANSAC, and evenly spread.
-        step = max(1, int(math.sqrt(count / _MAX_FIT_POINTS)))
-        grid = np.zeros_like(sample)
-        grid[::step, ::step] = True
-        pick = sample & grid
-        source = np.stack([ends.u[pick], ends.v[pick]], axis=1)
-        target = np.stack([ends.u2[pick], ends.v2[pick]], axis=1)
+        source, target = ends.grid_sample(sample, _MAX_FIT_POINTS)
         if len(source) < _MIN_FIT_POINTS:
             return None
         # OpenCV's RANSAC draws from a generator of fixed seed: the same flow gives the same matrix.
@@ -838,6 +936,15 @@ class _FlowEnds:
         fb_x, fb_y = flow_ij[..., 0] + back[..., 0], flow_ij[..., 1] + back[..., 1]
         self.inside = (self.u2 >= 0) & (self.u2 <= W - 1) & (self.v2 >= 0) & (self.v2 <= H - 1)
         self.fb_squared = fb_x * fb_x + fb_y * fb_y
+
+    def grid_sample(self, sample: np.ndarray, max_points: int) -> tuple[np.ndarray, np.ndarray]:
+        """(N, 2) pixels of frame i and (N, 2) end points in frame j of the (H, W) bool `sample`
+        pixels on a grid: at most about `max_points`, evenly spread (enough for RANSAC)."""
+        step = max(1, int(math.sqrt(int(sample.sum()) / max_points)))
+        grid = np.zeros_like(sample)
+        grid[::step, ::step] = True
+        pick = sample & grid
+        return np.stack([self.u[pick], self.v[pick]], axis=1), np.stack([self.u2[pick], self.v2[pick]], axis=1)
 
     def consistent(self, tolerance_px: float) -> np.ndarray:
         """(H, W) bool: the flow back returns within `tolerance_px` and the end point is inside frame j."""

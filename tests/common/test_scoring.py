@@ -69,7 +69,7 @@ def test_result_carries_settings_and_is_json(clean_scores):
     for key in ("status", "reason", "score", "mse", "perceptual", "perceptual_metric", "metric_id", "coverage",
                 "motion", "fov_deg", "backend", "frames", "per_frame", "timings_s", "borders", "shot_cuts", "overlay_fraction"):
         assert key in data
-    assert data["metric_id"] == "colmap-flow.r9/align/lambda=1/T=10/side=240/pairwise@2/trim=0.25/gain/crop/overlay/posed=0.25"
+    assert data["metric_id"] == "colmap-flow.r10/align/lambda=1/T=10/side=240/pairwise@2/trim=0.25/gain/crop/overlay/posed=0.25"
     assert data["borders"] == [0, 0, 0, 0] and data["size"] == [180, 240]
     assert data["score"] == pytest.approx(data["mse"] + data["lambda"] * data["perceptual"])
     assert data["frame_indices"][0] == 0 and data["frame_indices"][-1] == 23

@@ -96,7 +96,7 @@ def test_local_job_records_every_video_with_its_verdict(local_run, workspace):
         assert r["status"] in ("ok", "unscorable") and (r["status"] == "ok") == (r["reason"] is None)
         for key in ("video", "latents", "prompt_embeds"):
             assert Path(r[key]).is_file() and Path(r[key]).is_relative_to(local_run["out"] / "samples")
-        assert r["metric_id"].startswith("colmap-flow.r9/") and "T=4" in r["metric_id"]
+        assert r["metric_id"].startswith("colmap-flow.r10/") and "T=4" in r["metric_id"]
         assert r["image"].endswith(".png") and r["sample_s"] > 0 and r["score_s"] > 0
     start, end = local_run["progress"][1][0], local_run["progress"][1][-1]  # the resumed run's progress
     assert (start["prompts_done"], start["videos_done"], start["failed"]) == (0, 3, 1)
