@@ -10,7 +10,10 @@
    otherwise, and whenever it narrows the field of view below 30 degrees, the focal is fixed at
    COLMAP's prior. Moving things (animals, people, vehicles) are found first, without cameras: each
    SfM frame's flow to its SfM neighbours against a fundamental matrix that RANSAC fits to it.
-   They get no features: they would pull the cameras with them.
+   They get no features: they would pull the cameras with them. Where the fast pass finds no
+   camera, a camera that turns in place (a tripod pan: no parallax) is fitted to the flow instead
+   (`common.geometry.turning`); where it explains the flow, every pixel gets one depth and the
+   second pass is skipped.
 2. Depth: dense DIS optical flow from each scored frame to two registered neighbours (one on
    each side in time, the closest with `neighbour_angle_deg` = 1.5 degrees of parallax: a wider
    baseline lowers the depth noise of slow cameras), triangulated with the
@@ -177,6 +180,14 @@ class ColmapFlowBackend(GeometryBackend):
             point back to within this many pixels (at flow scale).
         match_brightness: optical flow between two frames first scales the second to the first's
             mean grey level (`_Flows`): exposure that changes from frame to frame is not motion.
+        turning: where SfM's fast pass registers no scored frame, fit a camera that turns in place
+            (one focal, a rotation per scored frame: `common.geometry.turning`) to the flow between
+            the scored frames; where it explains the flow, the video is scored by it and the second
+            pass is skipped. False: such a video is unscorable (revision 9).
+        turning_floor_px, turning_ratio: it explains the flow when the median transfer error is at
+            most `turning_floor_px` (px at 360 px: flow noise), or at most `turning_ratio` times
+            the epipolar miss of a fundamental matrix fitted to the same flow (parallax would
+            fit that and not a rotation).
     """
 
     name = "colmap-flow"
@@ -270,9 +281,9 @@ class ColmapFlowBackend(GeometryBackend):
         K, world_to_cam, registered_set = cameras.K, cameras.poses, set(cameras.poses)
         if not registered_set:
             if not turns_in_place():
+                either = ", and a camera turning in place does not explain the flow either" if self.turning else ""
                 raise ReconstructionFailed(
-                    "structure-from-motion found no consistent cameras, and a camera turning in place does not explain "
-                    "the flow either (static camera, no parallax or no texture?)"
+                    f"structure-from-motion found no consistent cameras{either} (static camera, no parallax or no texture?)"
                 )
             return self._turning_geometry(flows, scored, turning["fit"], timings)
 

@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from common.config import ScoreConfig
 from common.geometry.colmap_flow import ColmapFlowBackend
@@ -94,3 +95,14 @@ def test_a_tripod_pan_is_scored_by_its_rotation_and_ranks_above_its_drift(pan):
     # Without the turning model the same pan has no 3D interpretation at all.
     refused = score_video(clean, CONFIG, backend=ColmapFlowBackend(turning=False))
     assert refused.status == "unscorable" and "no consistent cameras" in refused.reason
+    assert "turning" not in refused.reason
+
+
+def test_frames_that_neither_sfm_nor_a_turning_camera_explain_are_unscorable_and_say_so():
+    """Independent textured frames: flow with no consistent motion, no cameras of either kind."""
+    generator = np.random.default_rng(0)
+    noise = generator.integers(0, 256, size=(16, SIZE[0] // 8, SIZE[1] // 8, 3), dtype=np.uint8)
+    frames = np.stack([np.kron(f, np.ones((8, 8, 1), dtype=np.uint8)) for f in noise])  # blocky texture
+    result = score_video(torch.from_numpy(frames), CONFIG)
+    assert result.status == "unscorable"
+    assert "a camera turning in place does not explain the flow either" in result.reason, result.reason
