@@ -35,6 +35,11 @@ class ScoreResult(BaseModel):
     fov_deg: Optional[float] = Field(
         None, description="Field of view (degrees, over the frame's long side) of the recovered cameras (their median)."
     )
+    turning_in_place: bool = Field(
+        False,
+        description="The video was judged as a camera turning in place (a tripod pan: no parallax), every pixel reprojected "
+        "by the rotation's homography (docs/backends.md, 'A camera that turns in place').",
+    )
     moving_fraction: Optional[float] = Field(
         None, description="Fraction of the registered frames' pixels found moving against the cameras and left out of the error."
     )

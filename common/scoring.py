@@ -119,6 +119,104 @@ def score_video(
             registered_frames=0, per_frame=_frame_rows(plan["scored"]),
         )
 
+    renders: dict[bool, PairwiseErrors] = {}  # turning in place or not -> its reprojections
+
+    def judge(geometry: SceneGeometry, label: str = "") -> ScoreResult:
+        """Steps 4-7 for one 3D interpretation of the scored frames; `label` names its stages."""
+        registered = geometry.registered.cpu()
+        n_registered = int(registered.sum())
+        unregistered = [i for i, ok in zip(plan["scored"], registered) if not ok]
+        if cuts and unregistered:  # the frames of the other shot are not a registration failure: they are another scene
+            return unscorable(
+                _cut_reason(cuts) + f"frames {unregistered} do not register with the rest, and no single 3D scene explains the video",
+                registered_frames=n_registered, per_frame=_frame_rows(plan["scored"], registered), failed_frames=unregistered,
+            )
+        if n_registered < max(2, config.min_ok_fraction * T):
+            return unscorable(
+                f"only {n_registered} of {T} scored frames were registered by the {backend.name} backend",
+                registered_frames=n_registered, per_frame=_frame_rows(plan["scored"], registered), failed_frames=unregistered,
+            )
+
+        # 4. Lift each frame's confident static pixels to 3D; 5. z-buffer them into every other frame.
+        step("reproject" + label)
+        keep_previews = preview_dir is not None
+        errors = pairwise_errors(frames, geometry, config, metric, device, keep_previews=keep_previews, overlay=overlay)
+        reg = registered.nonzero().squeeze(1)
+        median_depth = _median_depth(geometry, reg, config.min_confidence)
+        # A frame without a camera, or one that nothing reprojects into, is posed from its neighbours
+        # and compared like the rest: left out, it cost nothing (common.posing).
+        posed: dict[int, Tensor] = {}
+        unexplained = [t for t in range(T) if not registered[t] or float(errors.covered[t]) < config.min_coverage]
+        if unexplained and config.pose_from_neighbours:
+            step("neighbour poses" + label)
+            posed = neighbour_poses(
+                video.frames[scored], geometry.depth.cpu(), errors.lifted.cpu(), geometry.K.cpu(), geometry.world_to_cam.cpu(),
+                registered, plan["scored"], unexplained, config.max_neighbour_step * max(H, W), median_depth,
+            )
+        if posed:
+            step("reproject posed" + label)
+            stand_in = torch.zeros(T, dtype=torch.bool)
+            stand_in[list(posed)] = True
+            world_to_cam = geometry.world_to_cam.clone().double()
+            for t, pose in posed.items():
+                world_to_cam[t] = pose
+            # A frame posed from its neighbours is compared, not lifted: its depth came with no camera, or a wrong one.
+            errors = pairwise_errors(
+                frames, replace(geometry, world_to_cam=world_to_cam, registered=registered & ~stand_in), config, metric, device,
+                keep_previews=keep_previews, overlay=overlay, targets=registered | stand_in,
+            )
+        moving_fraction = errors.moving_fraction
+
+        # 6. Errors on covered static pixels only, per frame over all the frames it was rendered from.
+        step("metrics" + label)
+        per_frame = []
+        for t, index in enumerate(plan["scored"]):
+            coverage = float(errors.covered[t])
+            row = FrameScore(index=index, registered=bool(registered[t]), posed_from_neighbours=t in posed, coverage=coverage)
+            frame_mse, frame_perceptual = errors.frame_errors(t, config.lambda_, config.trim_sources)
+            if (row.registered or row.posed_from_neighbours) and frame_mse is not None:
+                row.mse, row.perceptual = frame_mse, frame_perceptual
+                row.ok = coverage >= config.min_coverage
+            per_frame.append(row)
+        ok_rows = [r for r in per_frame if r.ok]
+        failed = [r.index for r in per_frame if not r.ok]
+        confident_fraction = errors.confident_fraction
+
+        # 7. Camera motion (translation in units of the scene's median depth) and the verdict.
+        motion = camera_motion(geometry.world_to_cam[reg].cpu(), scale=max(median_depth, 1e-9))
+        coverage = float(np.mean([r.coverage for r in per_frame if r.registered or r.posed_from_neighbours]))
+        fov = _field_of_view_deg(geometry.K[reg], H, W)
+        extra = dict(registered_frames=n_registered, per_frame=per_frame, failed_frames=failed, coverage=coverage,
+                     motion=motion, moving_fraction=moving_fraction, fov_deg=fov, turning_in_place=geometry.turning)
+        renders[geometry.turning] = errors  # previews are written for the interpretation kept
+        if motion < config.min_motion:
+            return unscorable(f"static camera: camera motion {motion:.5f} is below {config.min_motion:g}", **extra)
+        if fov < config.min_fov_deg:
+            return unscorable(
+                f"the cameras collapsed to a near-orthographic projection (field of view {fov:.1f} degrees, needs "
+                f"{config.min_fov_deg:g}): no consistent perspective geometry", **extra,
+            )
+        if moving_fraction > config.max_moving_fraction:
+            return unscorable(
+                f"moving things cover {100 * moving_fraction:.0f}% of the frames: the static part is too small to judge "
+                f"(at most {100 * config.max_moving_fraction:.0f}%)", **extra,
+            )
+        if confident_fraction < 0.01:
+            return unscorable(
+                f"no parallax: depth could be triangulated for only {100 * confident_fraction:.1f}% of pixels", **extra
+            )
+        if len(ok_rows) < max(2, config.min_ok_fraction * T):
+            return unscorable(
+                f"only {len(ok_rows)} of {T} frames were registered and covered by the reprojection "
+                f"(coverage >= {config.min_coverage:g})", **extra,
+            )
+        mse = float(np.mean([r.mse for r in ok_rows]))
+        perceptual = float(np.mean([r.perceptual for r in ok_rows]))
+        return ScoreResult(
+            status="ok", score=mse + config.lambda_ * perceptual, mse=mse, perceptual=perceptual,
+            timings_s=step.done(), **base, **extra,
+        )
+
     # 3. Geometry of the scored frames.
     step("geometry")
     try:
@@ -126,101 +224,16 @@ def score_video(
     except ReconstructionFailed as err:
         return unscorable(_cut_reason(cuts) + f"reconstruction failed: {err}", registered_frames=0, per_frame=_frame_rows(plan["scored"]))
     step.merge(geometry.timings_s)
-    registered = geometry.registered.cpu()
-    n_registered = int(registered.sum())
-    unregistered = [i for i, ok in zip(plan["scored"], registered) if not ok]
-    if cuts and unregistered:  # the frames of the other shot are not a registration failure: they are another scene
-        return unscorable(
-            _cut_reason(cuts) + f"frames {unregistered} do not register with the rest, and no single 3D scene explains the video",
-            registered_frames=n_registered, per_frame=_frame_rows(plan["scored"], registered), failed_frames=unregistered,
-        )
-    if n_registered < max(2, config.min_ok_fraction * T):
-        return unscorable(
-            f"only {n_registered} of {T} scored frames were registered by the {backend.name} backend",
-            registered_frames=n_registered, per_frame=_frame_rows(plan["scored"], registered), failed_frames=unregistered,
-        )
-
-    # 4. Lift each frame's confident static pixels to 3D; 5. z-buffer them into every other frame.
-    step("reproject")
-    keep_previews = preview_dir is not None
-    errors = pairwise_errors(frames, geometry, config, metric, device, keep_previews=keep_previews, overlay=overlay)
-    reg = registered.nonzero().squeeze(1)
-    median_depth = _median_depth(geometry, reg, config.min_confidence)
-    # A frame without a camera, or one that nothing reprojects into, is posed from its neighbours
-    # and compared like the rest: left out, it cost nothing (common.posing).
-    posed: dict[int, Tensor] = {}
-    unexplained = [t for t in range(T) if not registered[t] or float(errors.covered[t]) < config.min_coverage]
-    if unexplained and config.pose_from_neighbours:
-        step("neighbour poses")
-        posed = neighbour_poses(
-            video.frames[scored], geometry.depth.cpu(), errors.lifted.cpu(), geometry.K.cpu(), geometry.world_to_cam.cpu(),
-            registered, plan["scored"], unexplained, config.max_neighbour_step * max(H, W), median_depth,
-        )
-    if posed:
-        step("reproject posed")
-        stand_in = torch.zeros(T, dtype=torch.bool)
-        stand_in[list(posed)] = True
-        world_to_cam = geometry.world_to_cam.clone().double()
-        for t, pose in posed.items():
-            world_to_cam[t] = pose
-        # A frame posed from its neighbours is compared, not lifted: its depth came with no camera, or a wrong one.
-        errors = pairwise_errors(
-            frames, replace(geometry, world_to_cam=world_to_cam, registered=registered & ~stand_in), config, metric, device,
-            keep_previews=keep_previews, overlay=overlay, targets=registered | stand_in,
-        )
-    moving_fraction = errors.moving_fraction
-
-    # 6. Errors on covered static pixels only, per frame over all the frames it was rendered from.
-    step("metrics")
-    per_frame = []
-    for t, index in enumerate(plan["scored"]):
-        coverage = float(errors.covered[t])
-        row = FrameScore(index=index, registered=bool(registered[t]), posed_from_neighbours=t in posed, coverage=coverage)
-        frame_mse, frame_perceptual = errors.frame_errors(t, config.lambda_, config.trim_sources)
-        if (row.registered or row.posed_from_neighbours) and frame_mse is not None:
-            row.mse, row.perceptual = frame_mse, frame_perceptual
-            row.ok = coverage >= config.min_coverage
-        per_frame.append(row)
-    ok_rows = [r for r in per_frame if r.ok]
-    failed = [r.index for r in per_frame if not r.ok]
-    confident_fraction = errors.confident_fraction
-
-    # 7. Camera motion (translation in units of the scene's median depth) and the verdict.
-    motion = camera_motion(geometry.world_to_cam[reg].cpu(), scale=max(median_depth, 1e-9))
-    coverage = float(np.mean([r.coverage for r in per_frame if r.registered or r.posed_from_neighbours]))
-    fov = _field_of_view_deg(geometry.K[reg], H, W)
-    extra = dict(registered_frames=n_registered, per_frame=per_frame, failed_frames=failed, coverage=coverage,
-                 motion=motion, moving_fraction=moving_fraction, fov_deg=fov)
-    if preview_dir is not None:
+    result = judge(geometry)
+    if geometry.alternative is not None:  # a camera turning in place, where SfM's cameras travel
+        other = judge(geometry.alternative, " (turning)")
+        if other.status == "ok" and (result.status != "ok" or other.score < result.score):
+            result = other
+    if preview_dir is not None and result.turning_in_place in renders:
         step("previews")
-        extra["previews"] = _write_previews(Path(preview_dir), frames, errors, plan["scored"])
-    if motion < config.min_motion:
-        return unscorable(f"static camera: camera motion {motion:.5f} is below {config.min_motion:g}", **extra)
-    if fov < config.min_fov_deg:
-        return unscorable(
-            f"the cameras collapsed to a near-orthographic projection (field of view {fov:.1f} degrees, needs "
-            f"{config.min_fov_deg:g}): no consistent perspective geometry", **extra,
-        )
-    if moving_fraction > config.max_moving_fraction:
-        return unscorable(
-            f"moving things cover {100 * moving_fraction:.0f}% of the frames: the static part is too small to judge "
-            f"(at most {100 * config.max_moving_fraction:.0f}%)", **extra,
-        )
-    if confident_fraction < 0.01:
-        return unscorable(
-            f"no parallax: depth could be triangulated for only {100 * confident_fraction:.1f}% of pixels", **extra
-        )
-    if len(ok_rows) < max(2, config.min_ok_fraction * T):
-        return unscorable(
-            f"only {len(ok_rows)} of {T} frames were registered and covered by the reprojection "
-            f"(coverage >= {config.min_coverage:g})", **extra,
-        )
-    mse = float(np.mean([r.mse for r in ok_rows]))
-    perceptual = float(np.mean([r.perceptual for r in ok_rows]))
-    return ScoreResult(
-        status="ok", score=mse + config.lambda_ * perceptual, mse=mse, perceptual=perceptual,
-        timings_s=step.done(), **base, **extra,
-    )
+        previews = _write_previews(Path(preview_dir), frames, renders[result.turning_in_place], plan["scored"])
+        result = result.model_copy(update={"previews": previews})
+    return result.model_copy(update={"timings_s": step.done()})
 
 
 def _median_depth(geometry: SceneGeometry, registered: Tensor, min_confidence: float) -> float:

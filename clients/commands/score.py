@@ -77,6 +77,7 @@ def format_result(name: str, result: dict) -> str:
         + (f", {posed} posed from neighbours" if posed else "")
         + f", coverage {coverage}, camera motion {motion}"
         + (f", field of view {result['fov_deg']:.0f} deg" if result.get("fov_deg") is not None else "")
+        + (", turning in place (no parallax)" if result.get("turning_in_place") else "")
     )
     left_out = []
     if result.get("moving_fraction"):

@@ -30,6 +30,11 @@ class SceneGeometry:
     moving: optional (T, H, W) bool, pixels that the backend found moving against the recovered
         cameras (people, animals, vehicles): never lifted to 3D, and left out of the error.
     timings_s: seconds per internal stage, merged into the score's timings.
+    alternative: another 3D interpretation of the same frames (a camera turning in place, where
+        structure-from-motion also found cameras that travel: `common.geometry.turning`); the
+        scorer judges the video by both and keeps the one whose reprojection scores better.
+    turning: the cameras only turn (no translation): every pixel reprojects by the rotation's
+        homography, whatever its depth.
     """
 
     depth: Tensor
@@ -39,6 +44,8 @@ class SceneGeometry:
     registered: Tensor
     moving: Tensor | None = None
     timings_s: dict | None = None
+    alternative: "SceneGeometry | None" = None
+    turning: bool = False
 
     def __post_init__(self) -> None:
         T, H, W = self.depth.shape

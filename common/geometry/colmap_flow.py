@@ -33,9 +33,11 @@ principal point shifted by half a pixel (COLMAP's pixel centres are at +0.5).
 from __future__ import annotations
 
 import math
+import sqlite3
 import tempfile
 import threading
 import time
+from contextlib import closing
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -107,6 +109,15 @@ SPARSE = SfmSettings(max_side=600, first_octave=-1, max_features=2048, exhaustiv
 # kitchen capture 0.49-0.73 and the 8-frame statue 0.37-0.62: there the test would only take
 # corruption and flow noise for movers (kitchen's 8 px jitter scored better than the clean capture).
 _MIN_FIT_POINTS, _MAX_FIT_POINTS, _FIT_RANSAC_PX, _MIN_FIT_FRACTION, _MIN_INLIER_RATIO = 50, 1000, 0.5, 0.1, 0.7
+# Two-view geometries that a homography explains as well as a fundamental matrix (COLMAP's classes).
+_HOMOGRAPHY_CONFIGS = {
+    int(pycolmap.TwoViewGeometryConfiguration.PLANAR),
+    int(pycolmap.TwoViewGeometryConfiguration.PANORAMIC),
+    int(pycolmap.TwoViewGeometryConfiguration.PLANAR_OR_PANORAMIC),
+}
+# A turning camera is also fitted where SfM found cameras when at least this fraction of the
+# verified pairs is homography-like (bear, the pans: all of them; syn-slow 86%; backpack 43%).
+_HOMOGRAPHY_MAJORITY = 0.5
 # The fundamental matrix a turning camera's fit is compared with (`ColmapFlowBackend._turning`):
 # RANSAC's tolerance, px at flow scale.
 _TURNING_FIT_PX = 1.0
@@ -121,6 +132,9 @@ class Cameras:
     observations: dict[int, np.ndarray] = field(default_factory=dict)
     # seconds of each SfM step that ran: "masks", "fast", then "dense", "sparse" or "relaxed" (see ColmapFlowBackend.cameras)
     passes: dict[str, float] = field(default_factory=dict)
+    # fraction of the verified image pairs that COLMAP found a homography explains as well as a
+    # fundamental matrix (planar or panoramic): most of them on pans, few where the camera travels
+    homography_pairs: float = 0.0
 
     def timings(self) -> dict[str, float]:
         """Seconds per SfM step, as a backend's timings (`sfm_masks`, `sfm_fast`, `sfm_dense`, `sfm_sparse`, `sfm_relaxed`)."""
@@ -267,7 +281,7 @@ class ColmapFlowBackend(GeometryBackend):
         start = time.perf_counter()
         turning: dict[str, Optional[TurningFit]] = {}
 
-        def turns_in_place() -> bool:  # asked when SfM found no camera; fitted once
+        def turns_in_place() -> bool:  # asked where SfM found no camera, or most pairs look like a pan; fitted once
             if "fit" not in turning:
                 started = time.perf_counter()
                 turning["fit"] = self._turning(flows, scored) if self.turning else None
@@ -321,6 +335,14 @@ class ColmapFlowBackend(GeometryBackend):
                 depth[t] = torch.nan_to_num(stack.nanmedian(dim=0).values, nan=0.0).float()
                 confidence[t] = valid.float().sum(0) / max(len(pair_depths), 2)
         timings["flow_depth"] = time.perf_counter() - start
+        # SfM also "registers" many pure pans, with cameras that travel and the prior's focal (the
+        # renderer's pan with movers: 0.133; turning in place: 0.094). Where most pairs are
+        # homography-like to COLMAP, and a turning camera explains the flow, both interpretations
+        # go to the scorer, which keeps the one that reprojects better (a pan that also travels,
+        # like the bear clip, keeps its parallax: 0.151 against 0.209 turning).
+        alternative = None
+        if self.turning and cameras.homography_pairs >= _HOMOGRAPHY_MAJORITY and turns_in_place():
+            alternative = self._turning_geometry(flows, scored, turning["fit"], {})
         return SceneGeometry(
             depth=depth,
             confidence=confidence,
@@ -329,6 +351,7 @@ class ColmapFlowBackend(GeometryBackend):
             registered=registered,
             moving=moving,
             timings_s=timings,
+            alternative=alternative,
         )
 
     # --- a camera that turns in place ----------------------------------------------------------
@@ -399,6 +422,7 @@ class ColmapFlowBackend(GeometryBackend):
             registered=registered,
             moving=moving,
             timings_s=timings,
+            turning=True,
         )
 
     def _flows(self, frames: Tensor) -> "_Flows":
@@ -805,7 +829,15 @@ class _Workspace:
         K[0, 2] -= 0.5
         K[1, 2] -= 0.5
         observations = _point_observations(model, self.scale)
-        return Cameras(K, poses, {i: float(np.median(obs[:, 2])) for i, obs in observations.items()}, observations)
+        return Cameras(K, poses, {i: float(np.median(obs[:, 2])) for i, obs in observations.items()}, observations,
+                       homography_pairs=self.homography_pairs())
+
+    def homography_pairs(self) -> float:
+        """Fraction of the verified pairs (with inliers) whose two-view geometry COLMAP classed as
+        planar or panoramic: a homography explains them as well as a fundamental matrix does."""
+        with closing(sqlite3.connect(self.database)) as database:
+            configs = [row[0] for row in database.execute("SELECT config FROM two_view_geometries WHERE rows > 0")]
+        return sum(config in _HOMOGRAPHY_CONFIGS for config in configs) / len(configs) if configs else 0.0
 
     def _map(self, refine_focal: bool):
         self._mappings += 1

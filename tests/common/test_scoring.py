@@ -67,7 +67,7 @@ def test_result_carries_settings_and_is_json(clean_scores):
     result = clean_scores[SCENES[0]]
     data = json.loads(json.dumps(result.to_json_dict()))
     for key in ("status", "reason", "score", "mse", "perceptual", "perceptual_metric", "metric_id", "coverage",
-                "motion", "fov_deg", "backend", "frames", "per_frame", "timings_s", "borders", "shot_cuts", "overlay_fraction"):
+                "motion", "fov_deg", "turning_in_place", "backend", "frames", "per_frame", "timings_s", "borders", "shot_cuts", "overlay_fraction"):
         assert key in data
     assert data["metric_id"] == "colmap-flow.r10/align/lambda=1/T=10/side=240/pairwise@2/trim=0.25/gain/crop/overlay/posed=0.25"
     assert data["borders"] == [0, 0, 0, 0] and data["size"] == [180, 240]
@@ -75,6 +75,7 @@ def test_result_carries_settings_and_is_json(clean_scores):
     assert data["frame_indices"][0] == 0 and data["frame_indices"][-1] == 23
     assert data["motion"] > 0.001
     assert 30 <= data["fov_deg"] < 180  # the renderer's camera has 60 degrees over its width
+    assert data["turning_in_place"] is False  # an orbit travels
 
 
 def test_lambda_and_frames_change_the_metric_id():

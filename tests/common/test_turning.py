@@ -11,7 +11,7 @@ from common.config import ScoreConfig
 from common.geometry.colmap_flow import ColmapFlowBackend
 from common.geometry.turning import PairFlow, fit_turning, transfer
 from common.scoring import score_video
-from common.synthetic import render_video
+from common.synthetic import corrupt_frames, render_video
 
 SIZE = (240, 360)  # at 180 x 240 SfM "registers" the pan, with cameras that move (docs/backends.md)
 CONFIG = ScoreConfig(max_side=360)
@@ -76,9 +76,8 @@ def test_a_chain_broken_by_missing_flow_keeps_its_longest_run():
 @pytest.fixture(scope="module")
 def pan():
     """A 16-frame tripod pan of the boxes (16 degrees in place) and its 6 px drifted copy."""
-    return render_video("boxes", "pan", frames=16, size=SIZE).frames, render_video(
-        "boxes", "pan", frames=16, size=SIZE, corruption="drift", strength=6 / SIZE[1]
-    ).frames
+    clean = render_video("boxes", "pan", frames=16, size=SIZE).frames
+    return clean, corrupt_frames(clean, "drift", amplitude_px=6.0)
 
 
 def test_a_tripod_pan_is_scored_by_its_rotation_and_ranks_above_its_drift(pan):
@@ -88,7 +87,7 @@ def test_a_tripod_pan_is_scored_by_its_rotation_and_ranks_above_its_drift(pan):
     assert result.registered_frames == result.frames == 10
     assert result.fov_deg == pytest.approx(60.0, abs=6.0)  # the renderer's field of view
     assert "geometry.turning" in result.timings_s and "geometry.sfm_dense" not in result.timings_s
-    assert result.moving_fraction == 0.0
+    assert result.moving_fraction == 0.0 and result.turning_in_place
     worse = score_video(drifted, CONFIG)
     assert worse.status == "ok", worse.reason
     assert worse.score > 1.5 * result.score
@@ -106,3 +105,18 @@ def test_frames_that_neither_sfm_nor_a_turning_camera_explain_are_unscorable_and
     result = score_video(torch.from_numpy(frames), CONFIG)
     assert result.status == "unscorable"
     assert "a camera turning in place does not explain the flow either" in result.reason, result.reason
+
+
+def test_a_pan_that_sfm_also_registers_is_judged_by_the_better_interpretation():
+    """At 180 x 240 SfM "registers" the pan with cameras that travel and the prior's focal; the turning
+    camera reprojects it better and is kept. A camera that travels keeps its SfM cameras."""
+    small = ScoreConfig(max_side=240)
+    pan = render_video("boxes", "pan", frames=24, size=(180, 240)).frames
+    sfm_only = score_video(pan, small, backend=ColmapFlowBackend(turning=False))
+    both = score_video(pan, small)
+    assert sfm_only.status == both.status == "ok"
+    assert not sfm_only.turning_in_place and both.turning_in_place
+    assert both.score < sfm_only.score
+    assert both.fov_deg == pytest.approx(60.0, abs=6.0) and abs(sfm_only.fov_deg - 60.0) > 10.0
+    travelling = score_video(render_video("room", "truck", frames=12, size=(180, 240)).frames, small)
+    assert travelling.status == "ok" and not travelling.turning_in_place
