@@ -12,8 +12,9 @@
    SfM frame's flow to its SfM neighbours against a fundamental matrix that RANSAC fits to it.
    They get no features: they would pull the cameras with them. Where the fast pass finds no
    camera, a camera that turns in place (a tripod pan: no parallax) is fitted to the flow instead
-   (`common.geometry.turning`); where it explains the flow, every pixel gets one depth and the
-   second pass is skipped.
+   (`common.geometry.turning`); where it explains the flow, every pixel gets one depth. Where most
+   verified pairs look like a pan to COLMAP, that fit is also offered beside SfM's cameras, and
+   the scorer keeps the interpretation that reprojects better.
 2. Depth: dense DIS optical flow from each scored frame to two registered neighbours (one on
    each side in time, the closest with `neighbour_angle_deg` = 1.5 degrees of parallax: a wider
    baseline lowers the depth noise of slow cameras), triangulated with the
@@ -41,7 +42,7 @@ from contextlib import closing
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import cv2  # must be imported before pycolmap: both bundle libpng, and the other order crashes cv2.imwrite
 import numpy as np
@@ -194,10 +195,11 @@ class ColmapFlowBackend(GeometryBackend):
             point back to within this many pixels (at flow scale).
         match_brightness: optical flow between two frames first scales the second to the first's
             mean grey level (`_Flows`): exposure that changes from frame to frame is not motion.
-        turning: where SfM's fast pass registers no scored frame, fit a camera that turns in place
-            (one focal, a rotation per scored frame: `common.geometry.turning`) to the flow between
-            the scored frames; where it explains the flow, the video is scored by it and the second
-            pass is skipped. False: such a video is unscorable (revision 9).
+        turning: where SfM registers no scored frame, fit a camera that turns in place (one focal,
+            a rotation per scored frame: `common.geometry.turning`) to the flow between the scored
+            frames; where it explains the flow, the video is scored by it. Where SfM found cameras
+            and most verified pairs are planar or panoramic, it is offered as an alternative
+            interpretation (`SceneGeometry.alternative`). False: revision 9's cameras only.
         turning_floor_px, turning_ratio: it explains the flow when the median transfer error is at
             most `turning_floor_px` (px at 360 px: flow noise), or at most `turning_ratio` times
             the epipolar miss of a fundamental matrix fitted to the same flow (parallax would
@@ -289,8 +291,11 @@ class ColmapFlowBackend(GeometryBackend):
             fit = turning["fit"]
             return fit is not None and fit.explains(self._turning_floor(flows), self.turning_ratio)
 
-        cameras = self.cameras(frames, scored, flows, instead_of_second_pass=turns_in_place)
-        timings["sfm"] = time.perf_counter() - start - timings.get("turning", 0.0)
+        # Both SfM passes run as before, also where a turning camera would explain the video: a
+        # pan that travels a little (bear's first 49 frames, re-encoded) registered in the second
+        # pass, and judged turning in place it was "static" (its turn alone is below min_motion).
+        cameras = self.cameras(frames, scored, flows)
+        timings["sfm"] = time.perf_counter() - start
         timings.update(cameras.timings())
         K, world_to_cam, registered_set = cameras.K, cameras.poses, set(cameras.poses)
         if not registered_set:
@@ -462,10 +467,7 @@ class ColmapFlowBackend(GeometryBackend):
 
     # --- 1. cameras -----------------------------------------------------------------------------
 
-    def cameras(
-        self, frames: Tensor, scored: Sequence[int], flows: Optional["_Flows"] = None,
-        instead_of_second_pass: Optional[Callable[[], bool]] = None,
-    ) -> Cameras:
+    def cameras(self, frames: Tensor, scored: Sequence[int], flows: Optional["_Flows"] = None) -> Cameras:
         """SfM cameras of `frames` (M, H, W, 3) uint8, keyed by position in `frames`.
 
         One fast pass on `sfm_frames` of them (the scored ones among them). When it registers fewer
@@ -473,9 +475,6 @@ class ColmapFlowBackend(GeometryBackend):
         pass matched so that its cost stays bounded (`_second_pass`), and the better of the two.
         Things found moving before any camera exists (`_feature_masks`) get no SfM features.
         flows: the video's flow cache, shared with the depth stage (a new one when None).
-        instead_of_second_pass: asked when the fast pass registered none of the scored frames; when
-        it answers True the second pass is skipped (a camera turning in place explains the video:
-        `reconstruct`), and no cameras are returned.
         Also used by the hybrid backend (`common.geometry.hybrid`).
         """
         flows = flows or self._flows(frames)
@@ -489,9 +488,7 @@ class ColmapFlowBackend(GeometryBackend):
             cameras = fast.cameras(self.focal_rule)
             passes["fast"] = time.perf_counter() - start
             registered = sum(i in cameras.poses for i in scored)
-            if registered == 0 and instead_of_second_pass is not None and instead_of_second_pass():
-                pass
-            elif registered < self.min_registered * len(scored):
+            if registered < self.min_registered * len(scored):
                 start = time.perf_counter()
                 name, second = self._second_pass(fast, frames, scored, Path(tmp) / "dense", flows)
                 passes[name] = time.perf_counter() - start
