@@ -217,8 +217,9 @@ class ColmapFlowBackend(GeometryBackend):
     #    clip, not their union with 16 evenly spaced ones: 22).
     # 8: optical flow between brightness-matched frames (`match_brightness`); the SfM pass's
     #    motion masks use that flow too.
-    # 10: a camera that turns in place (no parallax, no SfM cameras) is fitted from the flow and
-    #     scored (`common.geometry.turning`); such videos were unscorable.
+    # 10: a camera that turns in place (a tripod pan: no parallax) fitted to the flow
+    #     (`common.geometry.turning`): it scores the video where SfM found no camera (such videos
+    #     were unscorable), and is offered beside SfM's cameras where most pairs look like a pan.
     revision = 10
     # The revision of `cameras` alone (the hybrid backend's part of its metric_id): 4 changed the
     # depth only, 5, 6, 7, 8 and 9 the cameras.

@@ -111,7 +111,7 @@ def test_a_pan_that_sfm_also_registers_is_judged_by_the_better_interpretation():
     """At 180 x 240 SfM "registers" the pan with cameras that travel and the prior's focal; the turning
     camera reprojects it better and is kept. A camera that travels keeps its SfM cameras."""
     small = ScoreConfig(max_side=240)
-    pan = render_video("boxes", "pan", frames=24, size=(180, 240)).frames
+    pan = render_video("boxes", "pan", frames=16, size=(180, 240)).frames
     sfm_only = score_video(pan, small, backend=ColmapFlowBackend(turning=False))
     both = score_video(pan, small)
     assert sfm_only.status == both.status == "ok"
