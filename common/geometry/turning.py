@@ -110,7 +110,7 @@ def fit_turning(
     chained = [(a, b) for a, b in zip(chain, chain[1:])]
     # Over all of a pair's flow, not the inliers the rotation was fitted to: those are the pixels
     # one homography explains, and with parallax they are one depth's. Every pair, the wider ones
-    # too: parallax grows with the baseline, flow noise does not.
+    # too: parallax grows with the baseline.
     residuals = [float(np.median(_errors(K, rotations, a, b, pair))) for (a, b), pair in given.items() if (a, b) in by_pair]
     misses = [fundamental_miss[key] for key in chained if key in fundamental_miss]
     return TurningFit(K, rotations, float(np.median(residuals)), float(np.median(misses)) if misses else 0.0)
