@@ -66,7 +66,11 @@ class TurningFit:
 
     def homography(self, i: int, j: int) -> np.ndarray:
         """(3, 3) pixel of position i -> pixel of position j."""
-        return self.K @ self.rotations[j] @ self.rotations[i].T @ np.linalg.inv(self.K)
+        return _homography(self.K, self.rotations, i, j)
+
+
+def _homography(K: np.ndarray, rotations: dict[int, np.ndarray], i: int, j: int) -> np.ndarray:
+    return K @ rotations[j] @ rotations[i].T @ np.linalg.inv(K)
 
 
 def transfer(H: np.ndarray, points: np.ndarray) -> np.ndarray:
@@ -169,8 +173,7 @@ def _rotation_between(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _errors(K: np.ndarray, rotations: dict[int, np.ndarray], i: int, j: int, pair: PairFlow) -> np.ndarray:
-    H = K @ rotations[j] @ rotations[i].T @ np.linalg.inv(K)
-    return np.linalg.norm(transfer(H, pair.source) - pair.target, axis=1)
+    return np.linalg.norm(transfer(_homography(K, rotations, i, j), pair.source) - pair.target, axis=1)
 
 
 def _fit_at(focal: float, chain: list[int], pairs: dict[tuple[int, int], PairFlow], height: int, width: int):
