@@ -352,22 +352,29 @@ def pairwise_errors(
     for s in range(T):
         if not bool(registered[s]) or not bool(confident[s].any()):
             continue
-        image, zbuffer, mask = rasterize_points(world[s][confident[s]], frames[s][confident[s]], K, world_to_cam, H, W)
-        mask &= compared.view(T, 1, 1) & ~excluded
-        mask &= ~_shows_through(zbuffer, mask)
+        # Rendered only into the frames it is compared with (a frame into itself compares nothing);
+        # each frame's z-buffer is its own, so the renders are those of all T frames.
+        into = compared.clone()
         if config.exclude_self:
-            mask[s] = False
-        covered_any |= mask
-        for t in range(T if keep_previews else 0):  # the render from the nearest frame in time
-            if t != s and mask[t].any() and abs(t - s) < nearest[t]:
-                nearest[t] = abs(t - s)
-                preview[t], preview_mask[t] = image[t], mask[t]
-        small_image, small_mask = _pool(image, mask, scale)
-        small_mask &= static_small
-        targets = small_mask.flatten(1).any(dim=1).nonzero().squeeze(1)
-        if len(targets) == 0:
+            into[s] = False
+        into = into.nonzero().squeeze(1)
+        if len(into) == 0:
             continue
-        reference, rendered, valid = small_frames[targets], small_image[targets], small_mask[targets]
+        image, zbuffer, mask = rasterize_points(world[s][confident[s]], frames[s][confident[s]], K[into], world_to_cam[into], H, W)
+        mask &= ~excluded[into]
+        mask &= ~_shows_through(zbuffer, mask)
+        covered_any[into] |= mask
+        for k, t in enumerate(into.tolist() if keep_previews else []):  # the render from the nearest frame in time
+            if mask[k].any() and abs(t - s) < nearest[t]:
+                nearest[t] = abs(t - s)
+                preview[t], preview_mask[t] = image[k], mask[k]
+        small_image, small_mask = _pool(image, mask, scale)
+        small_mask &= static_small[into]
+        rendered_into = small_mask.flatten(1).any(dim=1).nonzero().squeeze(1)
+        if len(rendered_into) == 0:
+            continue
+        targets = into[rendered_into]
+        reference, rendered, valid = small_frames[targets], small_image[rendered_into], small_mask[rendered_into]
         if config.match_exposure:
             rendered = match_exposure(rendered, reference, valid)
         filled = torch.where(valid[..., None], rendered, reference)
@@ -413,16 +420,23 @@ def match_exposure(rendered: Tensor, reference: Tensor, valid: Tensor, max_gain:
 
 
 def _pool(image: Tensor, mask: Tensor, scale: int) -> tuple[Tensor, Tensor]:
-    """(T, H, W, C) colours and (T, H, W) coverage -> block means over fully covered scale x scale blocks."""
+    """(T, H, W, C) colours and (T, H, W) coverage -> (T, H // scale, W // scale, C) block means and
+    (T, H // scale, W // scale) bool: the blocks whose pixels are all covered (only their means are
+    meaningful). Sums of strided views, in the order `avg_pool2d` adds a block's pixels (row by
+    row), so the means are its bits: 5x faster than `avg_pool2d` on the (T, C, H, W) permuted view
+    of channels-last images, which gave the scores of revision 10 and before.
+    """
     if scale == 1:
         return image, mask
-    T, H, W, C = image.shape
+    H, W = image.shape[1:3]
     h, w = H // scale * scale, W // scale * scale
-    weight = mask[:, :h, :w].float()
-    total = F.avg_pool2d((image[:, :h, :w] * weight[..., None]).permute(0, 3, 1, 2), scale, scale)
-    count = F.avg_pool2d(weight[:, None], scale, scale)
-    full = count[:, 0] > 0.999
-    return (total / count.clamp_min(1e-6)).permute(0, 2, 3, 1), full
+    offsets = [(dy, dx) for dy in range(scale) for dx in range(scale)]
+    total = image[:, 0:h:scale, 0:w:scale].clone()
+    full = mask[:, 0:h:scale, 0:w:scale].clone()
+    for dy, dx in offsets[1:]:
+        total += image[:, dy:h:scale, dx:w:scale]
+        full &= mask[:, dy:h:scale, dx:w:scale]
+    return total / (scale * scale), full
 
 
 def _shows_through(depth: Tensor, mask: Tensor, window: int = 5, ratio: float = 1.1) -> Tensor:
