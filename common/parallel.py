@@ -9,6 +9,7 @@ is bit-identical for any count (tests/common/test_parallel.py).
 
 from __future__ import annotations
 
+import contextvars
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -71,3 +72,50 @@ class OnceCache(Generic[Key, Value]):
 
     def __contains__(self, key: object) -> bool:
         return key in self._values
+
+
+class Prefetch(Generic[Value]):
+    """`compute()` run on a thread of its own from `start()` on (where `background`), else when first asked for.
+
+    For work that is likely to be needed and can run beside a stage that keeps only one core busy
+    (COLMAP's matching and mapping): its result is ready when asked for. It must not depend on what
+    runs beside it (it reads shared inputs, such as a `OnceCache`, only), so the result is the same
+    either way.
+    """
+
+    def __init__(self, compute: Callable[[], Value], background: bool) -> None:
+        self._compute = compute
+        self._background = background
+        self._done = threading.Event()
+        self._value: Value
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start computing on another thread (once; nothing where not `background`)."""
+        if self._background and self._thread is None and not self._done.is_set():
+            context = contextvars.copy_context()  # the caller's deadline scope
+            self._thread = threading.Thread(target=context.run, args=(self._run,), name="vgpa-prefetch", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._value = self._compute()
+        except BaseException as error:  # raised again to whoever asks for the value
+            self._error = error
+        finally:
+            self._done.set()
+
+    def join(self) -> None:
+        """Wait for a started computation to end (its error stays for `get`)."""
+        if self._thread is not None:
+            self._thread.join()
+
+    def get(self) -> Value:
+        """The value (computed now if it was not started), or the error its computation raised."""
+        if self._thread is None and not self._done.is_set():
+            self._run()
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value

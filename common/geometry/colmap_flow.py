@@ -42,7 +42,7 @@ from contextlib import closing
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import cv2  # must be imported before pycolmap: both bundle libpng, and the other order crashes cv2.imwrite
 import numpy as np
@@ -53,7 +53,7 @@ from torch import Tensor
 from common.camera import camera_centers, rescale_intrinsics, rotation_angle
 from common.geometry.base import GeometryBackend, ReconstructionFailed, SceneGeometry
 from common.geometry.turning import PairFlow, TurningFit, fit_turning, transfer
-from common.parallel import OnceCache, cpu_workers, ordered_map
+from common.parallel import OnceCache, Prefetch, cpu_workers, ordered_map
 from common.video import evenly_filled, uniform_indices
 
 pycolmap.logging.minloglevel = 2  # errors only: COLMAP's INFO lines would drown the CLI's output
@@ -278,24 +278,34 @@ class ColmapFlowBackend(GeometryBackend):
         self.moving_ratio = moving_ratio
 
     def reconstruct(self, frames: Tensor, scored: Sequence[int], video_indices: Sequence[int]) -> SceneGeometry:
+        flows = self._flows(frames)
+        # The turning fit is asked for on most slow clips (pairs that look like a pan); where two
+        # CPUs are allowed it runs beside SfM's matching and mapping, which keep one core busy. It
+        # is finished before this returns, also where it was not asked for: no work outlives a call.
+        fitted = Prefetch(partial(self._turning, flows, scored), background=self.turning and cpu_workers() > 1)
+        try:
+            return self._reconstruct(frames, scored, flows, fitted)
+        finally:
+            fitted.join()
+
+    def _reconstruct(self, frames: Tensor, scored: Sequence[int], flows: "_Flows", fitted: Prefetch) -> SceneGeometry:
         timings: dict[str, float] = {}
         M, H, W, _ = frames.shape
-        flows = self._flows(frames)
         start = time.perf_counter()
         turning: dict[str, Optional[TurningFit]] = {}
 
-        def turns_in_place() -> bool:  # asked where SfM found no camera, or most pairs look like a pan; fitted once
+        def turns_in_place() -> bool:  # asked where SfM found no camera, or most pairs look like a pan
             if "fit" not in turning:
                 started = time.perf_counter()
-                turning["fit"] = self._turning(flows, scored) if self.turning else None
-                timings["turning"] = time.perf_counter() - started
+                turning["fit"] = fitted.get() if self.turning else None
+                timings["turning"] = time.perf_counter() - started  # the wait, where it ran beside SfM
             fit = turning["fit"]
             return fit is not None and fit.explains(self._turning_floor(flows), self.turning_ratio)
 
         # Both SfM passes run as before, also where a turning camera would explain the video: a
         # pan that travels a little (bear's first 49 frames, re-encoded) registered in the second
         # pass, and judged turning in place it was "static" (its turn alone is below min_motion).
-        cameras = self.cameras(frames, scored, flows)
+        cameras = self.cameras(frames, scored, flows, single_threaded=fitted.start)
         timings["sfm"] = time.perf_counter() - start
         timings.update(cameras.timings())
         K, world_to_cam, registered_set = cameras.K, cameras.poses, set(cameras.poses)
@@ -468,7 +478,10 @@ class ColmapFlowBackend(GeometryBackend):
 
     # --- 1. cameras -----------------------------------------------------------------------------
 
-    def cameras(self, frames: Tensor, scored: Sequence[int], flows: Optional["_Flows"] = None) -> Cameras:
+    def cameras(
+        self, frames: Tensor, scored: Sequence[int], flows: Optional["_Flows"] = None,
+        single_threaded: Optional[Callable[[], None]] = None,
+    ) -> Cameras:
         """SfM cameras of `frames` (M, H, W, 3) uint8, keyed by position in `frames`.
 
         One fast pass on `sfm_frames` of them (the scored ones among them). When it registers fewer
@@ -476,6 +489,8 @@ class ColmapFlowBackend(GeometryBackend):
         pass matched so that its cost stays bounded (`_second_pass`), and the better of the two.
         Things found moving before any camera exists (`_feature_masks`) get no SfM features.
         flows: the video's flow cache, shared with the depth stage (a new one when None).
+        single_threaded: called once the fast pass's features are extracted, when COLMAP goes on
+        with one thread (matching, mapping): a cue to start other work on the idle core.
         Also used by the hybrid backend (`common.geometry.hybrid`).
         """
         flows = flows or self._flows(frames)
@@ -485,7 +500,7 @@ class ColmapFlowBackend(GeometryBackend):
             masks = self._feature_masks(flows, subset)
             passes = {"masks": time.perf_counter() - start}
             start = time.perf_counter()
-            fast = _Workspace(Path(tmp) / "fast", frames, FAST, subset, masks)
+            fast = _Workspace(Path(tmp) / "fast", frames, FAST, subset, masks, extracted=single_threaded)
             cameras = fast.cameras(self.focal_rule)
             passes["fast"] = time.perf_counter() - start
             registered = sum(i in cameras.poses for i in scored)
@@ -698,7 +713,7 @@ class _Workspace:
 
     def __init__(
         self, folder: Path, frames: Tensor, settings: SfmSettings, positions: Sequence[int],
-        masks: Optional[dict[int, np.ndarray]] = None,
+        masks: Optional[dict[int, np.ndarray]] = None, extracted: Optional[Callable[[], None]] = None,
     ) -> None:
         self.folder, self.positions = folder, list(positions)
         self.images, self.database = folder / "images", folder / "database.db"
@@ -733,6 +748,8 @@ class _Workspace:
         # thread 0.2738 every time). `_extract` runs one-thread extractions side by side instead.
         extraction.num_threads = 1
         self._extract(reader, extraction)
+        if extracted is not None:
+            extracted()
         matching = pycolmap.FeatureMatchingOptions()
         matching.num_threads = 1
         if len(self.positions) <= settings.exhaustive_up_to:

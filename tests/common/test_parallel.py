@@ -1,12 +1,13 @@
 """Work split over threads: the same results, in the same order, for any number of workers."""
 
+import threading
 import time
 
 import numpy as np
 import pytest
 import torch
 
-from common.parallel import OnceCache, cpu_workers, ordered_map
+from common.parallel import OnceCache, Prefetch, cpu_workers, ordered_map
 from common.synthetic import render_video
 
 
@@ -57,6 +58,58 @@ def test_once_cache_computes_each_key_once_when_threads_ask_at_once():
     keys = [1, 2, 1, 1, 2, 3, 3, 1]
     assert list(ordered_map(lambda k: cache.get(k, lambda: compute(k)), keys, workers=4)) == [10 * k for k in keys]
     assert sorted(calls) == [1, 2, 3] and 3 in cache and 4 not in cache
+
+
+def test_prefetch_runs_beside_the_caller_from_start_and_in_the_caller_otherwise():
+    threads: list[str] = []
+
+    def compute() -> int:
+        threads.append(threading.current_thread().name)
+        return 42
+
+    beside = Prefetch(compute, background=True)
+    time.sleep(0.02)
+    assert threads == []  # nothing runs before start()
+    beside.start()
+    beside.start()  # once
+    beside.join()
+    assert threads == ["vgpa-prefetch"] and beside.get() == 42 and beside.get() == 42
+    threads.clear()
+    lazy = Prefetch(compute, background=False)
+    lazy.start()  # one CPU: nothing starts beside the caller
+    assert threads == []
+    assert lazy.get() == 42 and threads == [threading.current_thread().name]
+    lazy.join()  # nothing to wait for
+
+
+def test_prefetch_raises_its_error_to_whoever_asks():
+    def fail() -> int:
+        raise ValueError("no flow to fit")
+
+    for background in (True, False):
+        prefetch = Prefetch(fail, background=background)
+        prefetch.start()
+        prefetch.join()
+        with pytest.raises(ValueError, match="no flow to fit"):
+            prefetch.get()
+
+
+def test_turning_fit_beside_sfm_gives_the_same_geometry_as_after_it(monkeypatch):
+    """A pan that SfM registers gets the turning alternative: fitted beside SfM (two workers) or
+    after it (one), the same cameras, depths and masks of both interpretations."""
+    import common.geometry.colmap_flow as colmap_flow
+
+    frames = render_video("boxes", "pan", frames=16, size=(180, 240)).frames
+    scored = list(range(0, 16, 2))
+    geometries = []
+    for workers in (1, 2):
+        monkeypatch.setattr(colmap_flow, "cpu_workers", lambda limit=2, n=workers: n)
+        geometries.append(colmap_flow.ColmapFlowBackend().reconstruct(frames, scored, list(range(16))))
+    one, two = geometries
+    assert one.alternative is not None and two.alternative is not None and one.alternative.turning
+    for name in ("depth", "confidence", "moving", "world_to_cam", "K", "registered"):
+        assert torch.equal(getattr(one, name), getattr(two, name)), name
+        assert torch.equal(getattr(one.alternative, name), getattr(two.alternative, name)), name
 
 
 def test_depth_stage_on_two_threads_gives_the_same_geometry_as_one(monkeypatch):
