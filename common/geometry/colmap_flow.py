@@ -288,18 +288,17 @@ class ColmapFlowBackend(GeometryBackend):
         finally:
             fitted.join()
 
-    def _reconstruct(self, frames: Tensor, scored: Sequence[int], flows: "_Flows", fitted: Prefetch) -> SceneGeometry:
+    def _reconstruct(self, frames: Tensor, scored: Sequence[int], flows: "_Flows", fitted: Prefetch[Optional[TurningFit]]) -> SceneGeometry:
         timings: dict[str, float] = {}
         M, H, W, _ = frames.shape
         start = time.perf_counter()
-        turning: dict[str, Optional[TurningFit]] = {}
 
         def turns_in_place() -> bool:  # asked where SfM found no camera, or most pairs look like a pan
-            if "fit" not in turning:
-                started = time.perf_counter()
-                turning["fit"] = fitted.get() if self.turning else None
-                timings["turning"] = time.perf_counter() - started  # the wait, where it ran beside SfM
-            fit = turning["fit"]
+            if not self.turning:
+                return False
+            started = time.perf_counter()
+            fit = fitted.get()  # computed once
+            timings.setdefault("turning", time.perf_counter() - started)  # the wait, where it ran beside SfM
             return fit is not None and fit.explains(self._turning_floor(flows), self.turning_ratio)
 
         # Both SfM passes run as before, also where a turning camera would explain the video: a
@@ -315,7 +314,7 @@ class ColmapFlowBackend(GeometryBackend):
                 raise ReconstructionFailed(
                     f"structure-from-motion found no consistent cameras{either} (static camera, no parallax or no texture?)"
                 )
-            return self._turning_geometry(flows, scored, turning["fit"], timings)
+            return self._turning_geometry(flows, scored, fitted.get(), timings)
 
         start = time.perf_counter()
         sweeps = _Sweeps(flows, cameras, self.sweep_margin, self.sweep_min_ncc, self.sweep_check_px)
@@ -358,7 +357,7 @@ class ColmapFlowBackend(GeometryBackend):
         # like the bear clip, keeps its parallax: 0.151 against 0.209 turning).
         alternative = None
         if self.turning and cameras.homography_pairs >= _HOMOGRAPHY_MAJORITY and turns_in_place():
-            alternative = self._turning_geometry(flows, scored, turning["fit"], {})
+            alternative = self._turning_geometry(flows, scored, fitted.get(), {})
         return SceneGeometry(
             depth=depth,
             confidence=confidence,
